@@ -1,0 +1,1 @@
+"""Throughput benchmarks; installed as `sparsegps.benchmarks`, each module also runs alone."""

@@ -1,0 +1,1 @@
+"""Triton kernels and their autograd wrappers; installed as `sparsegps.kernels`."""

@@ -1,0 +1,59 @@
+"""The `sparsegps` command. Each subcommand lives in `sparsegps/commands/<name>.py` with
+`add_arguments(parser)` and `run(args) -> int`; only the chosen one is imported."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("sparsegps.commands.synth", "generate procedural rooms with language and pack them to shards"),
+    "pack": ("sparsegps.commands.pack", "pack scenes (SceneVerse, ScanNet v2, per-scene .npy folders) into shards"),
+    "inspect": ("sparsegps.commands.inspect", "summarise shards and verify their checksums"),
+    "annotate": ("sparsegps.commands.annotate", "add scene-graph language to packed scenes"),
+    "pretrain": ("sparsegps.commands.pretrain", "pre-train GPS on shards with DeepSpeed"),
+    "export": ("sparsegps.commands.export", "write a consolidated fp32 state dict from a training checkpoint"),
+    "eval-pretrain": ("sparsegps.commands.eval_pretrain", "grounding accuracy and retrieval of a pre-trained model"),
+    "finetune-seg": ("sparsegps.commands.finetune_seg", "fine-tune the backbone for semantic segmentation"),
+    "eval-seg": ("sparsegps.commands.eval_seg", "evaluate semantic segmentation (mIoU) on shards"),
+    "finetune-ground": ("sparsegps.commands.finetune_ground", "fine-tune grounding on Nr3D / Sr3D / ScanRefer"),
+    "eval-ground": ("sparsegps.commands.eval_ground", "evaluate grounding with the benchmark's metrics"),
+    "bench": ("sparsegps.commands.bench", "throughput benchmarks against GPS's pipeline"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    return {n: c for n, c in COMMANDS.items() if importlib.util.find_spec(c[0]) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _available()
+    if not argv or argv[0] not in commands:
+        parser = argparse.ArgumentParser(
+            prog="sparsegps", formatter_class=argparse.RawDescriptionHelpFormatter,
+            description="Grounded 3D vision-language pre-training (GPS) on sparse voxels, at scale.",
+            epilog="commands:\n" + "\n".join(f"  {n:<16} {h}" for n, (_, h) in commands.items())
+            + "\n\nRun `sparsegps COMMAND --help` for a command's options.")
+        parser.add_argument("command", choices=list(commands), help="what to run")
+        parser.add_argument("--version", action="version", version=f"sparsegps {_version()}")
+        parser.parse_args(argv[:1])
+        return 2
+    name = argv[0]
+    module = importlib.import_module(commands[name][0])
+    parser = argparse.ArgumentParser(prog=f"sparsegps {name}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+def _version() -> str:
+    from sparsegps import __version__
+    return __version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

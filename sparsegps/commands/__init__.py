@@ -1,0 +1,1 @@
+"""One module per `sparsegps` subcommand: argument parsing and reporting around library calls."""

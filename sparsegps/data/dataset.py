@@ -1,0 +1,47 @@
+"""`ScenesDataset`: scenes streamed from shards, transformed and voxelized, one scene per item."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .store import SceneStore
+from .transforms import Compose, TransformConfig, build_transforms
+
+
+class ScenesDataset(torch.utils.data.Dataset):
+    """Random access by scene index across shards.
+
+    Shards are opened lazily, once per process, on first access, so the dataset can be built
+    before a DataLoader forks its workers. Augmentation randomness is a function of
+    (seed, epoch, index) alone: the same scene gets the same sample whichever worker or rank
+    loads it, which makes resumed runs identical to uninterrupted ones.
+    """
+
+    def __init__(self, paths, transforms: TransformConfig | Compose | None = None, seed: int = 0,
+                 verify: bool = False):
+        self.store = SceneStore(paths, verify=verify)
+        if transforms is None:
+            transforms = TransformConfig()
+        self.transforms = build_transforms(transforms) if isinstance(transforms, TransformConfig) else transforms
+        self.seed = seed
+        self.epoch = 0
+        self.label_index = {name: i for i, name in enumerate(self.store.vocabulary)}
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return self.store.vocabulary
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, index: int) -> dict:
+        scene = self.store[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        sample = self.transforms(scene, rng)
+        sample["index"] = index
+        sample["object_label_id"] = np.array([self.label_index.get(o.label, -1) for o in sample["objects"]],
+                                             dtype=np.int64)
+        return sample

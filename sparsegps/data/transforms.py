@@ -1,0 +1,231 @@
+"""Per-scene transforms, from a stored `Scene` to a voxelized training sample.
+
+A sample is a plain dict of numpy arrays (so it crosses DataLoader worker boundaries cheaply):
+
+    xyz [N,3] float32, rgb [N,3] uint8, instance [N] int32, semantic [N] int16,
+    objects (list[SceneObject]), texts (list[SceneText]), scene_id
+
+Augmentations move points and keep object boxes in step. `GridSample` adds
+
+    coord [V,3] int32 voxel coordinates (>= 0), voxel_xyz [V,3], voxel_rgb [V,3] (means of the
+    voxel's points), voxel_instance [V], voxel_semantic [V] (label of the voxel's first point),
+    inverse [N] int64 (voxel of every original point; -1 where a crop dropped the point)
+
+so per-voxel predictions map back to every original point with `pred[inverse]`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .scene import NO_INSTANCE, Scene, SceneObject, SceneText
+
+Sample = dict
+
+
+def scene_to_sample(scene: Scene) -> Sample:
+    return {"scene_id": scene.scene_id, "xyz": scene.xyz, "rgb": scene.rgb, "instance": scene.instance,
+            "semantic": scene.semantic, "objects": list(scene.objects), "texts": list(scene.texts)}
+
+
+def _rotation_z(angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+
+
+def rotate_z(sample: Sample, angle: float) -> Sample:
+    """Rotate points about the vertical axis. Object boxes stay axis-aligned: their centres rotate
+    and their extents become the extents of the rotated box, as 3D grounding pipelines do."""
+    rot = _rotation_z(angle)
+    sample["xyz"] = sample["xyz"] @ rot.T
+    extent = np.abs(rot)
+    sample["objects"] = [SceneObject(o.instance_id, o.label, rot @ o.center, extent @ o.size)
+                         for o in sample["objects"]]
+    return sample
+
+
+class RandomRotateZ:
+    """Rotate about z by a uniform angle in [-max_angle, max_angle] (radians)."""
+
+    def __init__(self, max_angle: float = math.pi):
+        self.max_angle = max_angle
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        return rotate_z(sample, rng.uniform(-self.max_angle, self.max_angle))
+
+
+class RotateZ:
+    """Rotate about z by a fixed angle (test-time augmentation)."""
+
+    def __init__(self, angle: float):
+        self.angle = angle
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        return rotate_z(sample, self.angle)
+
+
+class RandomScale:
+    def __init__(self, low: float = 0.9, high: float = 1.1):
+        self.low, self.high = low, high
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        s = np.float32(rng.uniform(self.low, self.high))
+        sample["xyz"] = sample["xyz"] * s
+        sample["objects"] = [SceneObject(o.instance_id, o.label, o.center * s, o.size * s) for o in sample["objects"]]
+        return sample
+
+
+class RandomJitter:
+    """Gaussian noise on every point, clipped at `clip` metres (boxes unchanged)."""
+
+    def __init__(self, sigma: float = 0.005, clip: float = 0.02):
+        self.sigma, self.clip = sigma, clip
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        noise = np.clip(rng.normal(0.0, self.sigma, sample["xyz"].shape), -self.clip, self.clip)
+        sample["xyz"] = (sample["xyz"] + noise).astype(np.float32)
+        return sample
+
+
+class ColorJitter:
+    """Per-scene brightness shift and per-point noise on rgb, in 0-255 units."""
+
+    def __init__(self, brightness: float = 20.0, noise: float = 5.0):
+        self.brightness, self.noise = brightness, noise
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        rgb = sample["rgb"].astype(np.float32) + rng.uniform(-self.brightness, self.brightness)
+        rgb += rng.normal(0.0, self.noise, rgb.shape)
+        sample["rgb"] = np.clip(rgb, 0, 255).astype(np.uint8)
+        return sample
+
+
+def voxel_keys(coord: np.ndarray) -> np.ndarray:
+    """One int64 key per integer voxel coordinate (21 bits per axis)."""
+    c = coord.astype(np.int64)
+    return (c[:, 0] << 42) | (c[:, 1] << 21) | c[:, 2]
+
+
+class GridSample:
+    """Voxelize: one voxel per occupied cell of size `voxel_size`, keeping the point->voxel map.
+
+    Voxel colour and position are the means of the voxel's points; voxel labels are those of the
+    voxel's first point (in point order), so a voxel whose points agree restores them exactly.
+    """
+
+    def __init__(self, voxel_size: float = 0.02):
+        if voxel_size <= 0:
+            raise ValueError(f"voxel_size must be positive, got {voxel_size}")
+        self.voxel_size = voxel_size
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        xyz = sample["xyz"]
+        origin = xyz.min(axis=0)
+        grid = np.floor((xyz - origin) / self.voxel_size).astype(np.int64)
+        if grid.max() >= 1 << 21:
+            raise ValueError(f"scene {sample['scene_id']!r}: extent too large for voxel size {self.voxel_size}")
+        _, first, inverse, counts = np.unique(voxel_keys(grid), return_index=True, return_inverse=True,
+                                              return_counts=True)
+        inverse = inverse.reshape(-1)
+        sums = np.zeros((len(first), 6), np.float64)
+        np.add.at(sums, inverse, np.concatenate([xyz, sample["rgb"]], axis=1))
+        means = sums / counts[:, None]
+        sample.update(
+            coord=grid[first].astype(np.int32), voxel_xyz=means[:, :3].astype(np.float32),
+            voxel_rgb=means[:, 3:].astype(np.float32), voxel_instance=sample["instance"][first],
+            voxel_semantic=sample["semantic"][first], inverse=inverse.astype(np.int64),
+            voxel_size=self.voxel_size,
+        )
+        return sample
+
+
+class CropToMaxVoxels:
+    """Keep at most `max_voxels` voxels: the ones nearest (in xy) to a random voxel.
+
+    Objects left with no voxel, and texts about them, are dropped; dropped points map to -1.
+    Runs after `GridSample`."""
+
+    def __init__(self, max_voxels: int):
+        self.max_voxels = max_voxels
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        n = len(sample["coord"])
+        if n <= self.max_voxels:
+            return sample
+        centre = sample["voxel_xyz"][rng.integers(n), :2]
+        dist = ((sample["voxel_xyz"][:, :2] - centre) ** 2).sum(axis=1)
+        keep = np.sort(np.argpartition(dist, self.max_voxels - 1)[: self.max_voxels])
+        remap = np.full(n, -1, np.int64)
+        remap[keep] = np.arange(len(keep))
+        for key in ("coord", "voxel_xyz", "voxel_rgb", "voxel_instance", "voxel_semantic"):
+            sample[key] = sample[key][keep]
+        sample["coord"] = sample["coord"] - sample["coord"].min(axis=0)
+        sample["inverse"] = remap[sample["inverse"]]
+        alive = set(np.unique(sample["voxel_instance"]).tolist()) - {NO_INSTANCE}
+        sample["objects"] = [o for o in sample["objects"] if o.instance_id in alive]
+        sample["texts"] = [SceneText(t.kind, t.text, t.target_id, tuple(d for d in t.distractor_ids if d in alive))
+                           for t in sample["texts"] if t.kind == "scene_caption" or t.target_id in alive]
+        return sample
+
+
+@dataclass
+class TransformConfig:
+    """Augmentations and voxelization applied to every scene, in this order."""
+
+    voxel_size: float = 0.02
+    rotate: bool = True
+    max_angle: float = math.pi
+    scale: tuple[float, float] | None = (0.9, 1.1)
+    jitter_sigma: float = 0.005
+    color_jitter: bool = True
+    max_voxels: int | None = None
+    augment: bool = True  # False: evaluation (no random transforms)
+    max_referrals: int | None = None  # referrals kept per scene and epoch (random subset)
+
+
+class SelectTexts:
+    """Keep a random subset of at most `max_referrals` referrals (other texts are kept)."""
+
+    def __init__(self, max_referrals: int):
+        self.max_referrals = max_referrals
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        refs = [i for i, t in enumerate(sample["texts"]) if t.kind == "referral"]
+        if len(refs) > self.max_referrals:
+            drop = set(rng.choice(refs, len(refs) - self.max_referrals, replace=False).tolist())
+            sample["texts"] = [t for i, t in enumerate(sample["texts"]) if i not in drop]
+        return sample
+
+
+class Compose:
+    """Apply transforms in order with one RNG, starting from a `Scene`."""
+
+    def __init__(self, transforms: list):
+        self.transforms = transforms
+
+    def __call__(self, scene: Scene, rng: np.random.Generator) -> Sample:
+        sample = scene_to_sample(scene)
+        for t in self.transforms:
+            sample = t(sample, rng)
+        return sample
+
+
+def build_transforms(cfg: TransformConfig) -> Compose:
+    steps: list = []
+    if cfg.augment:
+        if cfg.rotate:
+            steps.append(RandomRotateZ(cfg.max_angle))
+        if cfg.scale is not None:
+            steps.append(RandomScale(*cfg.scale))
+        if cfg.jitter_sigma > 0:
+            steps.append(RandomJitter(cfg.jitter_sigma))
+        if cfg.color_jitter:
+            steps.append(ColorJitter())
+    steps.append(GridSample(cfg.voxel_size))
+    if cfg.max_voxels is not None:
+        steps.append(CropToMaxVoxels(cfg.max_voxels))
+    if cfg.max_referrals is not None:
+        steps.append(SelectTexts(cfg.max_referrals))
+    return Compose(steps)
