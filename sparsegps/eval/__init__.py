@@ -1,0 +1,1 @@
+"""Evaluation: grounding metrics (Nr3D, Sr3D, ScanRefer), segmentation mIoU, pre-training retrieval."""
