@@ -1,1 +1,8 @@
-"""Triton kernels and their autograd wrappers; installed as `sparsegps.kernels`."""
+"""Triton kernels and their autograd wrappers; installed as `sparsegps.kernels`.
+
+Importing this package imports Triton. On CPU the kernels run only under the Triton interpreter:
+set TRITON_INTERPRET=1 before the first import.
+"""
+from sparsegps.kernels.spatial_attention import spatial_attention
+
+__all__ = ["spatial_attention"]

@@ -1,0 +1,210 @@
+"""Pairwise spatial self-attention over the objects of a scene (GPS's MultiHeadAttentionSpatial).
+
+Every attention logit between a query object i and a key object j gets a geometric term: five
+features of the offset c_i - c_j between the two object centers (normalized distance, sine and
+cosine of the elevation, sine and cosine of the azimuth) are mapped by per-head weights to a gate
+s in (0, 1] ('cond': sigmoid of weights predicted from the query token; 'mul': relu of weights
+shared by all objects), and log(max(s, 1e-6)) is added to the scaled dot product.
+
+`reference_spatial_attention` is the readable PyTorch oracle: it materializes the B x L x L x 5
+feature tensor. `sparsegps.kernels.spatial_attention` computes the same thing in fused Triton
+kernels without it. `SpatialSelfAttention` is the layer the spatial transformer stacks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GateMode = Literal["cond", "mul"]
+Backend = Literal["auto", "triton", "reference"]
+
+PAIR_EPS = 1e-10
+"""Added under every square root of the pairwise geometry, as GPS does (makes i == j finite)."""
+GATE_FLOOR = 1e-6
+"""The gate is clamped here before the log, so a closed gate costs log(1e-6), never -inf."""
+NUM_PAIR_FEATURES = 5
+NUM_GATE_WEIGHTS = NUM_PAIR_FEATURES + 1  # bias first, then one weight per feature
+KERNEL_MAX_HEAD_DIM = 128
+"""Widest head the fused kernel takes; wider heads use the reference under backend='auto'."""
+
+
+def valid_object_mask(key_lengths: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """[B, L] bool: slot l of scene b holds a real object (l < key_lengths[b])."""
+    lengths = key_lengths.to(torch.long).clamp(0, num_slots)
+    return torch.arange(num_slots, device=key_lengths.device)[None, :] < lengths[:, None]
+
+
+def pairwise_features(centers: torch.Tensor, key_lengths: torch.Tensor) -> torch.Tensor:
+    """The five GPS pair features f[b, i, j] = [dn, dz/d, d2/d, dy/d2, dx/d2] of D = c_i - c_j.
+
+    d = sqrt(|D|^2 + eps), d2 = sqrt(dx^2 + dy^2 + eps) and dn = d / max_dist, where max_dist is
+    the largest d over pairs of valid objects of the scene (padding never changes it). Returns
+    fp32 [B, L, L, 5].
+    """
+    c = centers.float()
+    offsets = c[:, :, None, :] - c[:, None, :, :]
+    dx, dy, dz = offsets.unbind(-1)
+    dist = torch.sqrt((offsets * offsets).sum(-1) + PAIR_EPS)
+    dist_xy = torch.sqrt(dx * dx + dy * dy + PAIR_EPS)
+    valid = valid_object_mask(key_lengths, c.shape[1])
+    pair_valid = valid[:, :, None] & valid[:, None, :]
+    max_dist = dist.masked_fill(~pair_valid, 0.0).amax(dim=(1, 2))
+    max_dist = torch.where(max_dist > 0, max_dist, torch.ones_like(max_dist))  # empty scenes
+    return torch.stack(
+        [dist / max_dist[:, None, None], dz / dist, dist_xy / dist, dy / dist_xy, dx / dist_xy], dim=-1
+    )
+
+
+def spatial_log_gate(features: torch.Tensor, weights: torch.Tensor, mode: GateMode) -> torch.Tensor:
+    """log(max(s, 1e-6)) per head, [B, H, L, L], with s = gate(w . f + b) (see module docstring)."""
+    if mode == "cond":  # weights [B, L, H, 6], one row per query object
+        w = weights.float()
+        z = torch.einsum("bihm,bijm->bhij", w[..., 1:], features) + w[..., 0].transpose(1, 2)[..., None]
+        gate = torch.sigmoid(z)
+    elif mode == "mul":  # weights [H, 6], shared by all objects
+        w = weights.float()
+        z = torch.einsum("hm,bijm->bhij", w[:, 1:], features) + w[:, 0][None, :, None, None]
+        gate = F.relu(z)
+    else:
+        raise ValueError(f"spatial attention mode must be 'cond' or 'mul', got {mode!r}")
+    return torch.log(torch.clamp(gate, min=GATE_FLOOR))
+
+
+def check_attention_inputs(q, k, v, centers, weights, key_lengths, mode: str) -> None:
+    """Raise a ValueError that names the argument whose shape or dtype does not fit."""
+    if mode not in ("cond", "mul"):
+        raise ValueError(f"spatial attention mode must be 'cond' or 'mul', got {mode!r}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, H, L, Dh], got shape {tuple(q.shape)}")
+    batch, heads, length, _ = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if centers.shape != (batch, length, 3):
+        raise ValueError(f"centers must be [B, L, 3] = {(batch, length, 3)}, got {tuple(centers.shape)}")
+    want = (batch, length, heads, NUM_GATE_WEIGHTS) if mode == "cond" else (heads, NUM_GATE_WEIGHTS)
+    if tuple(weights.shape) != want:
+        raise ValueError(f"weights for mode {mode!r} must have shape {want}, got {tuple(weights.shape)}")
+    if key_lengths.shape != (batch,) or key_lengths.dtype.is_floating_point:
+        raise ValueError(f"key_lengths must be an integer tensor [B] = [{batch}], "
+                         f"got {key_lengths.dtype} {tuple(key_lengths.shape)}")
+
+
+def reference_spatial_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    centers: torch.Tensor,
+    weights: torch.Tensor,
+    key_lengths: torch.Tensor,
+    mode: GateMode = "cond",
+) -> torch.Tensor:
+    """Spatial attention computed naively in fp32; the oracle for the Triton kernel.
+
+    q, k, v: [B, H, L, Dh]; centers: [B, L, 3]; weights: [B, L, H, 6] ('cond') or [H, 6] ('mul'),
+    bias first; key_lengths: [B] integers, objects 0..len-1 are real, the rest padding (lengths
+    are clamped to [0, L]). Every query row, padded ones included, attends to the real objects
+    only; a scene without objects gives zeros. Returns [B, H, L, Dh] in q's dtype.
+    """
+    check_attention_inputs(q, k, v, centers, weights, key_lengths, mode)
+    length, head_dim = q.shape[2], q.shape[3]
+    with torch.autocast(q.device.type, enabled=False):  # fp32 throughout, even inside autocast
+        features = pairwise_features(centers, key_lengths)
+        logits = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) / math.sqrt(head_dim)
+        logits = logits + spatial_log_gate(features, weights, mode)
+        key_valid = valid_object_mask(key_lengths, length)
+        has_keys = key_valid.any(dim=1)
+        # A scene without objects attends to all slots and is zeroed afterwards: no NaN anywhere.
+        attend = key_valid | ~has_keys[:, None]
+        logits = logits.masked_fill(~attend[:, None, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1) * has_keys[:, None, None, None]
+        out = torch.einsum("bhij,bhjd->bhid", probs, v.float())
+    return out.to(q.dtype)
+
+
+def _triton_spatial_attention():
+    """The fused kernel's entry point, or None where Triton is unavailable (imported lazily so
+    that importing the model never imports Triton)."""
+    try:
+        from sparsegps.kernels.spatial_attention import spatial_attention
+    except ImportError:
+        return None
+    return spatial_attention
+
+
+class SpatialSelfAttention(nn.Module):
+    """Multi-head self-attention over object tokens with GPS's pairwise spatial gate.
+
+    'cond' (GPS default) predicts the gate's bias and five feature weights per query object and
+    head from the query token; 'mul' learns one [H, 6] table shared by all objects. `backend`
+    picks the attention implementation: "triton" (fused kernel), "reference" (PyTorch oracle) or
+    "auto" (the kernel for CUDA inputs when Triton imports and heads are at most 128 wide, the
+    reference otherwise). `dropout` applies to the projected output.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        mode: GateMode = "cond",
+        dropout: float = 0.0,
+        backend: Backend = "auto",
+    ):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if mode not in ("cond", "mul"):
+            raise ValueError(f"mode must be 'cond' or 'mul', got {mode!r}")
+        if backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.mode = mode
+        self.backend = backend
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        if mode == "cond":
+            self.gate_proj = nn.Linear(d_model, n_heads * NUM_GATE_WEIGHTS)
+        else:
+            # Initialized like GPS's Linear(5 -> H): uniform in +-1/sqrt(fan_in), bias in column 0.
+            bound = 1.0 / math.sqrt(NUM_PAIR_FEATURES)
+            self.gate_weights = nn.Parameter(torch.empty(n_heads, NUM_GATE_WEIGHTS).uniform_(-bound, bound))
+        self.dropout = nn.Dropout(dropout)
+
+    def attention_fn(self, x: torch.Tensor):
+        """The attention implementation `backend` selects for input x."""
+        kernel_fits = x.is_cuda and self.head_dim <= KERNEL_MAX_HEAD_DIM
+        if self.backend == "reference" or (self.backend == "auto" and not kernel_fits):
+            return reference_spatial_attention
+        kernel = _triton_spatial_attention()
+        if kernel is not None:
+            return kernel
+        if self.backend == "triton":
+            raise RuntimeError("backend='triton' needs Triton (sparsegps.kernels.spatial_attention failed to import)")
+        return reference_spatial_attention
+
+    def forward(self, x: torch.Tensor, centers: torch.Tensor, key_lengths: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, d_model] object tokens; centers: [B, L, 3]; key_lengths: [B]. -> [B, L, d_model]."""
+        batch, length, _ = x.shape
+        heads, head_dim = self.n_heads, self.head_dim
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, H, L, Dh] (a view)
+            return t.view(batch, length, heads, head_dim).transpose(1, 2)
+
+        q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
+        if self.mode == "cond":
+            weights = self.gate_proj(x).view(batch, length, heads, NUM_GATE_WEIGHTS)
+        else:
+            weights = self.gate_weights
+        attended = self.attention_fn(x)(q, k, v, centers, weights, key_lengths, mode=self.mode)
+        attended = attended.transpose(1, 2).reshape(batch, length, self.d_model)
+        return self.dropout(self.out_proj(attended))
