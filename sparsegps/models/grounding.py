@@ -1,0 +1,62 @@
+"""GPS's grounding encoder: plain self-attention over [text tokens; object tokens], and its heads."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .spatial_transformer import location_embedding
+
+
+class GroundingEncoder(nn.Module):
+    """Fuses a sentence with its scene's objects.
+
+    Inputs: text [R,T,D] with text_pad [R,T] (True = padding), objects [R,L,D] with object_pad
+    [R,L] and boxes [R,L,6]. Token-type embeddings tell text from objects; the location embedding
+    is added to object tokens. Returns the fused (text, objects)."""
+
+    def __init__(self, d_model: int, num_heads: int, num_layers: int, ffn_dim: int, dropout: float = 0.1,
+                 activation_checkpointing: bool = False):
+        super().__init__()
+        self.token_type = nn.Parameter(torch.randn(2, d_model) * 0.02)  # text, object
+        self.location = location_embedding(d_model)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, num_heads, ffn_dim, dropout, activation="gelu", batch_first=True)
+            for _ in range(num_layers))
+        self.activation_checkpointing = activation_checkpointing
+
+    def forward(self, text, text_pad, objects, object_pad, boxes):
+        text = text + self.token_type[0]
+        objects = objects + self.token_type[1] + self.location(boxes)
+        x = torch.cat([text, objects], dim=1)
+        pad = torch.cat([text_pad, object_pad], dim=1)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, None, pad, use_reentrant=False)
+            else:
+                x = layer(x, src_key_padding_mask=pad)
+        return x[:, : text.shape[1]], x[:, text.shape[1]:]
+
+
+class GroundingHead(nn.Module):
+    """MLP scoring each fused object token: [R,L,D] -> [R,L]."""
+
+    def __init__(self, d_model: int, dropout: float = 0.1):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, 1))
+
+    def forward(self, objects: torch.Tensor) -> torch.Tensor:
+        return self.mlp(objects).squeeze(-1)
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head with the decoder tied to the text encoder's word embeddings."""
+
+    def __init__(self, d_model: int, hidden: int, vocab_size: int):
+        super().__init__()
+        self.transform = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.LayerNorm(hidden))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """x [N, D], word_embeddings [vocab, hidden] (passed in, not owned: one tied copy) -> [N, vocab]."""
+        return self.transform(x) @ word_embeddings.T + self.bias

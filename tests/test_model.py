@@ -1,0 +1,94 @@
+"""GPSModel end to end on CPU: gradients, padding invariance, the text encoder, the optimizer groups."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes, write_scenes
+from sparsegps.models.backbone import SpUNetConfig
+from sparsegps.models.gps import GPSModel, ModelConfig, count_parameters
+from sparsegps.models.text_encoder import TextEncoder, TextEncoderConfig
+
+from conftest import VOCAB, make_scene
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(backbone=SpUNetConfig.preset("tiny"), d_model=64, num_heads=4, spatial_layers=2,
+                grounding_layers=1, ffn_dim=128, embed_dim=32, dropout=0.0,
+                text=TextEncoderConfig(num_layers=1, max_length=24))
+    return ModelConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def batch_and_dataset(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    out = tmp_path_factory.mktemp("shards")
+    write_scenes([make_scene(rng, f"s{i}", 800, 3 + i) for i in range(3)], out, vocabulary=VOCAB, progress=False)
+    ds = ScenesDataset(out, TransformConfig(voxel_size=0.1, augment=False))
+    return collate_scenes([ds[0], ds[1], ds[2]]), ds
+
+
+def test_every_trainable_parameter_gets_a_gradient(batch_and_dataset):
+    torch.manual_seed(0)
+    batch, _ = batch_and_dataset
+    model = GPSModel(tiny_config())
+    out = model(batch)
+    for name in ("object_text", "scene_text", "referral_object", "grounding", "mlm"):
+        assert torch.isfinite(out[f"loss_{name}"]) and out[f"loss_{name}"].item() > 0, name
+    out["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    # the word embeddings of tokens absent from the batch legitimately get zero rows, not a zero tensor
+    assert missing == []
+
+
+def test_padding_never_changes_a_valid_objects_output(batch_and_dataset):
+    torch.manual_seed(0)
+    _, ds = batch_and_dataset
+    model = GPSModel(tiny_config()).eval()
+    alone = collate_scenes([ds[0]])
+    together = collate_scenes([ds[0], ds[2]])  # scene 2 has more objects: scene 0 gets padding
+    with torch.no_grad():
+        a = model.encode_objects(alone)
+        b = model.encode_objects(together)
+    n = int(alone["object_offsets"][1])
+    assert b["pad"][0, n:].all() and not b["pad"][0, :n].any()
+    assert torch.allclose(a["tokens"][0, :n], b["tokens"][0, :n], atol=1e-5)
+
+
+def test_grounding_logits_mask_padded_objects(batch_and_dataset):
+    batch, _ = batch_and_dataset
+    model = GPSModel(tiny_config()).eval()
+    with torch.no_grad():
+        out = model(batch)
+    counts = batch["object_offsets"].diff()
+    for row, scene in enumerate(out["grounding_scene"].tolist()):
+        finite = torch.isfinite(out["grounding_logits"][row])
+        assert finite.sum() == counts[scene] and finite[: counts[scene]].all()
+
+
+def test_parameter_groups_cover_the_model_once():
+    model = GPSModel(tiny_config())
+    groups = model.parameter_groups()
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids)) == len([p for p in model.parameters() if p.requires_grad])
+    assert any(p is model.scene_scale.log_scale for p in groups["heads"])  # the temperature is trained
+    assert all(p in {id(q) for q in model.text.parameters()} for p in map(id, groups["text_encoder"]))
+
+
+def test_text_encoder_is_truncated_pretrained_minilm():
+    enc = TextEncoder(TextEncoderConfig(num_layers=2))
+    assert len(enc.bert.encoder.layer) == 2 and enc.hidden_size == 384
+    tok = enc.tokenize(["a chair next to the table", "a red sofa"], torch.device("cpu"))
+    with torch.no_grad():
+        feats = enc(tok["input_ids"], tok["attention_mask"])
+    assert feats.shape[:2] == tok["input_ids"].shape and feats.shape[2] == 384
+    random = TextEncoder(TextEncoderConfig(num_layers=2, pretrained=False))
+    emb_pre = enc.word_embeddings.weight
+    assert not torch.allclose(emb_pre, random.word_embeddings.weight)  # the shipped weights were loaded
+
+
+def test_parameter_counts_of_presets():
+    tiny = GPSModel(tiny_config())
+    assert count_parameters(tiny.backbone) < count_parameters(GPSModel(tiny_config(
+        backbone=SpUNetConfig.preset("base"))).backbone)
