@@ -1,0 +1,29 @@
+"""Held-out grounding accuracy (with its chance level) and scene/object-text retrieval recall@1 of
+a pre-trained model export."""
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(parser):
+    parser.add_argument("--checkpoint", required=True, help="export written by pretrain or `sparsegps export`")
+    parser.add_argument("--data", nargs="+", required=True, help="shards or directories of held-out scenes")
+    parser.add_argument("--voxel-size", type=float, default=None, help="default: the run's voxel size")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-scenes", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+
+
+def run(args) -> int:
+    from sparsegps.data import TransformConfig
+    from sparsegps.eval.pretrain import evaluate_pretraining
+    from sparsegps.train.engine import pick_device
+    from sparsegps.train.pretrain import load_pretrained_model
+
+    device = pick_device(args.device)
+    model, blob = load_pretrained_model(args.checkpoint, device)
+    voxel = args.voxel_size or blob.get("voxel_size") or 0.02
+    result = evaluate_pretraining(model, args.data, TransformConfig(voxel_size=voxel, augment=False), device,
+                                  batch_size=args.batch_size, max_scenes=args.max_scenes)
+    print(json.dumps(result, indent=1))
+    return 0

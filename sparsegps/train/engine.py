@@ -1,0 +1,127 @@
+"""Process groups, DeepSpeed engines, GPS's optimizer groups and the learning-rate schedule."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with GPS's parameter groups; warmup then cosine decay.
+
+    Learning-rate scaling for large batches: every group's lr is multiplied by
+    (global_batch / reference_batch) ** power (power 1: linear rule, 0.5: square-root rule, 0: off),
+    with `warmup_steps` of linear warmup from zero, as large-batch training needs."""
+
+    optimizer: str = "adamw"  # adamw, or lamb (DeepSpeed's fused LAMB, GPU only) for the largest batches
+    lr_text_encoder: float = 1e-5
+    lr_backbone: float = 1e-4
+    lr_heads: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.0
+    gradient_clipping: float = 5.0
+    reference_batch: int = 64
+    lr_scaling_power: float = 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device_type: str) -> tuple[int, int]:
+    """Join (or create) the process group: NCCL on GPU, gloo on CPU.
+
+    Under torchrun or the deepspeed launcher the environment names rank and world; a plain
+    `python`/`sparsegps` process becomes a world of one on a free local port."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
+                                   verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but CUDA is not available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(requested)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warmup from 0 to 1 over `warmup_steps`, then cosine decay to `min_ratio` at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(groups: dict[str, list], cfg: OptimConfig, global_batch: int, device_type: str):
+    scale = (global_batch / cfg.reference_batch) ** cfg.lr_scaling_power
+    lrs = {"text_encoder": cfg.lr_text_encoder, "backbone": cfg.lr_backbone, "heads": cfg.lr_heads}
+    params = [{"params": p, "lr": lrs[name] * scale, "name": name} for name, p in groups.items() if p]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "lamb":
+        if device_type != "cuda":
+            raise ValueError("optim.optimizer=lamb needs a GPU (DeepSpeed's fused LAMB); use adamw on CPU")
+        from deepspeed.ops.lamb import FusedLamb
+
+        return FusedLamb(params, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adamw or lamb)")
+
+
+def deepspeed_config(json_path: str | None, *, micro_batch: int, grad_accum: int, clipping: float,
+                     precision: str) -> dict:
+    """The DeepSpeed JSON (ZeRO stage etc.) with batch, clipping and precision filled in from our config."""
+    ds = json.loads(Path(json_path).read_text()) if json_path else {"zero_optimization": {"stage": 0}}
+    ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
+              gradient_clipping=clipping, zero_allow_untested_optimizer=True, steps_per_print=10 ** 9,
+              wall_clock_breakdown=False)
+    ds.pop("train_batch_size", None)
+    ds["bf16"] = {"enabled": precision == "bf16"}
+    ds["fp16"] = {"enabled": False}
+    return ds
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def initialize_engine(model, optimizer, scheduler, ds_config: dict):
+    """`deepspeed.initialize`, preparing the model for ZeRO-3 first.
+
+    ZeRO-3 gathers a module's partitioned parameters in hooks around its forward and backward,
+    and finds the backward through the tensors a module returns. spconv layers pass
+    `SparseConvTensor`s, which those hooks cannot see, so the sparse U-Net is made one ZeRO-3
+    leaf (gathered whole around its tensor-in, tensor-out forward). The MLM head's tied word
+    embeddings are read in the model's own forward, so they are registered with it."""
+    import deepspeed
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from sparsegps.models.backbone import SpUNet
+
+    if zero_stage(ds_config) == 3:
+        set_z3_leaf_modules(model, [SpUNet], raise_if_not_found=False)
+        if hasattr(model, "text"):
+            deepspeed.zero.register_external_parameter(model, model.text.word_embeddings.weight)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                           lr_scheduler=scheduler, config=ds_config)
+    return engine, optimizer, scheduler

@@ -1,0 +1,80 @@
+"""GPS pre-training on shards with DeepSpeed, from one CPU process to many GPUs on many nodes.
+
+`pretrain(cfg)` builds the data pipeline, the model and a DeepSpeed engine (ZeRO stage from the
+JSON named by `cfg.deepspeed`), runs `cfg.steps` optimizer steps of `cfg.global_batch` scenes
+(micro-batches of `cfg.micro_batch` scenes per rank, accumulated over
+`global_batch / (micro_batch * world)` micro-steps), evaluates on held-out scenes, and exports a
+consolidated fp32 state dict that the fine-tuning commands load.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+from sparsegps.config import from_dict, to_dict
+from sparsegps.data import ScenesDataset, TransformConfig
+from sparsegps.models.gps import GPSModel, ModelConfig
+
+from .checkpoint import export_state_dict, load_export
+from .engine import OptimConfig, zero_stage
+from .loop import RunConfig, build_engine, setup_run, train_loop
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # shard files or directories
+    val: list[str] = field(default_factory=list)
+    transforms: TransformConfig = field(default_factory=TransformConfig)
+    eval_max_scenes: int | None = 256
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    output_dir: str = "runs/pretrain"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Run pre-training; returns a summary (steps, scenes/s, final losses, held-out metrics)."""
+    from sparsegps.eval.pretrain import evaluate_pretraining
+
+    if not cfg.data.train:
+        raise ValueError("data.train names no shards")
+    run = setup_run(cfg, cfg)
+    train_set = ScenesDataset(cfg.data.train, cfg.data.transforms, seed=cfg.seed)
+    model = GPSModel(cfg.model)
+    engine, ds_config = build_engine(run, model, model.parameter_groups(), cfg.optim)
+
+    def evaluate() -> dict:
+        return evaluate_pretraining(engine.module, cfg.data.val, cfg.data.transforms, run.device, run.precision,
+                                    cfg.micro_batch, cfg.data.eval_max_scenes, progress=False)
+
+    extra = {"model_config": to_dict(cfg.model), "vocabulary": train_set.vocabulary,
+             "voxel_size": cfg.data.transforms.voxel_size}
+    stats = train_loop(run, engine, train_set, client_state=extra, resume=resume, progress=progress,
+                       desc="pretrain", evaluate=evaluate if cfg.data.val else None)
+    summary = {"pretrain_steps": stats.pop("steps"), "pretrain_scenes_per_s": stats.pop("scenes_per_s"),
+               "pretrain_voxels_per_s": stats.pop("voxels_per_s"), "world_size": run.world,
+               "zero_stage": zero_stage(ds_config), "precision": run.precision, "train_scenes": len(train_set),
+               **stats}
+    if cfg.data.val:
+        summary.update(evaluate())
+    if run.rank == 0:
+        export_state_dict(run.out / "checkpoints", run.out / "export.pt", extra=extra)
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+def load_pretrained_model(path: str | os.PathLike, device="cpu") -> tuple[GPSModel, dict]:
+    """A `GPSModel` with the weights of an export (see `sparsegps export`), and the export's metadata."""
+    blob = load_export(path)
+    model = GPSModel(from_dict(ModelConfig, blob["model_config"]))
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device), blob

@@ -1,0 +1,201 @@
+"""Pre-training on DeepSpeed: ZeRO stages, two ranks, gradients through the cross-rank gather,
+kill-and-resume, checkpoint fallback, export, NaN and config errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparsegps.config import ConfigError, load_config, to_dict
+from sparsegps.data import write_scenes
+from sparsegps.train.checkpoint import load_export
+from sparsegps.train.pretrain import PretrainConfig, load_pretrained_model, pretrain
+
+from conftest import VOCAB, make_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {
+    "backbone": {"stem_channels": 8, "enc_channels": [8, 16], "dec_channels": [16, 8], "enc_blocks": [1, 1],
+                 "dec_blocks": [1, 1]},
+    "d_model": 32, "num_heads": 2, "spatial_layers": 1, "grounding_layers": 1, "ffn_dim": 64, "embed_dim": 16,
+    "dropout": 0.0, "text": {"num_layers": 1, "max_length": 16}, "object_text": "class_name",
+}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("pretrain-data")
+    write_scenes([make_scene(rng, f"t{i}", 300, 3) for i in range(8)], root / "train", vocabulary=VOCAB,
+                 progress=False)
+    write_scenes([make_scene(rng, f"v{i}", 300, 3) for i in range(4)], root / "val", vocabulary=VOCAB,
+                 progress=False)
+    return root
+
+
+def config(shards: Path, out: Path, **overrides) -> PretrainConfig:
+    data = {"train": [str(shards / "train")], "val": [str(shards / "val")], "eval_max_scenes": 4,
+            "transforms": {"voxel_size": 0.15, "augment": False}}
+    raw = {"micro_batch": 4, "global_batch": 4, "steps": 6, "device": "cpu", "output_dir": str(out),
+           "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1, "num_workers": 0, "data": data,
+           "model": TINY_MODEL, "optim": {"warmup_steps": 0, "lr_backbone": 2e-3, "lr_heads": 2e-3}}
+    raw.update(overrides)
+    from sparsegps.config import from_dict
+    return from_dict(PretrainConfig, raw)
+
+
+def losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_single_process_zero_stages_lower_the_loss(shards, tmp_path, stage):
+    torch.manual_seed(0)
+    cfg = config(shards, tmp_path, steps=8, deepspeed=str(ROOT / f"configs/deepspeed/zero{stage}.json"),
+                 data={"train": [str(shards / "train")], "val": [], "transforms": {"voxel_size": 0.15,
+                                                                                    "augment": False}},
+                 global_batch=8, micro_batch=4)
+    summary = pretrain(cfg, progress=False)
+    assert summary["zero_stage"] == stage and summary["pretrain_steps"] == 8
+    curve = losses(tmp_path)
+    assert len(curve) == 8 and np.mean(curve[-2:]) < np.mean(curve[:2])
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step*")) == ["step6", "step8"]  # keeps 2
+    blob = load_export(tmp_path / "export.pt")
+    assert blob["state_dict"]["backbone.stem.conv.weight"].dtype == torch.float32
+
+
+def test_config_with_unknown_key_or_wrong_type_is_rejected(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 10\nmodel:\n  d_modle: 64\n")
+    with pytest.raises(ConfigError, match="d_modle"):
+        load_config(PretrainConfig, path)
+    path.write_text("steps: ten\n")
+    with pytest.raises(ConfigError, match="steps"):
+        load_config(PretrainConfig, path)
+    with pytest.raises(ConfigError, match="micro_batch"):
+        load_config(PretrainConfig, None, ["micro_batch=1.5"])
+    cfg = load_config(PretrainConfig, ROOT / "configs/pretrain/tiny_cpu.yaml", ["model.d_model=96"])
+    assert cfg.model.d_model == 96 and cfg.data.transforms.voxel_size == 0.08
+
+
+def test_nan_loss_stops_naming_step_and_scenes(shards, tmp_path, monkeypatch):
+    from sparsegps.models import gps
+
+    original = gps.GPSModel.forward
+
+    def poisoned(self, batch):
+        out = original(self, batch)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(gps.GPSModel, "forward", poisoned)
+    from sparsegps.train.loop import NonFiniteLossError
+    with pytest.raises(NonFiniteLossError, match=r"step 1 .*scenes in the batch: \['t"):
+        pretrain(config(shards, tmp_path, steps=2), progress=False)
+
+
+RUN_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_pretrain import config
+    from sparsegps.train.pretrain import pretrain
+    from pathlib import Path
+    torch.manual_seed(0)
+    cfg = config(Path({shards!r}), Path(sys.argv[1]), steps=6, deepspeed={ds!r})
+    if {slow}:
+        import sparsegps.train.loop as loop
+        original = loop.save_checkpoint
+        def slow_save(*a, **k):
+            original(*a, **k)
+            import time; time.sleep(3)
+        loop.save_checkpoint = slow_save
+    pretrain(cfg, resume=len(sys.argv) > 2, progress=False)
+""")
+
+
+def _run(shards, out, *extra, slow=False, ds=None, wait=True):
+    code = RUN_SCRIPT.format(tests=str(Path(__file__).parent), shards=str(shards), slow=slow, ds=ds)
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # this process's own group
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if wait:
+        output = proc.communicate()[0].decode()
+        assert proc.returncode == 0, output[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted(shards, tmp_path):
+    _run(shards, tmp_path / "straight")
+    proc = _run(shards, tmp_path / "killed", slow=True, wait=False)
+    ckpt = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (ckpt / "step2").exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (ckpt / "step2").exists() and not (ckpt / "step6").exists()
+    _run(shards, tmp_path / "killed", "--resume")
+    a = load_export(tmp_path / "straight" / "export.pt")["state_dict"]
+    b = load_export(tmp_path / "killed" / "export.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(tmp_path / "straight")[-1] == losses(tmp_path / "killed")[-1]
+
+
+def test_corrupt_checkpoint_falls_back_to_previous_with_warning(shards, tmp_path, capsys):
+    torch.manual_seed(0)
+    pretrain(config(shards, tmp_path, steps=4), progress=False)
+    newest = tmp_path / "checkpoints" / "step4" / "mp_rank_00_model_states.pt"
+    data = bytearray(newest.read_bytes())
+    data[: len(data) // 2] = bytes(len(data) // 2)  # corrupted in place: same size as the manifest says
+    newest.write_bytes(bytes(data))
+    partial = tmp_path / "checkpoints" / "step6"
+    partial.mkdir()  # a checkpoint whose writer died before its manifest
+    capsys.readouterr()
+    with pytest.warns(UserWarning) as record:
+        pretrain(config(shards, tmp_path, steps=6), resume=True, progress=False)
+    messages = [str(w.message) for w in record]
+    assert any("step6 is unusable: no manifest" in m for m in messages)
+    assert any("step4 is unusable: failed to load" in m for m in messages)
+    assert f"resumed from {tmp_path / 'checkpoints'}/step2 " in capsys.readouterr().out
+    assert load_export(tmp_path / "export.pt")["step"] == 6
+
+
+@pytest.mark.slow
+def test_zero3_export_loads_into_a_fresh_model_and_matches_zero0(shards, tmp_path):
+    torch.manual_seed(0)
+    pretrain(config(shards, tmp_path / "z0", steps=3), progress=False)
+    torch.manual_seed(0)
+    pretrain(config(shards, tmp_path / "z3", steps=3, deepspeed=str(ROOT / "configs/deepspeed/zero3.json")),
+             progress=False)
+    m0, _ = load_pretrained_model(tmp_path / "z0" / "export.pt")
+    m3, blob = load_pretrained_model(tmp_path / "z3" / "export.pt")
+    assert blob["vocabulary"] == VOCAB and blob["model_config"]["d_model"] == 32
+    for (n0, p0), (n3, p3) in zip(m0.state_dict().items(), m3.state_dict().items()):
+        assert n0 == n3 and p0.shape == p3.shape
+        # Key biases get an exactly-zero gradient (softmax ignores a per-query constant); Adam turns
+        # the rounding noise of that zero into updates, which differ with the reduction order.
+        if not n0.endswith(("k_proj.bias", "in_proj_bias")):
+            assert torch.allclose(p0, p3, atol=1e-5), n0
+    from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes
+    ds = ScenesDataset(shards / "val", TransformConfig(voxel_size=0.15, augment=False))
+    batch = collate_scenes([ds[0], ds[1]])
+    with torch.no_grad():
+        out0, out3 = m0.eval()(batch), m3.eval()(batch)
+    assert torch.allclose(out0["grounding_logits"], out3["grounding_logits"], atol=1e-4)
