@@ -1,0 +1,131 @@
+"""Semantic segmentation evaluation on every original point.
+
+Per-voxel logits are mapped back to the points through the grid-sampling inverse map, optionally
+averaged over rotations about z (test-time augmentation); points labelled `ignore_index` count
+nowhere. IoU_k = TP / (TP + FP + FN); classes with no ground truth and no prediction are absent
+and left out of the mean (reported as null).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes, move_batch
+from sparsegps.data.transforms import Compose, GridSample, RotateZ
+
+IGNORE_INDEX = -1
+
+
+def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """[K, K] counts, rows = ground truth, columns = prediction; ignored points are skipped."""
+    keep = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    idx = target[keep].astype(np.int64) * num_classes + pred[keep].astype(np.int64)
+    return np.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(conf: np.ndarray, class_names: list[str]) -> dict:
+    """mIoU, per-class IoU, overall accuracy and mean class accuracy from a confusion matrix."""
+    conf = conf.astype(np.float64)
+    tp = np.diag(conf)
+    gt, pr = conf.sum(1), conf.sum(0)
+    union = gt + pr - tp
+    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    acc = np.where(gt > 0, tp / np.maximum(gt, 1), np.nan)
+    present = ~np.isnan(iou)
+    return {
+        "miou": float(np.nanmean(iou)) if present.any() else float("nan"),
+        "accuracy": float(tp.sum() / conf.sum()) if conf.sum() else float("nan"),
+        "mean_class_accuracy": float(np.nanmean(acc)) if (gt > 0).any() else float("nan"),
+        "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(class_names, iou)},
+        "points": int(conf.sum()),
+    }
+
+
+def plot_confusion(conf: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix as a heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = conf.sum(1, keepdims=True)
+    norm = np.divide(conf, rows, out=np.zeros_like(conf, dtype=np.float64), where=rows > 0)
+    k = len(class_names)
+    size = max(5.0, 0.38 * k + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(k), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(k), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of ground-truth points")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def evaluate_segmentation(model, paths, voxel_size: float, device, num_classes: int, class_names: list[str],
+                          label_remap: np.ndarray | None = None, tta_rotations: int = 1, batch_size: int = 4,
+                          max_scenes: int | None = None, progress: bool = True) -> tuple[dict, np.ndarray]:
+    """Point-level metrics of `model` (batch -> voxel logits) on the scenes at `paths`.
+
+    `label_remap` maps the store's label ids to the model's classes (-1 = ignore)."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    dataset = ScenesDataset(paths, TransformConfig(voxel_size=voxel_size, augment=False))
+    n = len(dataset) if max_scenes is None else min(max_scenes, len(dataset))
+    conf = np.zeros((num_classes, num_classes), np.int64)
+    for start in tqdm(range(0, n, batch_size), desc="eval-seg", unit="batch", disable=not progress):
+        scenes = [dataset.store[i] for i in range(start, min(n, start + batch_size))]
+        point_logits = None
+        for r in range(tta_rotations):
+            angle = 2 * math.pi * r / tta_rotations
+            transform = Compose(([RotateZ(angle)] if r else []) + [GridSample(voxel_size)])
+            samples = []
+            for i, scene in zip(range(start, start + len(scenes)), scenes):
+                sample = transform(scene, np.random.default_rng(0))
+                sample["index"] = i
+                sample["object_label_id"] = np.zeros(len(sample["objects"]), np.int64)
+                samples.append(sample)
+            batch = move_batch(collate_scenes(samples), device)
+            logits = model(batch).float().softmax(-1).cpu()
+            offsets = batch["voxel_offsets"].cpu()
+            per_scene = [logits[offsets[b]:offsets[b + 1]][torch.from_numpy(samples[b]["inverse"])]
+                         for b in range(len(samples))]
+            point_logits = per_scene if point_logits is None else [a + p for a, p in zip(point_logits, per_scene)]
+        for scene, probs in zip(scenes, point_logits):
+            target = scene.semantic.astype(np.int64)
+            if label_remap is not None:
+                target = np.where(target >= 0, label_remap[np.clip(target, 0, None)], IGNORE_INDEX)
+            conf += confusion_matrix(probs.argmax(-1).numpy(), target, num_classes)
+    model.train(was_training)
+    return segmentation_metrics(conf, class_names), conf
+
+
+def write_report(report: dict, conf: np.ndarray, class_names: list[str], out_dir: Path, title: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from sparsegps.data.store import atomic_write_text
+
+    atomic_write_text(out_dir / "seg_report.json", json.dumps({**report, "confusion": conf.tolist(),
+                                                               "classes": class_names}, indent=1))
+    plot_confusion(conf, class_names, out_dir / "confusion.png", title)
+
+
+def format_table(report: dict) -> str:
+    lines = ["| class | IoU |", "| --- | --- |"]
+    for name, v in report["per_class_iou"].items():
+        lines.append(f"| {name} | {'absent' if v is None else f'{v:.3f}'} |")
+    lines.append(f"| **mIoU** | **{report['miou']:.3f}** |")
+    lines.append(f"| accuracy | {report['accuracy']:.3f} |")
+    return "\n".join(lines)

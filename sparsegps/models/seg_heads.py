@@ -1,0 +1,116 @@
+"""Semantic segmentation on the backbone's per-voxel decoder features.
+
+- `LinearSegHead`: a linear classifier, Pointcept's SpUNet head.
+- `LanguageSegHead`: projects voxel features into the text space and scores them against text
+  embeddings of the class names, `logit_k = scale * cos(W v, t_k)` with a learnable temperature;
+  naming a new vocabulary (`set_classes`) segments classes never seen in fine-tuning.
+- `SegmentationModel`: backbone + head, loading backbone weights from a pre-training export.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsegps.losses import LogitScale
+
+from .backbone import SpUNet, SpUNetConfig
+from .text_encoder import TextEncoder, TextEncoderConfig
+
+
+class LinearSegHead(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.classifier = nn.Linear(in_channels, num_classes)
+
+    def forward(self, voxel_feats: torch.Tensor) -> torch.Tensor:
+        return self.classifier(voxel_feats)
+
+
+@torch.no_grad()
+def class_name_embeddings(text: TextEncoder, names: list[str], template: str = "a {}") -> torch.Tensor:
+    """Mean-pooled, L2-normalised text-encoder embeddings of `template.format(name)` per class."""
+    device = next(text.parameters()).device
+    tok = text.tokenize([template.format(n) for n in names], device)
+    feats = text(tok["input_ids"], tok["attention_mask"])
+    mask = tok["attention_mask"].unsqueeze(-1).to(feats.dtype)
+    return F.normalize((feats * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+class LanguageSegHead(nn.Module):
+    """Voxel features scored against fixed class-name embeddings [K, E] by scaled cosine."""
+
+    def __init__(self, in_channels: int, class_embeddings: torch.Tensor):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(in_channels, in_channels), nn.GELU(),
+                                  nn.Linear(in_channels, class_embeddings.shape[1]))
+        self.register_buffer("class_embeddings", F.normalize(class_embeddings.float(), dim=-1))
+        self.scale = LogitScale(init_temperature=0.07)
+
+    def set_classes(self, class_embeddings: torch.Tensor) -> None:
+        """Swap the vocabulary (zero-shot segmentation of classes named only now)."""
+        self.class_embeddings = F.normalize(class_embeddings.float(), dim=-1).to(self.class_embeddings.device)
+
+    def forward(self, voxel_feats: torch.Tensor) -> torch.Tensor:
+        v = F.normalize(self.proj(voxel_feats).float(), dim=-1)
+        return self.scale() * v @ self.class_embeddings.T
+
+
+@dataclass
+class SegModelConfig:
+    backbone: SpUNetConfig = field(default_factory=SpUNetConfig)
+    head: str = "linear"  # linear or language
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # language head: class-name embeddings
+    class_template: str = "a {}"
+
+
+class SegmentationModel(nn.Module):
+    """`forward(batch) -> per-voxel logits [V, K]` (batch from `collate_scenes`)."""
+
+    def __init__(self, cfg: SegModelConfig, class_names: list[str], text_encoder: TextEncoder | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.frozen = "none"
+        self.class_names = list(class_names)
+        self.backbone = SpUNet(cfg.backbone)
+        if cfg.head == "linear":
+            self.head = LinearSegHead(self.backbone.out_channels, len(class_names))
+        elif cfg.head == "language":
+            text_encoder = text_encoder or TextEncoder(cfg.text)
+            self.head = LanguageSegHead(self.backbone.out_channels,
+                                        class_name_embeddings(text_encoder, class_names, cfg.class_template))
+        else:
+            raise ValueError(f"unknown segmentation head {cfg.head!r} (linear or language)")
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        feats = self.backbone(batch["coords"], batch["feats"], batch["batch_size"], batch["spatial_shape"])
+        return self.head(feats)
+
+    def load_backbone(self, state_dict: dict, prefix: str = "backbone.") -> None:
+        """Copy backbone weights from a (pre-training) state dict; every backbone tensor must be there."""
+        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        self.backbone.load_state_dict(own, strict=True)
+
+    def freeze(self, mode: str) -> None:
+        """none: train all; encoder: freeze the stem and encoder stages (decoder + head train);
+        backbone: freeze the whole backbone (linear probe)."""
+        if mode not in ("none", "encoder", "backbone"):
+            raise ValueError(f"unknown freeze mode {mode!r} (none, encoder, backbone)")
+        self.frozen = mode
+        for name, p in self.backbone.named_parameters():
+            if mode == "backbone" or (mode == "encoder" and not name.startswith("decoder.")):
+                p.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """Frozen parts stay in eval mode, so their batch-norm statistics stay those loaded."""
+        super().train(mode)
+        if self.frozen == "backbone":
+            self.backbone.eval()
+        elif self.frozen == "encoder":
+            for name, module in self.backbone.named_children():
+                if name != "decoder":
+                    module.eval()
+        return self

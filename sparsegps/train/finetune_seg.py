@@ -1,0 +1,136 @@
+"""Fine-tune the (pre-trained) backbone for semantic segmentation, and evaluate it.
+
+`finetune_segmentation(cfg, pretrained=...)` trains a `SegmentationModel` (linear or language-
+aligned head) with cross-entropy (ignore index -1) through the same DeepSpeed loop as
+pre-training, from a pre-training export or from scratch, frozen, partially frozen or in full; it
+exports the fine-tuned weights and evaluates mIoU on the held-out shards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from sparsegps.config import from_dict, to_dict
+from sparsegps.data import ScenesDataset, TransformConfig
+from sparsegps.models.backbone import SpUNetConfig
+from sparsegps.models.seg_heads import SegmentationModel, SegModelConfig
+
+from .checkpoint import export_state_dict, load_export
+from .engine import OptimConfig
+from .loop import RunConfig, build_engine, setup_run, train_loop
+
+
+@dataclass
+class SegDataConfig:
+    train: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)
+    transforms: TransformConfig = field(default_factory=TransformConfig)
+    labels: str | None = None  # label map (scannet20, scannet200, nyu40, synthetic); None: the store's vocabulary
+    eval_max_scenes: int | None = None
+    tta_rotations: int = 1
+
+
+@dataclass
+class SegConfig(RunConfig):
+    output_dir: str = "runs/seg"
+    data: SegDataConfig = field(default_factory=SegDataConfig)
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr_backbone=1e-3, lr_heads=1e-3, warmup_steps=50))
+    freeze: str = "none"  # none, encoder (train decoder + head), backbone (linear probe)
+
+
+def class_names_and_remap(vocabulary: list[str], labels: str | None) -> tuple[list[str], np.ndarray]:
+    """Classes to segment, and the map from store label ids to class ids (-1 = ignore)."""
+    if labels is None:
+        return list(vocabulary), np.arange(len(vocabulary), dtype=np.int64)
+    from sparsegps.data.labels import load_label_map
+
+    names = list(load_label_map(labels).names)
+    index = {n: i for i, n in enumerate(names)}
+    return names, np.array([index.get(v, -1) for v in vocabulary], dtype=np.int64)
+
+
+class SegmentationLoss(nn.Module):
+    """Wraps the model for the training loop: batch -> {"loss", "loss_ce"}."""
+
+    def __init__(self, model: SegmentationModel, remap: np.ndarray):
+        super().__init__()
+        self.model = model
+        self.register_buffer("remap", torch.from_numpy(remap), persistent=False)
+
+    def forward(self, batch: dict) -> dict:
+        logits = self.model(batch).float()
+        labels = batch["voxel_semantic"]
+        target = torch.where(labels >= 0, self.remap[labels.clamp(min=0)], torch.full_like(labels, -1))
+        if (target >= 0).any():
+            loss = F.cross_entropy(logits, target, ignore_index=-1)
+        else:
+            loss = logits.sum() * 0.0
+        return {"loss": loss, "loss_ce": loss}
+
+
+def backbone_config_of_export(blob: dict) -> SpUNetConfig:
+    if "backbone_config" in blob:
+        return from_dict(SpUNetConfig, blob["backbone_config"])
+    return from_dict(SpUNetConfig, blob["model_config"]["backbone"])
+
+
+def finetune_segmentation(cfg: SegConfig, pretrained: str | None = None, resume: bool = False,
+                          progress: bool = True) -> dict:
+    from sparsegps.eval.segmentation import evaluate_segmentation, write_report
+
+    if not cfg.data.train:
+        raise ValueError("data.train names no shards")
+    blob = load_export(pretrained) if pretrained else None
+    if blob is not None:  # the backbone's shape comes from the pre-trained model
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone_config_of_export(blob)))
+    run = setup_run(cfg, cfg)
+    train_set = ScenesDataset(cfg.data.train, cfg.data.transforms, seed=cfg.seed)
+    names, remap = class_names_and_remap(train_set.vocabulary, cfg.data.labels)
+    model = SegmentationModel(cfg.model, names)
+    if blob is not None:
+        model.load_backbone(blob["state_dict"])
+    model.freeze(cfg.freeze)
+    wrapped = SegmentationLoss(model, remap)
+    groups = {"backbone": [p for p in model.backbone.parameters() if p.requires_grad],
+              "heads": [p for p in model.head.parameters() if p.requires_grad]}
+    engine, _ = build_engine(run, wrapped, groups, cfg.optim)
+    extra = {"backbone_config": to_dict(model.cfg.backbone), "vocabulary": names, "task": "segmentation",
+             "voxel_size": cfg.data.transforms.voxel_size, "model_config": to_dict(model.cfg)}
+    stats = train_loop(run, engine, train_set, client_state=extra, resume=resume, progress=progress,
+                       desc="finetune-seg")
+    summary = {"seg_steps": stats["steps"], "seg_scenes_per_s": stats["scenes_per_s"],
+               "seg_loss": stats.get("loss"), "pretrained": pretrained, "freeze": cfg.freeze}
+    if run.rank == 0:
+        export_state_dict(run.out / "checkpoints", run.out / "export.pt", extra=extra)
+        if cfg.data.val:  # from the export: under ZeRO-3 the live model holds only a shard of each weight
+            trained, _ = load_segmentation_model(run.out / "export.pt", run.device)
+            report, conf = evaluate_segmentation(trained, cfg.data.val, cfg.data.transforms.voxel_size, run.device,
+                                                 len(names), names, remap, cfg.data.tta_rotations,
+                                                 batch_size=cfg.micro_batch, max_scenes=cfg.data.eval_max_scenes,
+                                                 progress=progress)
+            write_report(report, conf, names, run.out, "segmentation (held-out)")
+            summary.update(seg_miou=report["miou"], seg_accuracy=report["accuracy"])
+        Path(run.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+def load_segmentation_model(path: str, device="cpu") -> tuple[SegmentationModel, dict]:
+    """A fine-tuned `SegmentationModel` from its export."""
+    blob = load_export(path)
+    if blob.get("task") != "segmentation":
+        raise ValueError(f"{path}: not a segmentation export (run `sparsegps finetune-seg` first)")
+    model = SegmentationModel(from_dict(SegModelConfig, blob["model_config"]), blob["vocabulary"])
+    state = {k.removeprefix("model."): v for k, v in blob["state_dict"].items()}
+    model.load_state_dict(state)
+    return model.to(device), blob

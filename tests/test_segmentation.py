@@ -1,0 +1,126 @@
+"""Segmentation transfer: metrics on a hand-computed case, voxel-to-point projection, the
+language-aligned head, fine-tuning beats the majority class, and export loading."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sparsegps.config import from_dict
+from sparsegps.eval.segmentation import confusion_matrix, evaluate_segmentation, segmentation_metrics
+from sparsegps.models.backbone import SpUNetConfig
+from sparsegps.models.seg_heads import LanguageSegHead, SegmentationModel, SegModelConfig
+from sparsegps.train.checkpoint import load_export
+from sparsegps.train.finetune_seg import SegConfig, finetune_segmentation, load_segmentation_model
+
+TINY = {"stem_channels": 8, "enc_channels": [8, 16, 16], "dec_channels": [16, 16, 16], "enc_blocks": [1, 1, 1],
+        "dec_blocks": [1, 1, 1]}
+
+
+def test_metrics_equal_a_hand_computed_confusion_case():
+    # classes: 0 present, 1 present, 2 predicted but absent from the ground truth, 3 absent everywhere
+    target = np.array([0, 0, 0, 1, 1, -1, -1, 1])
+    pred = np.array([0, 0, 1, 1, 2, 3, 0, 1])
+    conf = confusion_matrix(pred, target, 4)
+    assert conf.tolist() == [[2, 1, 0, 0], [0, 2, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    m = segmentation_metrics(conf, ["a", "b", "c", "d"])
+    # IoU_a = 2/(3+2-2) = 2/3; IoU_b = 2/(3+3-2) = 1/2; IoU_c = 0/(0+1-0) = 0; d absent
+    assert m["per_class_iou"]["a"] == pytest.approx(2 / 3)
+    assert m["per_class_iou"]["b"] == pytest.approx(1 / 2)
+    assert m["per_class_iou"]["c"] == 0.0 and m["per_class_iou"]["d"] is None
+    assert m["miou"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["points"] == 6
+    assert m["mean_class_accuracy"] == pytest.approx((2 / 3 + 2 / 3) / 2)
+
+
+def test_language_head_logits_are_scaled_cosines():
+    torch.manual_seed(0)
+    classes = torch.randn(5, 12)
+    head = LanguageSegHead(8, classes)
+    feats = torch.randn(30, 8)
+    v = head.proj(feats)
+    expected = (1 / 0.07) * torch.stack([torch.stack([torch.dot(a, c) / (a.norm() * c.norm()) for c in classes])
+                                         for a in v])
+    assert torch.allclose(head(feats), expected, atol=1e-4)
+    head.set_classes(classes[:2])  # a new vocabulary: zero-shot
+    assert head(feats).shape == (30, 2)
+    assert head.scale.log_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+
+@pytest.fixture(scope="module")
+def synthetic_shards(tmp_path_factory):
+    from sparsegps.data import write_scenes
+    from sparsegps.synth import SYNTH_VOCABULARY, generate_scene, preset
+
+    root = tmp_path_factory.mktemp("seg")
+    cfg = preset("demo")
+    write_scenes([generate_scene(cfg, i, with_language=False) for i in range(10)], root / "train",
+                 vocabulary=SYNTH_VOCABULARY, progress=False)
+    write_scenes([generate_scene(cfg, 100 + i, with_language=False) for i in range(3)], root / "val",
+                 vocabulary=SYNTH_VOCABULARY, progress=False)
+    return root
+
+
+def seg_config(root, out, **overrides) -> SegConfig:
+    raw = {"micro_batch": 5, "global_batch": 5, "steps": 40, "device": "cpu", "output_dir": str(out),
+           "checkpoint_every": 40, "log_every": 10, "num_workers": 0,
+           "data": {"train": [str(root / "train")], "val": [str(root / "val")],
+                    "transforms": {"voxel_size": 0.15, "augment": False}},
+           "model": {"backbone": TINY}, "optim": {"warmup_steps": 0, "lr_backbone": 3e-3, "lr_heads": 3e-3}}
+    raw.update(overrides)
+    return from_dict(SegConfig, raw)
+
+
+def test_every_point_gets_one_prediction(synthetic_shards):
+    from sparsegps.data import SceneStore
+    from sparsegps.synth import SYNTH_VOCABULARY
+
+    model = SegmentationModel(SegModelConfig(backbone=from_dict(SpUNetConfig, TINY)), SYNTH_VOCABULARY)
+    report, conf = evaluate_segmentation(model, synthetic_shards / "val", 0.15, torch.device("cpu"),
+                                         len(SYNTH_VOCABULARY), SYNTH_VOCABULARY, tta_rotations=2, progress=False)
+    store = SceneStore(synthetic_shards / "val")
+    labelled = sum(int((store[i].semantic >= 0).sum()) for i in range(len(store)))
+    assert conf.sum() == report["points"] == labelled
+
+
+@pytest.mark.slow
+def test_finetuning_beats_the_majority_class_and_exports(synthetic_shards, tmp_path):
+    from sparsegps.data import SceneStore
+
+    torch.manual_seed(0)
+    summary = finetune_segmentation(seg_config(synthetic_shards, tmp_path), progress=False)
+    store = SceneStore(synthetic_shards / "val")
+    labels = np.concatenate([store[i].semantic for i in range(len(store))])
+    labels = labels[labels >= 0]
+    counts = np.bincount(labels)
+    majority_iou = counts.max() / len(labels)  # predicting the majority class everywhere: 1 class, IoU = share
+    majority_miou = majority_iou / (counts > 0).sum()
+    assert summary["seg_miou"] > 2 * majority_miou, (summary, majority_miou)
+    assert summary["seg_accuracy"] > majority_iou
+    assert (tmp_path / "confusion.png").stat().st_size > 0 and (tmp_path / "seg_report.json").exists()
+    model, blob = load_segmentation_model(tmp_path / "export.pt")
+    assert blob["task"] == "segmentation" and model.class_names[0] == "wall"
+
+
+def test_pretraining_export_restores_backbone_weights_exactly(synthetic_shards, tmp_path):
+    from sparsegps.config import to_dict
+    from sparsegps.models.gps import GPSModel, ModelConfig
+    from sparsegps.models.text_encoder import TextEncoderConfig
+
+    torch.manual_seed(1)
+    gps_cfg = ModelConfig(backbone=from_dict(SpUNetConfig, TINY), d_model=32, num_heads=2, spatial_layers=1,
+                          grounding_layers=1, ffn_dim=32, embed_dim=16, text=TextEncoderConfig(num_layers=1))
+    gps = GPSModel(gps_cfg)
+    export = tmp_path / "pretrain.pt"
+    torch.save({"format": "sparsegps-export", "state_dict": gps.state_dict(), "model_config": to_dict(gps_cfg),
+                "vocabulary": [], "voxel_size": 0.15}, export)
+    blob = load_export(export)
+    seg = SegmentationModel(SegModelConfig(backbone=from_dict(SpUNetConfig, TINY)), ["a", "b"])
+    seg.load_backbone(blob["state_dict"])
+    for name, tensor in gps.backbone.state_dict().items():
+        assert torch.equal(seg.backbone.state_dict()[name], tensor), name
+    seg.freeze("encoder")
+    trainable = {n for n, p in seg.backbone.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("decoder.") for n in trainable)
