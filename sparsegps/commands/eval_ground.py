@@ -1,0 +1,78 @@
+"""Score a grounding model on shards with a benchmark's metrics: Nr3D / Sr3D accuracy (overall,
+easy / hard, view-dependent / independent) or ScanRefer Acc@0.25 / Acc@0.5 (overall, unique /
+multiple), with ground-truth boxes or detector proposals (--proposals). Writes
+OUT/ground_report.json, OUT/ground_report.md and OUT/ground_predictions.jsonl, and prints the table.
+
+    sparsegps eval-ground --checkpoint runs/ground/nr3d/export.pt --data runs/data/scannet/nr3d_val \\
+        --benchmark nr3d
+    sparsegps eval-ground --checkpoint runs/ground/scanrefer/export.pt --data runs/data/scannet/scanrefer_val \\
+        --benchmark scanrefer --proposals mask3d_val_boxes.json"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser):
+    from sparsegps.eval.grounding_model import BENCHMARKS
+
+    parser.add_argument("--checkpoint", required=True, help="export of finetune-ground (or of pre-training)")
+    parser.add_argument("--data", nargs="+", required=True, help="shards or directories of the evaluation split")
+    parser.add_argument("--benchmark", required=True, choices=BENCHMARKS, help="whose metrics to report")
+    parser.add_argument("--proposals", help="ScanRefer: detector boxes per scan (JSON or .npz, see docs/IMPORTING.md)")
+    parser.add_argument("--out", help="report folder (default: eval_ground_BENCHMARK next to the checkpoint)")
+    parser.add_argument("--voxel-size", type=float, help="default: the voxel size the checkpoint was trained at")
+    parser.add_argument("--batch-size", type=int, default=4, help="scenes per forward")
+    parser.add_argument("--referral-chunk", type=int, default=64, help="referrals grounded per forward")
+    parser.add_argument("--max-scenes", type=int, help="evaluate the first N scenes only")
+    parser.add_argument("--workers", type=int, default=2, help="data loader processes")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16")
+
+
+def run(args) -> int:
+    import torch
+
+    from sparsegps.eval.grounding import format_table, save_report
+    from sparsegps.eval.grounding_model import ProposalError, evaluate_grounding, save_predictions
+    from sparsegps.train.engine import pick_device
+    from sparsegps.train.finetune_ground import load_grounding_export
+    from sparsegps.train.loop import resolve_precision
+    from sparsegps.train.pretrain import load_pretrained_model
+
+    if args.proposals and args.benchmark != "scanrefer":
+        print(f"error: --proposals is for ScanRefer (Acc@k of proposal boxes), not {args.benchmark}", file=sys.stderr)
+        return 2
+    device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    try:
+        blob = load_grounding_export(args.checkpoint)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    task = blob.get("task", "pretraining")
+    if task != "grounding":
+        print(f"note: {args.checkpoint} is a {task} export (not fine-tuned for grounding)", file=sys.stderr)
+    voxel_size = args.voxel_size or blob.get("voxel_size")
+    if voxel_size is None:
+        print(f"error: {args.checkpoint} records no voxel size; pass --voxel-size", file=sys.stderr)
+        return 2
+    model, _ = load_pretrained_model(args.checkpoint, device)
+    try:
+        report, records = evaluate_grounding(
+            model, args.data, args.benchmark, voxel_size, device, proposals_path=args.proposals,
+            batch_size=args.batch_size, max_scenes=args.max_scenes, referral_chunk=args.referral_chunk,
+            precision=precision, num_workers=args.workers)
+    except ProposalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report.update(checkpoint=str(args.checkpoint), task=task, step=blob.get("step"))
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_ground_{args.benchmark}"
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = save_report(report, out / "ground_report.json")
+    save_predictions(records, out / "ground_predictions.jsonl")
+    print(format_table(report))
+    print(f"report: {json_path}  table: {md_path}  predictions: {out / 'ground_predictions.jsonl'}")
+    return 0
