@@ -175,12 +175,14 @@ class Scene:
 
 
 def boxes_from_points(xyz: np.ndarray, instance: np.ndarray, labels: dict[int, str]) -> list[SceneObject]:
-    """Axis-aligned boxes (center, full size) of every labelled instance, sorted by id."""
-    objects = []
-    for iid in sorted(labels):
-        pts = xyz[instance == iid]
-        if len(pts) == 0:
-            continue
-        lo, hi = pts.min(axis=0), pts.max(axis=0)
-        objects.append(SceneObject(iid, labels[iid], (lo + hi) / 2, hi - lo))
-    return objects
+    """Axis-aligned boxes (center, full size) of every labelled instance with points, sorted by id."""
+    wanted = np.array(sorted(labels), dtype=np.int64)
+    keep = np.isin(instance, wanted)
+    if not keep.any():
+        return []
+    inst, pts = instance[keep], xyz[keep]
+    order = np.argsort(inst, kind="stable")
+    inst, pts = inst[order], pts[order]
+    ids, starts = np.unique(inst, return_index=True)
+    lo, hi = np.minimum.reduceat(pts, starts, axis=0), np.maximum.reduceat(pts, starts, axis=0)
+    return [SceneObject(int(i), labels[int(i)], (a + b) / 2, b - a) for i, a, b in zip(ids, lo, hi)]
