@@ -65,6 +65,8 @@ def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) ->
     a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     all_a, all_b = gather_with_grad(a), gather_with_grad(b)
     target = torch.arange(a.shape[0], device=a.device) + rank_offset(a.shape[0], a.device)
+    if a.shape[0] == 0:  # nothing to score on this rank (it still took part in the gathers)
+        return (all_a.sum() + all_b.sum() + scale) * 0.0
     loss_ab = F.cross_entropy(scale * a @ all_b.T, target)
     loss_ba = F.cross_entropy(scale * b @ all_a.T, target)
     return (loss_ab + loss_ba) / 2

@@ -102,9 +102,7 @@ def _collate(samples: list[dict]) -> tuple[dict, list[list[tuple[int, str]]]]:
 def grounding_logits(model, objects: dict, texts: list[str], scene_index: torch.Tensor) -> torch.Tensor:
     """Scores [R, L] of each referral over the objects of its scene (-inf on padding), as in
     `GPSModel.forward`, for objects already encoded by `model.encode_objects`."""
-    text = model.encode_text(texts, scene_index.device)
-    _, fused_objects = model.fuse(text, scene_index, objects)
-    return model.grounding_head(fused_objects).masked_fill(objects["pad"][scene_index], float("-inf"))
+    return model.ground(model.encode_text(texts, scene_index.device), scene_index, objects)[2]
 
 
 @torch.no_grad()

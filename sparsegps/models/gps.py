@@ -121,12 +121,16 @@ class GPSModel(nn.Module):
         keep = (~pad).unsqueeze(-1).to(feats.dtype)
         return (feats * keep).sum(1) / keep.sum(1).clamp(min=1)
 
-    def fuse(self, referral_text: dict, scene_index: torch.Tensor, objects: dict) -> tuple:
-        """Grounding encoder on each referral with the objects of its scene."""
+    def ground(self, referral_text: dict, scene_index: torch.Tensor, objects: dict) -> tuple:
+        """Each referral fused with the objects of its scene by the grounding encoder.
+
+        Returns (fused text [R,T,D], fused objects [R,L,D], grounding logits [R,L] with -inf on
+        padded objects)."""
         text = self.text_to_model(referral_text["feats"])
-        obj = objects["tokens"][scene_index]
-        return self.grounding(text, referral_text["pad"], obj, objects["pad"][scene_index],
-                              objects["boxes"][scene_index])
+        pad = objects["pad"][scene_index]
+        fused_text, fused_obj = self.grounding(text, referral_text["pad"], objects["tokens"][scene_index], pad,
+                                               objects["boxes"][scene_index])
+        return fused_text, fused_obj, self.grounding_head(fused_obj).masked_fill(pad, float("-inf"))
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, batch: dict) -> dict:
@@ -143,10 +147,9 @@ class GPSModel(nn.Module):
             target = torch.tensor([t["target"] for t in referrals], device=device) - offsets.to(device)[scene_index]
             use_mlm = self.training and w.mlm > 0
             ref = self.encode_text([t["text"] for t in referrals], device, mask=use_mlm)
-            fused_text, fused_obj = self.fuse(ref, scene_index, objects)
+            fused_text, fused_obj, logits = self.ground(ref, scene_index, objects)
             obj_pad = objects["pad"][scene_index]
-            logits = self.grounding_head(fused_obj)
-            out["grounding_logits"] = logits.masked_fill(obj_pad, float("-inf"))
+            out["grounding_logits"] = logits
             out["grounding_target"] = target
             out["grounding_scene"] = scene_index
             out["loss_grounding"] = L.masked_object_cross_entropy(logits, obj_pad, target)
@@ -203,9 +206,12 @@ class GPSModel(nn.Module):
         scenes = sorted(caption)
         valid = (~objects["pad"]).unsqueeze(-1).float()
         pooled = (objects["tokens"] * valid).sum(1) / valid.sum(1).clamp(min=1)
-        if not scenes:
+        if self.cfg.loss.scene_text == 0:
             return pooled.sum() * 0.0
-        text_feats = self.encode_text([caption[s] for s in scenes], device)["sentence"]
+        if scenes:
+            text_feats = self.encode_text([caption[s] for s in scenes], device)["sentence"]
+        else:  # no caption here, but other ranks may have some: still join the gather
+            text_feats = pooled.new_zeros(0, self.text.hidden_size)
         return L.symmetric_info_nce(self.scene_proj(pooled[scenes]), self.text_proj(text_feats), self.scene_scale())
 
     # ------------------------------------------------------------------------------ helpers
