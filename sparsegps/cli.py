@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
+import warnings
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv[:1])
         return 2
     name = argv[0]
+    # spconv's import warns about torch.cuda.amp decorators it uses; nothing a user can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"spconv\.")
     module = importlib.import_module(commands[name][0])
     parser = argparse.ArgumentParser(prog=f"sparsegps {name}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
