@@ -144,18 +144,22 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """The mapping at the top of a YAML file; `ConfigError` for a missing file, bad YAML or a non-mapping."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Read YAML at `path` (or start from the defaults), apply overrides, and build `cls`."""
-    data: dict = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+    data: dict = read_yaml_mapping(path) if path is not None else {}
     apply_overrides(data, overrides)
     try:
         return from_dict(cls, data)
@@ -169,4 +173,5 @@ def save_config(cfg, path: str | Path) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_config", "save_config", "to_dict"]
+__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_config", "read_yaml_mapping", "save_config",
+           "to_dict"]

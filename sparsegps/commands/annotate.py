@@ -23,23 +23,12 @@ def add_arguments(parser):
 
 def language_config(path: str | None, overrides: list[str]):
     """LanguageConfig from a YAML file (a language section of a synth config counts) and overrides."""
-    from pathlib import Path
-
-    import yaml
-
-    from sparsegps.config import ConfigError, apply_overrides, from_dict
+    from sparsegps.config import apply_overrides, from_dict, read_yaml_mapping
     from sparsegps.language import LanguageConfig
 
     data: dict = {}
     if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = read_yaml_mapping(path)
         if isinstance(data.get("language"), dict):
             data = data["language"]
     apply_overrides(data, overrides)

@@ -29,23 +29,13 @@ def add_arguments(parser):
 
 def resolve_config(args):
     """The SynthConfig of a command line: preset < --config < flags < --set."""
-    import yaml
-
-    from sparsegps.config import ConfigError, apply_overrides, from_dict
+    from sparsegps.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping
     from sparsegps.synth import SynthConfig
     from sparsegps.synth.config import merge_settings, preset_dict
 
     data = preset_dict(args.preset)
     if args.config:
-        try:
-            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {args.config}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{args.config}: invalid YAML ({e})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{args.config}: the top level must be a mapping")
-        merge_settings(data, loaded)
+        merge_settings(data, read_yaml_mapping(args.config))
     for key, value in (("scenes", args.scenes), ("seed", args.seed), ("shard_scenes", args.shard_scenes)):
         if value is not None:
             data[key] = value

@@ -1,0 +1,33 @@
+"""Arguments shared by the training commands (pretrain, finetune-seg, finetune-ground)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_training_arguments(parser, config_help: str, pretrained: bool = True) -> None:
+    parser.add_argument("--config", required=True, help=config_help)
+    if pretrained:
+        parser.add_argument("--pretrained", help="export of a pre-training run (RUN/export.pt); omit for scratch")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON (configs/deepspeed/zero{1,2,3}.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--output-dir", help="run directory (overrides output_dir)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+
+
+def load_training_config(cls, args):
+    """The run's config from --config, --set, --deepspeed and --output-dir; None (after printing the
+    error) when it is invalid, so the command exits before any work starts."""
+    from sparsegps.config import ConfigError, load_config
+
+    overrides = list(args.set)
+    if args.deepspeed:
+        overrides.append(f"deepspeed={args.deepspeed}")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    try:
+        return load_config(cls, args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
