@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="configs", help="folder of the YAML configs")
     parser.add_argument("--train-scenes", type=int, default=160)
     parser.add_argument("--val-scenes", type=int, default=40)
-    parser.add_argument("--pretrain-steps", type=int, default=150)
+    parser.add_argument("--pretrain-steps", type=int, default=200)
     parser.add_argument("--seg-steps", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -87,7 +87,7 @@ def test_config_with_unknown_key_or_wrong_type_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="micro_batch"):
         load_config(PretrainConfig, None, ["micro_batch=1.5"])
     cfg = load_config(PretrainConfig, ROOT / "configs/pretrain/tiny_cpu.yaml", ["model.d_model=96"])
-    assert cfg.model.d_model == 96 and cfg.data.transforms.voxel_size == 0.08
+    assert cfg.model.d_model == 96 and cfg.data.transforms.voxel_size == 0.15
 
 
 def test_nan_loss_stops_naming_step_and_scenes(shards, tmp_path, monkeypatch):
