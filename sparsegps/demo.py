@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-scenes", type=int, default=160)
     parser.add_argument("--val-scenes", type=int, default=40)
     parser.add_argument("--pretrain-steps", type=int, default=200)
-    parser.add_argument("--seg-steps", type=int, default=60)
+    parser.add_argument("--seg-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
