@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -21,21 +22,30 @@ import time
 from pathlib import Path
 
 
+SHOWN = ("%|", "wrote ", "scenes ", "texts ", "resumed", "Error", "error")
+
+
 def _run(args: list[str], log: Path) -> None:
-    """Run `sparsegps ARGS`, showing the command and its progress, keeping the output in `log`."""
+    """Run `sparsegps ARGS`, showing the command, its progress bars and key lines, keeping the
+    whole output in `log`."""
     cmd = [sys.executable, "-m", "sparsegps.cli", *args]
     print(f"\n$ sparsegps {shlex.join(args)}", flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as f:
+    with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        for raw in iter(lambda: proc.stdout.readline(), b""):
-            line = raw.decode(errors="replace")
-            f.write(line)
-            if any(key in line for key in ("%|", "wrote ", "scenes ", "texts ", "resumed", "Error", "error")):
-                sys.stdout.write(line)
-                sys.stdout.flush()
+        pending = b""
+        while chunk := proc.stdout.read1(65536):
+            f.write(chunk)
+            pending += chunk
+            *segments, pending = re.split(rb"(?<=[\r\n])", pending)  # progress bars end in \r
+            for segment in segments:
+                text = segment.decode(errors="replace")
+                if any(key in text for key in SHOWN):
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
         if proc.wait():
             raise SystemExit(f"step failed (exit {proc.returncode}); see {log}")
+    sys.stdout.write("\n")
 
 
 def main(argv: list[str] | None = None) -> int:
