@@ -1,0 +1,278 @@
+"""Scene reading throughput: sparsegps HDF5 shards vs GPS's per-scene .pth vs Pointcept's .npy folders.
+
+The same seeded scenes are written in three layouts:
+
+- shards: `write_scenes` (one row per compression setting asked for); a read is `SceneStore[i]`,
+  the full scene: points, colours, labels, objects and texts;
+- pth (GPS / SceneVerse): per scene a `torch.save`d tuple (xyz float32, rgb float32 0-255,
+  semantic int64, instance int64) and a `{instance id: label}` dict, read with
+  `torch.load(weights_only=True)` and the numpy types allow-listed (the safe way to read them);
+- npy (Pointcept): per scene a folder of coord.npy (float32), color.npy (uint8), segment.npy
+  (int16) and instance.npy (int16), read with `np.load`.
+
+Each layout is read in one shuffled order through a DataLoader with 0 and 2 workers (one scene
+per item), with the OS page cache warm (after a full untimed pass) and, where the page cache can be
+dropped (root), cold. Ratios are scenes/s over the .pth layout's scenes/s in the same setting.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sparsegps.benchmarks.common import (SCANNET20, Result, add_common_arguments, bar_chart, command_line,
+                                         directory_bytes, drop_page_cache, finish, machine_info, main_for,
+                                         ratio, resolve_common, synthetic_scenes, target, time_interleaved)
+from sparsegps.data.scene import Scene
+from sparsegps.data.store import SceneStore, write_scenes
+
+NAME = "data"
+TARGET_VS_PTH = 3.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--scenes", type=int, default=None, help="scenes to write and read (default 200; quick 12)")
+    parser.add_argument("--points", type=int, default=None,
+                        help="points per scene of the built-in rooms (default 150000; quick 20000)")
+    parser.add_argument("--objects", type=int, default=40, help="objects per scene of the built-in rooms")
+    parser.add_argument("--generator", choices=("auto", "synth", "room"), default="auto",
+                        help="scene source: sparsegps.synth's procedural rooms ('auto': when installed) or "
+                             "the benchmark's own random rooms with exactly --points and --objects")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts")
+    parser.add_argument("--cache", choices=("warm", "cold", "both"), default=None,
+                        help="page-cache state (default both; quick warm); cold needs root")
+    parser.add_argument("--compression", nargs="+", default=["lzf"],
+                        help="shard compressions to measure: lzf, gzip or none")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where to write the three layouts (default: a temporary folder, removed after)")
+
+
+# --------------------------------------------------------------------------------------- layouts
+
+def _safe_numpy_globals() -> list:
+    """What `torch.load(weights_only=True)` must allow to rebuild pickled numpy arrays."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    dtypes = [np.float32, np.float64, np.int16, np.int32, np.int64, np.uint8, np.bool_]
+    return [_reconstruct, np.ndarray, np.dtype, *{type(np.dtype(t)) for t in dtypes}]
+
+
+def write_pth(scene: Scene, folder: Path) -> None:
+    """GPS's layout: pcd tuple and instance-to-label dict, one pair of files per scene."""
+    rgb = scene.rgb.astype(np.float32)
+    torch.save((scene.xyz, rgb, scene.semantic.astype(np.int64), scene.instance.astype(np.int64)),
+               folder / "pcd" / f"{scene.scene_id}.pth")
+    torch.save({o.instance_id: o.label for o in scene.objects},
+               folder / "inst_to_label" / f"{scene.scene_id}_inst_to_label.pth")
+
+
+def write_npy(scene: Scene, folder: Path) -> None:
+    """Pointcept's layout: one folder of arrays per scene."""
+    d = folder / scene.scene_id
+    d.mkdir(parents=True, exist_ok=True)
+    np.save(d / "coord.npy", scene.xyz)
+    np.save(d / "color.npy", scene.rgb)
+    np.save(d / "segment.npy", scene.semantic.astype(np.int16))
+    np.save(d / "instance.npy", scene.instance.astype(np.int16))
+
+
+def read_pth(folder: Path, scene_id: str) -> tuple:
+    """A GPS scene as its loader sees it: (xyz, rgb, semantic, instance) and the label dict."""
+    with torch.serialization.safe_globals(_safe_numpy_globals()):
+        pcd = torch.load(folder / "pcd" / f"{scene_id}.pth", weights_only=True)
+    labels = torch.load(folder / "inst_to_label" / f"{scene_id}_inst_to_label.pth", weights_only=True)
+    return pcd, labels
+
+
+def read_npy(folder: Path, scene_id: str) -> dict:
+    d = folder / scene_id
+    return {k: np.load(d / f"{k}.npy") for k in ("coord", "color", "segment", "instance")}
+
+
+class ShardScenes(torch.utils.data.Dataset):
+    def __init__(self, path: Path):
+        self.store = SceneStore(path)
+
+    def __len__(self):
+        return len(self.store)
+
+    def __getitem__(self, i):
+        return self.store[i]
+
+
+class FileScenes(torch.utils.data.Dataset):
+    """Per-scene files read by `reader(folder, scene_id)`."""
+
+    def __init__(self, folder: Path, scene_ids: list[str], reader):
+        self.folder, self.scene_ids, self.reader = folder, scene_ids, reader
+
+    def __len__(self):
+        return len(self.scene_ids)
+
+    def __getitem__(self, i):
+        return self.reader(self.folder, self.scene_ids[i])
+
+
+def _keep(item):
+    return item
+
+
+def read_all(dataset: torch.utils.data.Dataset, order: list[int], workers: int) -> None:
+    """Read every scene of `dataset` in `order` through a DataLoader."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=workers,
+                                         collate_fn=_keep, prefetch_factor=4 if workers else None)
+    n = sum(1 for _ in loader)
+    if n != len(order):
+        raise RuntimeError(f"read {n} scenes, expected {len(order)}")
+
+
+def write_layouts(scenes: Iterable[Scene], root: Path, compressions: list[str]
+                  ) -> tuple[dict[str, Path], list[str], dict]:
+    """Stream the scenes into every layout under `root`.
+
+    Returns {layout name: folder}, the scene ids, and totals (scenes, points, objects). Shards of
+    the first compression are written from the stream; other compressions re-pack those shards.
+    """
+    (root / "pth" / "pcd").mkdir(parents=True)
+    (root / "pth" / "inst_to_label").mkdir(parents=True)
+    (root / "npy").mkdir(parents=True)
+    scene_ids: list[str] = []
+    totals = {"scenes": 0, "points": 0, "objects": 0}
+
+    def with_side_writes():
+        for scene in scenes:
+            scene.validate()
+            write_pth(scene, root / "pth")
+            write_npy(scene, root / "npy")
+            scene_ids.append(scene.scene_id)
+            totals["scenes"] += 1
+            totals["points"] += scene.num_points
+            totals["objects"] += len(scene.objects)
+            yield scene
+
+    layouts: dict[str, Path] = {}
+    first: SceneStore | None = None
+    for compression in compressions:
+        folder = root / f"shards_{compression}"
+        stream = with_side_writes() if first is None else (first[i] for i in range(len(first)))
+        write_scenes(stream, folder, vocabulary=SCANNET20, source="benchmark",
+                     compression=None if compression == "none" else compression, progress=False)
+        layouts[f"shards ({compression})"] = folder
+        first = first or SceneStore(folder)
+    first.close()
+    layouts["pth (GPS)"] = root / "pth"
+    layouts["npy (Pointcept)"] = root / "npy"
+    return layouts, scene_ids, totals
+
+
+# ------------------------------------------------------------------------------------------- run
+
+def run(args: argparse.Namespace) -> dict:
+    resolve_common(args)
+    scenes_n = args.scenes or (12 if args.quick else 200)
+    points = args.points or (20_000 if args.quick else 150_000)
+    cache = args.cache or ("warm" if args.quick else "both")
+    bad = [c for c in args.compression if c not in ("lzf", "gzip", "none")]
+    if bad:
+        raise SystemExit(f"error: unknown --compression {bad}; use lzf, gzip or none")
+    machine = machine_info("cpu")
+    prefer = args.generator == "synth" or (args.generator == "auto" and not args.quick)
+    scenes, source = synthetic_scenes(scenes_n, num_objects=args.objects, num_points=points, seed=args.seed,
+                                      prefer_generator=prefer)
+    if args.generator == "synth" and source.startswith("random_room"):
+        raise SystemExit("error: --generator synth asked for, but sparsegps.synth is not installed")
+
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sparsegps-bench-data-"))
+    if args.workdir and root.exists() and any(root.iterdir()):
+        raise SystemExit(f"error: --workdir {root} is not empty")
+    result = Result(NAME, command_line(NAME, getattr(args, "argv", None)), dict(vars(args)),
+                    baseline="pth (GPS) layout, same workers and cache state")
+    result.config.update(scenes=scenes_n, points=points if source.startswith("random_room") else None, cache=cache)
+    try:
+        layouts, scene_ids, totals = write_layouts(scenes, root, list(args.compression))
+        order = np.random.default_rng(args.seed + 1).permutation(len(scene_ids)).tolist()
+        datasets = {}
+        for name, folder in layouts.items():
+            if name.startswith("shards"):
+                datasets[name] = ShardScenes(folder)
+            elif name.startswith("pth"):
+                datasets[name] = FileScenes(folder, scene_ids, read_pth)
+            else:
+                datasets[name] = FileScenes(folder, scene_ids, read_npy)
+        sizes = {name: directory_bytes(folder) for name, folder in layouts.items()}
+
+        states = ["warm", "cold"] if cache == "both" else [cache]
+        if "cold" in states and not drop_page_cache():
+            states.remove("cold")
+            result.notes.append("the page cache could not be dropped (needs root): cold reads not measured")
+            if not states:
+                states = ["warm"]
+        progress = tqdm(total=len(states) * len(args.workers), desc="reading", unit="measurement", leave=False)
+        rows = []
+        for state in states:
+            for workers in args.workers:
+                passes = {name: (lambda d=dataset, w=workers: read_all(d, order, w)) for name, dataset in datasets.items()}
+                if state == "warm":
+                    timings = time_interleaved(passes, repeats=args.repeats, warmup=max(args.warmup, 1))
+                else:
+                    timings = time_interleaved(passes, repeats=args.repeats, warmup=0, before_each=drop_page_cache)
+                for name, timing in timings.items():
+                    rows.append({"method": name, "cache": state, "workers": workers, **timing.to_dict(),
+                                 "scenes_per_s": len(order) / timing.median,
+                                 "mpoints_per_s": totals["points"] * 1e-6 / timing.median,
+                                 "bytes_on_disk": sizes[name], "bytes_per_scene": sizes[name] / len(order)})
+                progress.update()
+        progress.close()
+        for row in rows:
+            base = next(r for r in rows if r["method"].startswith("pth") and r["cache"] == row["cache"]
+                        and r["workers"] == row["workers"])
+            row["ratio_vs_baseline"] = ratio(base["seconds"], row["seconds"])
+            row["size_vs_baseline"] = row["bytes_on_disk"] / base["bytes_on_disk"]
+        result.rows = rows
+        for row in rows:
+            if row["method"].startswith("shards"):
+                result.targets.append(target(f"{row['method']} vs pth, {row['workers']} workers, {row['cache']} cache",
+                                             row["ratio_vs_baseline"], TARGET_VS_PTH))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    result.notes += [
+        f"{len(order)} scenes from {source}: {totals['points'] / len(order):,.0f} points and "
+        f"{totals['objects'] / len(order):.1f} objects per scene on average; one shuffled order for every layout",
+        "shards return whole Scene objects (points, labels, object boxes and labels, texts); pth returns the "
+        "pcd tuple and the instance-to-label dict (GPS keeps language in separate JSON files read once); npy "
+        "returns the four arrays",
+        "warm: after one untimed full pass, the files sit in the OS page cache; cold: page cache dropped "
+        "(echo 3 > /proc/sys/vm/drop_caches) before every timed pass",
+        "a pass builds a new DataLoader, so worker start-up is included (the same for every layout)",
+        "layouts are timed in interleaved rounds (one pass of each per round), so load from other processes "
+        "changing during the run slows them alike",
+    ]
+    return finish(result, machine, ["method", "cache", "workers", "seconds", "scenes_per_s", "mpoints_per_s",
+                                    "bytes_per_scene", "ratio_vs_baseline", "size_vs_baseline"],
+                  args.out, plot=_plot)
+
+
+def _plot(data: dict, path: Path) -> None:
+    rows = data["rows"]
+    bar_chart(path, [f"{r['method']}, {r['workers']}w, {r['cache']}" for r in rows],
+              [r["scenes_per_s"] for r in rows], ylabel="scenes/s (higher is better)",
+              title="Reading scenes", highlight=[r["method"].startswith("shards") for r in rows])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return main_for(sys.modules[__name__], NAME, argv)
+
+
+if __name__ == "__main__":
+    main()
