@@ -43,6 +43,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.7",
         "plyfile>=1.0",
+        "psutil>=5.9",
     ],
     extras_require={
         **SPCONV_EXTRAS,

@@ -129,9 +129,9 @@ class GridSample:
         _, first, inverse, counts = np.unique(voxel_keys(grid), return_index=True, return_inverse=True,
                                               return_counts=True)
         inverse = inverse.reshape(-1)
-        sums = np.zeros((len(first), 6), np.float64)
-        np.add.at(sums, inverse, np.concatenate([xyz, sample["rgb"]], axis=1))
-        means = sums / counts[:, None]
+        values = np.concatenate([xyz, sample["rgb"]], axis=1)
+        means = np.stack([np.bincount(inverse, weights=values[:, c], minlength=len(first)) for c in range(6)],
+                         axis=1) / counts[:, None]
         sample.update(
             coord=grid[first].astype(np.int32), voxel_xyz=means[:, :3].astype(np.float32),
             voxel_rgb=means[:, 3:].astype(np.float32), voxel_instance=sample["instance"][first],
