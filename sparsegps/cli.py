@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import sys
 import warnings
 
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     # spconv's import warns about torch.cuda.amp decorators it uses; nothing a user can act on
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"spconv\.")
+    # torch.fx warns once about a deprecated tracing check that DeepSpeed's hooks call
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     module = importlib.import_module(commands[name][0])
     parser = argparse.ArgumentParser(prog=f"sparsegps {name}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
