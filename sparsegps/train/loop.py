@@ -258,7 +258,7 @@ def train_loop(run: Run, engine, dataset, *, client_state: dict, resume: bool, p
             epoch, consumed = epoch + 1, 0
     bar.close()
     if run.rank == 0 and metrics_path.exists():
-        plot_losses(metrics_path, run.out / "loss_curve.png", desc)
+        plot_losses(metrics_path, run.out / "loss_curve.png", f"{desc}: training losses ({run.out.name})")
     if dist.is_initialized():
         dist.barrier()
     return {"steps": step, "epochs": epoch + consumed / sampler.per_rank,
