@@ -44,6 +44,18 @@ def read_json_items(path: str | os.PathLike) -> list:
         return json.load(f)
 
 
+def _object_rows(path: Path) -> Iterator[tuple[int, dict | Problem]]:
+    """(row, item) for each object of a JSON array / JSON Lines file; a Problem in place of an item
+    that is not an object, or one Problem when the file holds no array."""
+    items = read_json_items(path)
+    if not isinstance(items, list):
+        yield -1, Problem("bad_annotation", "expected a JSON array of items", file=str(path))
+        return
+    for row, item in enumerate(items):
+        yield row, item if isinstance(item, dict) else Problem("bad_annotation", f"row {row} is not an object",
+                                                                 file=str(path))
+
+
 def _make(kind: str, path: Path, row: int, item: dict, *, scan_key: str, target_key: str, text_key: str,
           type_key: str, grouping: str, item_id: str | None = None) -> Annotation | Problem:
     item_id = item_id or str(item.get("item_id") or f"{path.stem}_{row:06d}")
@@ -70,16 +82,12 @@ def read_sceneverse_items(path: str | os.PathLike, kind: str, grouping: str = "r
     """SceneVerse referrals or object captions: items with `scan_id`, `target_id`, `utterance`,
     `instance_type` and `item_id` (also ScanNet's `refer/{scanrefer,nr3d,sr3d}.jsonl`)."""
     path = Path(path)
-    items = read_json_items(path)
-    if not isinstance(items, list):
-        yield Problem("bad_annotation", "expected a JSON array of items", file=str(path))
-        return
-    for row, item in enumerate(items):
-        if not isinstance(item, dict):
-            yield Problem("bad_annotation", f"row {row} is not an object", file=str(path))
-            continue
-        yield _make(kind, path, row, item, scan_key="scan_id", target_key="target_id", text_key="utterance",
-                    type_key="instance_type", grouping=grouping)
+    for row, item in _object_rows(path):
+        if isinstance(item, Problem):
+            yield item
+        else:
+            yield _make(kind, path, row, item, scan_key="scan_id", target_key="target_id", text_key="utterance",
+                        type_key="instance_type", grouping=grouping)
 
 
 def read_scene_captions(path: str | os.PathLike) -> Iterator[Annotation | Problem]:
@@ -119,17 +127,13 @@ def read_scanrefer(path: str | os.PathLike) -> Iterator[Annotation | Problem]:
     """ScanRefer (`ScanRefer_filtered_{train,val}.json`): `scene_id`, `object_id` (ScanNet objectId),
     `object_name` (underscores for spaces), `ann_id`, `description`."""
     path = Path(path)
-    items = read_json_items(path)
-    if not isinstance(items, list):
-        yield Problem("bad_annotation", "expected a JSON array of items", file=str(path))
-        return
-    for row, item in enumerate(items):
-        if not isinstance(item, dict):
-            yield Problem("bad_annotation", f"row {row} is not an object", file=str(path))
-            continue
-        yield _make("referral", path, row, item, scan_key="scene_id", target_key="object_id",
-                    text_key="description", type_key="object_name", grouping="scanrefer",
-                    item_id=f"{path.stem}_{row:06d}")
+    for row, item in _object_rows(path):
+        if isinstance(item, Problem):
+            yield item
+        else:
+            yield _make("referral", path, row, item, scan_key="scene_id", target_key="object_id",
+                        text_key="description", type_key="object_name", grouping="scanrefer",
+                        item_id=f"{path.stem}_{row:06d}")
 
 
 def read_referit3d_csv(path: str | os.PathLike, skipped: Counter | None = None) -> Iterator[Annotation | Problem]:
