@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsegps.data.scene import Scene, SceneText, boxes_from_points
-from sparsegps.data.store import atomic_write_text
+from sparsegps.files import atomic_write_text
 
 
 

@@ -169,7 +169,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config as YAML next to a run's output (atomically)."""
-    from sparsegps.data.store import atomic_write_text
+    from sparsegps.files import atomic_write_text
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

@@ -35,7 +35,7 @@ def run(args) -> int:
 
     from sparsegps.eval.grounding import format_table, save_report
     from sparsegps.eval.grounding_model import ProposalError, evaluate_grounding, save_predictions
-    from sparsegps.train.engine import pick_device
+    from sparsegps.device import pick_device
     from sparsegps.train.finetune_ground import load_grounding_export
     from sparsegps.train.loop import resolve_precision
     from sparsegps.train.pretrain import load_pretrained_model

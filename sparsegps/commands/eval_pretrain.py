@@ -17,7 +17,7 @@ def add_arguments(parser):
 def run(args) -> int:
     from sparsegps.data import TransformConfig
     from sparsegps.eval.pretrain import evaluate_pretraining
-    from sparsegps.train.engine import pick_device
+    from sparsegps.device import pick_device
     from sparsegps.train.pretrain import load_pretrained_model
 
     device = pick_device(args.device)

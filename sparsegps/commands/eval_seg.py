@@ -21,7 +21,7 @@ def run(args) -> int:
 
     from sparsegps.data import SceneStore
     from sparsegps.eval.segmentation import evaluate_segmentation, format_table, write_report
-    from sparsegps.train.engine import pick_device
+    from sparsegps.device import pick_device
     from sparsegps.train.finetune_seg import load_segmentation_model
 
     device = pick_device(args.device)

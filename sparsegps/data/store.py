@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from .scene import TEXT_KINDS, Scene, SceneFormatError, SceneObject, SceneText
+from sparsegps.files import atomic_write_text, fsync_dir
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "sparsegps-scenes"
@@ -47,26 +48,6 @@ class ShardError(SceneFormatError):
 def _tool_version() -> str:
     from sparsegps import __version__
     return __version__
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file atomically (temp file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -129,7 +110,7 @@ def _write_shard(path: Path, scenes: Sequence[Scene], vocabulary: Sequence[str],
         f.flush()
         os.fsync(f.id.get_vfd_handle())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _shard_matches(path: Path, checksums: list[str], vocabulary: Sequence[str]) -> bool:

@@ -220,7 +220,7 @@ def format_table(report: Mapping) -> str:
 
 def save_report(report: Mapping, path: str | os.PathLike) -> tuple[Path, Path]:
     """Write `report` as JSON at `path` and its table as markdown beside it (`.md`), atomically."""
-    from sparsegps.data.store import atomic_write_text
+    from sparsegps.files import atomic_write_text
 
     json_path = Path(path)
     md_path = json_path.with_suffix(".md")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from sparsegps.data import NO_INSTANCE, SceneObject, SceneStore, collate_scenes, move_batch
-from sparsegps.data.store import atomic_write_text
+from sparsegps.files import atomic_write_text
 from sparsegps.data.transforms import GridSample, scene_to_sample
 
 from .grounding import evaluate_referit3d, evaluate_scanrefer, load_proposal_boxes, referral_record

@@ -16,6 +16,7 @@ import torch
 
 from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes, move_batch
 from sparsegps.data.transforms import Compose, GridSample, RotateZ
+from sparsegps.files import atomic_save_figure, atomic_write_text
 
 IGNORE_INDEX = -1
 
@@ -66,10 +67,7 @@ def plot_confusion(conf: np.ndarray, class_names: list[str], path: Path, title: 
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of ground-truth points")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -115,7 +113,6 @@ def evaluate_segmentation(model, paths, voxel_size: float, device, num_classes: 
 
 def write_report(report: dict, conf: np.ndarray, class_names: list[str], out_dir: Path, title: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    from sparsegps.data.store import atomic_write_text
 
     atomic_write_text(out_dir / "seg_report.json", json.dumps({**report, "confusion": conf.tolist(),
                                                                "classes": class_names}, indent=1))

@@ -21,7 +21,8 @@ from typing import Iterable, Iterator
 
 from sparsegps.data.labels import load_label_map
 from sparsegps.data.scene import Scene, SceneFormatError
-from sparsegps.data.store import INDEX_NAME, atomic_write_text, write_scenes
+from sparsegps.data.store import INDEX_NAME, write_scenes
+from sparsegps.files import atomic_write_text
 
 from . import pointcept, scannet, sceneverse
 from .common import PROBLEM_KINDS, Annotation, Problem, attach_texts

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sparsegps.data.store import atomic_write_text
+from sparsegps.files import atomic_write_text
 
 MANIFEST = "manifest.json"
 EXPORT_FORMAT = "sparsegps-export"

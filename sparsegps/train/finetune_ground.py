@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from sparsegps.config import from_dict, to_dict
 from sparsegps.data import ScenesDataset, TransformConfig
-from sparsegps.data.store import atomic_write_text
+from sparsegps.files import atomic_write_text
 from sparsegps.models.gps import GPSModel, LossWeights, ModelConfig
 
 from .checkpoint import export_state_dict, load_export

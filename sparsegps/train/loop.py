@@ -22,10 +22,12 @@ import torch.distributed as dist
 
 from sparsegps.config import save_config
 from sparsegps.data import collate_scenes, move_batch
+from sparsegps.files import atomic_save_figure
 
 from .checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .engine import (OptimConfig, build_optimizer, deepspeed_config, init_distributed, initialize_engine,
-                     lr_factor, pick_device)
+from sparsegps.device import pick_device
+
+from .engine import OptimConfig, build_optimizer, deepspeed_config, init_distributed, initialize_engine, lr_factor
 
 
 @dataclass
@@ -161,10 +163,7 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out_png)
+    atomic_save_figure(fig, out_png)
 
 
 def train_loop(run: Run, engine, dataset, *, client_state: dict, resume: bool, progress: bool = True,
