@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 import warnings
 
@@ -32,13 +33,16 @@ def _available() -> dict[str, tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     commands = _available()
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(
             prog="sparsegps", formatter_class=argparse.RawDescriptionHelpFormatter,
             description="Grounded 3D vision-language pre-training (GPS) on sparse voxels, at scale.",
             epilog="commands:\n" + "\n".join(f"  {n:<16} {h}" for n, (_, h) in commands.items())
-            + "\n\nRun `sparsegps COMMAND --help` for a command's options.")
+            + "\n\nRun `sparsegps COMMAND --help` for a command's options. Errors a user can fix (a missing "
+            "file, a bad config) print one line and exit 2; add --debug to any command for the traceback.")
         parser.add_argument("command", choices=list(commands), help="what to run")
         parser.add_argument("--version", action="version", version=f"sparsegps {_version()}")
         parser.parse_args(argv[:1])
@@ -53,7 +57,22 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except _expected_errors() as e:
+        if debug:
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:  # on several ranks, said once
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can fix: one line, exit status 2 (`--debug` shows the traceback)."""
+    from sparsegps.data.scene import SceneFormatError
+    from sparsegps.errors import UsageError
+
+    return UsageError, SceneFormatError, FileNotFoundError, IsADirectoryError, PermissionError
 
 
 def _version() -> str:

@@ -13,10 +13,12 @@ from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin,
 
 import yaml
 
+from sparsegps.errors import UsageError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config with an unknown key, a wrong type, or a bad override."""
 
 

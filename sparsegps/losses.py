@@ -1,15 +1,19 @@
 """GPS's pre-training losses: object-, scene- and referral-level alignment, grounding, and MLM.
 
-Every function takes plain tensors, so each can be checked against a hand-computed case.
+Every function takes plain tensors, so each can be checked against a hand-computed case, and
+returns one loss per term (referral, object, scene, masked token). The model adds a rank's terms
+and divides by the number of terms over all ranks (`global_mean_share`), so the loss is the same
+however a batch is split over ranks. Contrastive logits are computed in fp32 under autocast.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from sparsegps.distributed import gather_rows, world_size
 
 IGNORE_INDEX = -100
 
@@ -27,72 +31,61 @@ class LogitScale(nn.Module):
         return self.log_scale.exp().clamp(max=self.max_scale)[0]
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` [N_r, ...] over ranks, keeping the gradient path to every rank's rows.
+def global_mean_share(terms_sum: torch.Tensor, global_count: torch.Tensor | int) -> torch.Tensor:
+    """This rank's share of a mean over the terms of all ranks: world * (local sum) / (global count).
 
-    Ranks may hold different N_r. GPS gathers with plain `all_gather`, which returns tensors that
-    carry no gradient, so its scene-text loss trains nothing on several GPUs; the autograd-aware
-    collective fixes that.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - x.shape[0]))
-    parts = all_gather(padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+    DeepSpeed averages gradients over ranks, so these shares average to the global mean, and its
+    gradient is the global mean's: a rank with few terms is not over-weighted, a rank with none
+    contributes exactly zero, and splitting a batch over more ranks changes nothing but speed.
+    With no term anywhere the share is zero (still attached to the graph)."""
+    count = torch.as_tensor(global_count, dtype=terms_sum.dtype, device=terms_sum.device).clamp(min=1)
+    return terms_sum * world_size() / count
 
 
-def rank_offset(n_local: int, device) -> int:
-    """Index of this rank's first row in `gather_with_grad`'s output."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return 0
-    n = torch.tensor([n_local], device=device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    return int(sum(s.item() for s in sizes[: dist.get_rank()]))
-
-
-def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, int]:
     """CLIP loss between paired rows of `a` and `b` [N, E], each row's partner the positive.
 
-    With several ranks, the candidates are the rows of every rank (gathered with gradients) and
-    each rank scores its own rows against them."""
-    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    all_a, all_b = gather_with_grad(a), gather_with_grad(b)
-    target = torch.arange(a.shape[0], device=a.device) + rank_offset(a.shape[0], a.device)
-    if a.shape[0] == 0:  # nothing to score on this rank (it still took part in the gathers)
-        return (all_a.sum() + all_b.sum() + scale) * 0.0
-    loss_ab = F.cross_entropy(scale * a @ all_b.T, target)
-    loss_ba = F.cross_entropy(scale * b @ all_a.T, target)
-    return (loss_ab + loss_ba) / 2
+    The candidates are the rows of every rank (gathered with gradients); each rank scores its own
+    rows. Returns the per-row losses [N] (mean of the a->b and b->a terms) and the number of rows
+    over all ranks. Logits are computed in fp32 (the scale reaches 100) even under autocast."""
+    with torch.autocast(a.device.type, enabled=False):
+        a, b, scale = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1), scale.float()
+        all_a, offset = gather_rows(a)
+        all_b, _ = gather_rows(b)
+        target = torch.arange(a.shape[0], device=a.device) + offset
+        loss_ab = F.cross_entropy(scale * a @ all_b.T, target, reduction="none")
+        loss_ba = F.cross_entropy(scale * b @ all_a.T, target, reduction="none")
+        # keeps every gathered row in the graph when this rank has none of its own
+        anchor = (all_a.sum() + all_b.sum() + scale) * 0.0
+    return (loss_ab + loss_ba) / 2 + anchor, all_a.shape[0]
 
 
 def multi_positive_info_nce(a: torch.Tensor, b: torch.Tensor, positive: torch.Tensor,
                             scale: torch.Tensor) -> torch.Tensor:
     """InfoNCE of rows of `a` [N, E] against rows of `b` [M, E] where `positive` [N, M] marks every
     matching pair (e.g. objects against texts, where same-class objects share a class-name text):
-    mean over rows of -log(sum of exp over positives / sum of exp over all)."""
-    logits = scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
-    log_all = torch.logsumexp(logits, dim=-1)
-    log_pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=-1)
-    return (log_all - log_pos).mean()
+    per row, -log(sum of exp over positives / sum of exp over all). Returns [N], computed in fp32."""
+    with torch.autocast(a.device.type, enabled=False):
+        logits = scale.float() * F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+        log_all = torch.logsumexp(logits, dim=-1)
+        log_pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=-1)
+    return log_all - log_pos
 
 
 def masked_object_cross_entropy(logits: torch.Tensor, padding_mask: torch.Tensor,
                                 target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over a scene's objects: logits [R, L], padding_mask [R, L] (True = padded)."""
-    return F.cross_entropy(logits.masked_fill(padding_mask, float("-inf")), target)
+    """Cross-entropy over a scene's objects, per referral: logits [R, L], padding_mask [R, L]
+    (True = padded), target [R] -> [R], in fp32."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.cross_entropy(logits.float().masked_fill(padding_mask, float("-inf")), target, reduction="none")
 
 
 def referral_contrastive_logits(objects: torch.Tensor, sentence: torch.Tensor,
                                 scale: torch.Tensor) -> torch.Tensor:
-    """scale * cos(fused object, sentence CLS): objects [R, L, E], sentence [R, E] -> [R, L]."""
-    return scale * torch.einsum("rle,re->rl", F.normalize(objects, dim=-1), F.normalize(sentence, dim=-1))
+    """scale * cos(object, sentence): objects [R, L, E], sentence [R, E] -> [R, L], in fp32."""
+    with torch.autocast(objects.device.type, enabled=False):
+        return scale.float() * torch.einsum("rle,re->rl", F.normalize(objects.float(), dim=-1),
+                                            F.normalize(sentence.float(), dim=-1))
 
 
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_mask: torch.Tensor,
@@ -116,7 +109,7 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, special_m
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token cross-entropy over masked positions; zero (with gradient) when nothing was masked."""
-    if (labels != IGNORE_INDEX).any():
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-    return logits.sum() * 0.0
+    """Token cross-entropy [N] of the masked positions (labels != IGNORE_INDEX; 0 elsewhere)."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="none")

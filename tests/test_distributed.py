@@ -41,7 +41,8 @@ def _gather_worker(rank, world, port, out_dir):
     rows = slice(0, 3) if rank == 0 else slice(3, 5)
     a = a_all[rows].clone().requires_grad_()
     b = b_all[rows].clone().requires_grad_()
-    loss = L.symmetric_info_nce(a, b, torch.tensor(3.0))
+    per_row, count = L.symmetric_info_nce(a, b, torch.tensor(3.0))
+    loss = L.global_mean_share(per_row.sum(), count)
     loss.backward()
     torch.save({"grad_a": a.grad, "grad_b": b.grad, "loss": loss.detach()}, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -50,8 +51,9 @@ def _gather_worker(rank, world, port, out_dir):
 def test_scene_loss_sends_gradients_through_the_cross_rank_gather(tmp_path):
     _spawn(_gather_worker, str(tmp_path))
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    # Oracle, one process: rank r's loss scores its rows against all rows; the total over ranks is
-    # what the two ranks' backward passes jointly differentiate.
+    # Oracle, one process: rank r's loss scores its rows against all rows, as its share of the mean
+    # over all 5 rows (world x its rows' sum / 5); the total over ranks is what the two ranks'
+    # backward passes jointly differentiate, and DeepSpeed's average of it is the global mean's.
     g = torch.Generator().manual_seed(0)
     a_all = torch.randn(5, 4, generator=g).requires_grad_()
     b_all = torch.randn(5, 4, generator=g).requires_grad_()
@@ -59,8 +61,8 @@ def test_scene_loss_sends_gradients_through_the_cross_rank_gather(tmp_path):
     parts = []
     for rows in (slice(0, 3), slice(3, 5)):
         target = torch.arange(5)[rows]
-        parts.append((torch.nn.functional.cross_entropy(3.0 * an[rows] @ bn.T, target)
-                      + torch.nn.functional.cross_entropy(3.0 * bn[rows] @ an.T, target)) / 2)
+        parts.append(2 / 5 * (torch.nn.functional.cross_entropy(3.0 * an[rows] @ bn.T, target, reduction="sum")
+                              + torch.nn.functional.cross_entropy(3.0 * bn[rows] @ an.T, target, reduction="sum")) / 2)
     (parts[0] + parts[1]).backward()
     assert got[0]["loss"].item() == pytest.approx(parts[0].item(), rel=1e-6)
     assert got[1]["loss"].item() == pytest.approx(parts[1].item(), rel=1e-6)
@@ -71,9 +73,9 @@ def test_scene_loss_sends_gradients_through_the_cross_rank_gather(tmp_path):
     # gradient is only the local loss's
     a_local = a_all.detach()[:3].clone().requires_grad_()
     an_local = torch.nn.functional.normalize(a_local, dim=-1)
-    local = (torch.nn.functional.cross_entropy(3.0 * an_local @ bn.detach().T, torch.arange(3))
-             + torch.nn.functional.cross_entropy(3.0 * bn.detach()[:3] @ torch.cat(
-                 [an_local, an.detach()[3:]]).T, torch.arange(3))) / 2
+    local = 2 / 5 * (torch.nn.functional.cross_entropy(3.0 * an_local @ bn.detach().T, torch.arange(3), reduction="sum")
+                     + torch.nn.functional.cross_entropy(3.0 * bn.detach()[:3] @ torch.cat(
+                         [an_local, an.detach()[3:]]).T, torch.arange(3), reduction="sum")) / 2
     local.backward()
     assert (got[0]["grad_a"] - a_local.grad).abs().max() > 1e-3
 
@@ -92,7 +94,7 @@ def _train_worker(rank, world, port, shards, out_dir, stage):
     torch.manual_seed(0)
     cfg = config(Path(shards), Path(out_dir) / "run", steps=3, global_batch=4, micro_batch=2,
                  deepspeed=str(ROOT / f"configs/deepspeed/zero{stage}.json"), checkpoint_every=100)
-    run = setup_run(cfg, cfg)
+    run = setup_run(cfg)
     assert run.world == 2 and run.grad_accum == 1
     dataset = ScenesDataset(cfg.data.train, cfg.data.transforms, seed=cfg.seed)
     model = GPSModel(cfg.model)

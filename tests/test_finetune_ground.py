@@ -13,6 +13,7 @@ from torch import nn
 
 from sparsegps import cli
 from sparsegps.config import from_dict
+from sparsegps.errors import UsageError
 from sparsegps.data import SceneStore, write_scenes
 from sparsegps.eval.grounding import box_iou
 from sparsegps.eval.grounding_model import (ProposalError, assign_points_to_boxes, evaluate_grounding,
@@ -231,7 +232,7 @@ def test_finetune_from_an_export_keeps_its_architecture_and_weights(finetuned, s
 def test_bad_inputs_are_refused_with_clear_errors(finetuned, shards, tmp_path, capsys):
     segmentation = tmp_path / "seg.pt"
     torch.save({"format": EXPORT_FORMAT, "state_dict": {}, "task": "segmentation", "model_config": {}}, segmentation)
-    with pytest.raises(ValueError, match="seg.pt: not a GPS export"):
+    with pytest.raises(UsageError, match="seg.pt: not a GPS export"):
         load_grounding_export(segmentation)
     cfg = from_dict(GroundConfig, {"data": {"train": ["x"], "benchmark": "nr3d", "proposals": "p.json"}})
     with pytest.raises(ValueError, match="data.proposals is for ScanRefer"):

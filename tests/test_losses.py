@@ -28,8 +28,9 @@ def test_symmetric_info_nce_hand_computed():
     row1 = -math.log(math.exp(2 * c) / (math.exp(0) + math.exp(2 * c)))
     col0 = -math.log(math.exp(2) / (math.exp(2) + math.exp(0)))
     col1 = -math.log(math.exp(2 * c) / (math.exp(2 * c) + math.exp(2 * c)))
-    expected = ((row0 + row1) / 2 + (col0 + col1) / 2) / 2
-    assert L.symmetric_info_nce(a, b, s).item() == pytest.approx(expected, rel=1e-6)
+    per_row, count = L.symmetric_info_nce(a, b, s)
+    assert count == 2
+    assert per_row.tolist() == pytest.approx([(row0 + col0) / 2, (row1 + col1) / 2], rel=1e-6)
 
 
 def test_multi_positive_info_nce_hand_computed():
@@ -39,15 +40,15 @@ def test_multi_positive_info_nce_hand_computed():
     s = torch.tensor(1.0)
     row0 = -math.log(math.e / (math.e + 1))
     row1 = -math.log((math.e + 1) / (math.e + 1))
-    assert L.multi_positive_info_nce(a, b, positive, s).item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    assert L.multi_positive_info_nce(a, b, positive, s).tolist() == pytest.approx([row0, row1], rel=1e-6)
 
 
 def test_masked_object_cross_entropy_ignores_padding():
     logits = torch.tensor([[2.0, 1.0, 50.0], [0.0, 0.0, 0.0]])
     pad = torch.tensor([[False, False, True], [False, False, False]])
     target = torch.tensor([0, 2])
-    expected = (-math.log(math.exp(2) / (math.exp(2) + math.e)) + math.log(3)) / 2
-    assert L.masked_object_cross_entropy(logits, pad, target).item() == pytest.approx(expected, rel=1e-6)
+    expected = [-math.log(math.exp(2) / (math.exp(2) + math.e)), math.log(3)]
+    assert L.masked_object_cross_entropy(logits, pad, target).tolist() == pytest.approx(expected, rel=1e-6)
 
 
 def test_referral_contrastive_logits_are_scaled_cosines():
@@ -76,11 +77,33 @@ def test_mask_tokens_follows_bert_80_10_10():
     assert 0.77 < is_mask < 0.83 and 0.08 < kept < 0.12
 
 
-def test_mlm_loss_without_masked_tokens_is_zero_with_gradient():
+def test_mlm_loss_is_per_token_and_zero_where_ignored():
     logits = torch.randn(3, 7, requires_grad=True)
     loss = L.mlm_loss(logits, torch.full((3,), L.IGNORE_INDEX))
-    loss.backward()
-    assert loss.item() == 0.0 and logits.grad is not None
+    loss.sum().backward()
+    assert loss.tolist() == [0.0, 0.0, 0.0] and logits.grad is not None
     labels = torch.tensor([1, L.IGNORE_INDEX, 4])
-    expected = torch.nn.functional.cross_entropy(logits[[0, 2]], labels[[0, 2]])
-    assert torch.allclose(L.mlm_loss(logits, labels), expected)
+    expected = torch.nn.functional.cross_entropy(logits[[0, 2]], labels[[0, 2]], reduction="none")
+    got = L.mlm_loss(logits, labels)
+    assert got[1] == 0 and torch.allclose(got[[0, 2]], expected)
+
+
+def test_global_mean_share_in_one_process_is_the_mean_and_zero_without_terms():
+    terms = torch.tensor([1.0, 2.0, 6.0], requires_grad=True)
+    share = L.global_mean_share(terms.sum(), torch.tensor(3.0))
+    share.backward()
+    assert share.item() == 3.0 and terms.grad.tolist() == pytest.approx([1 / 3] * 3)
+    empty = torch.zeros(0, requires_grad=True)
+    assert L.global_mean_share(empty.sum(), torch.tensor(0.0)).item() == 0.0
+
+
+def test_contrastive_logits_are_fp32_under_bf16_autocast():
+    """At scale 100 a bf16 matmul would move the loss by ~1e-2; computed in fp32 it does not move."""
+    g = torch.Generator().manual_seed(0)
+    a, b, objects = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g), torch.randn(6, 5, 32, generator=g)
+    scale = torch.tensor(100.0)
+    plain = L.symmetric_info_nce(a, b, scale)[0], L.referral_contrastive_logits(objects, b, scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = L.symmetric_info_nce(a, b, scale)[0], L.referral_contrastive_logits(objects, b, scale)
+    for p, m in zip(plain, mixed):
+        assert m.dtype == torch.float32 and torch.allclose(p, m, rtol=1e-6, atol=1e-5)

@@ -177,6 +177,25 @@ def test_corrupt_checkpoint_falls_back_to_previous_with_warning(shards, tmp_path
     assert load_export(tmp_path / "export.pt")["step"] == 6
 
 
+def measured_gradient_mask(cfg: PretrainConfig) -> dict[str, torch.Tensor]:
+    """Per parameter, the elements whose gradient on a training batch is measured non-zero.
+
+    Some gradients are exactly zero in exact arithmetic (a bias before a softmax: key projections,
+    the key third of attention's in_proj_bias, the grounding head's last bias) and come out as
+    rounding noise, ~1e-6 of the largest; Adam turns that noise into full-size updates that depend
+    on the reduction order, so those elements are not compared."""
+    from sparsegps.data import ScenesDataset, collate_scenes
+    from sparsegps.models.gps import GPSModel
+
+    torch.manual_seed(0)
+    model = GPSModel(cfg.model)
+    ds = ScenesDataset(cfg.data.train, cfg.data.transforms)
+    model(collate_scenes([ds[i] for i in range(cfg.micro_batch)]))["loss"].backward()
+    grads = {n: p.grad.abs() for n, p in model.named_parameters() if p.grad is not None}
+    largest = max(g.max() for g in grads.values())
+    return {n: g > 1e-6 * largest for n, g in grads.items()}
+
+
 @pytest.mark.slow
 def test_zero3_export_loads_into_a_fresh_model_and_matches_zero0(shards, tmp_path):
     torch.manual_seed(0)
@@ -187,15 +206,25 @@ def test_zero3_export_loads_into_a_fresh_model_and_matches_zero0(shards, tmp_pat
     m0, _ = load_pretrained_model(tmp_path / "z0" / "export.pt")
     m3, blob = load_pretrained_model(tmp_path / "z3" / "export.pt")
     assert blob["vocabulary"] == VOCAB and blob["model_config"]["d_model"] == 32
+    measured = measured_gradient_mask(config(shards, tmp_path / "probe"))
+    assert not measured["grounding_head.mlp.3.bias"].any()  # the bias before the softmax over objects
+    assert measured["grounding_head.mlp.3.weight"].all()
+    compared = 0
     for (n0, p0), (n3, p3) in zip(m0.state_dict().items(), m3.state_dict().items()):
         assert n0 == n3 and p0.shape == p3.shape
-        # Key biases get an exactly-zero gradient (softmax ignores a per-query constant); Adam turns
-        # the rounding noise of that zero into updates, which differ with the reduction order.
-        if not n0.endswith(("k_proj.bias", "in_proj_bias")):
-            assert torch.allclose(p0, p3, atol=1e-5), n0
+        if n0 in measured:
+            mask = measured[n0]
+            # Adam moves a weight by about lr = 2e-3 per step, whatever its gradient's size; the
+            # stages' different reduction orders shift that by well under 2.5% of one step
+            assert torch.allclose(p0[mask], p3[mask], rtol=0, atol=5e-5), n0
+            compared += int(mask.sum())
+    # all but a sliver of the scene-side weights (the word-embedding rows of absent tokens get none)
+    assert compared > 0.99 * sum(p.numel() for n, p in m0.named_parameters() if not n.startswith("text."))
     from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes
     ds = ScenesDataset(shards / "val", TransformConfig(voxel_size=0.15, augment=False))
     batch = collate_scenes([ds[0], ds[1]])
     with torch.no_grad():
         out0, out3 = m0.eval()(batch), m3.eval()(batch)
-    assert torch.allclose(out0["grounding_logits"], out3["grounding_logits"], atol=1e-4)
+    # the logits are compared as the softmax sees them: a shared shift (that bias) means nothing
+    p0, p3 = out0["grounding_logits"].log_softmax(-1), out3["grounding_logits"].log_softmax(-1)
+    assert p0.shape[0] > 0 and torch.allclose(p0, p3, atol=1e-4)

@@ -24,8 +24,6 @@ def run(args) -> int:
     from sparsegps.train.finetune_ground import GroundConfig, finetune_grounding
 
     cfg = load_training_config(GroundConfig, args)
-    if cfg is None:
-        return 2
     summary = finetune_grounding(cfg, args.pretrained, resume=args.resume)
     print(json.dumps(summary, indent=1))
     if "report" in summary:

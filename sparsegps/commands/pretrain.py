@@ -21,7 +21,5 @@ def run(args) -> int:
     from sparsegps.train.pretrain import PretrainConfig, pretrain
 
     cfg = load_training_config(PretrainConfig, args)
-    if cfg is None:
-        return 2
     print(json.dumps(pretrain(cfg, resume=args.resume, progress=True), indent=1))
     return 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_training_arguments(parser, config_help: str, pretrained: bool = True) -> None:
@@ -17,17 +16,13 @@ def add_training_arguments(parser, config_help: str, pretrained: bool = True) ->
 
 
 def load_training_config(cls, args):
-    """The run's config from --config, --set, --deepspeed and --output-dir; None (after printing the
-    error) when it is invalid, so the command exits before any work starts."""
-    from sparsegps.config import ConfigError, load_config
+    """The run's config from --config, --set, --deepspeed and --output-dir; a bad one raises
+    ConfigError before any work starts (the command line prints it as one line)."""
+    from sparsegps.config import load_config
 
     overrides = list(args.set)
     if args.deepspeed:
         overrides.append(f"deepspeed={args.deepspeed}")
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
-    try:
-        return load_config(cls, args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return None
+    return load_config(cls, args.config, overrides)

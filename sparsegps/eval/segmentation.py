@@ -16,6 +16,7 @@ import torch
 
 from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes, move_batch
 from sparsegps.data.transforms import Compose, GridSample, RotateZ
+from sparsegps.distributed import all_reduce_sum, even_shard, rank, world_size
 from sparsegps.files import atomic_save_figure, atomic_write_text
 
 IGNORE_INDEX = -1
@@ -76,7 +77,9 @@ def evaluate_segmentation(model, paths, voxel_size: float, device, num_classes: 
                           max_scenes: int | None = None, progress: bool = True) -> tuple[dict, np.ndarray]:
     """Point-level metrics of `model` (batch -> voxel logits) on the scenes at `paths`.
 
-    `label_remap` maps the store's label ids to the model's classes (-1 = ignore)."""
+    `label_remap` maps the store's label ids to the model's classes (-1 = ignore). On several ranks
+    each rank scores an even share of the scenes (`even_shard`: the same number of batches each,
+    fill-in repeats not counted) and the confusion matrices are summed, so every scene counts once."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -84,14 +87,17 @@ def evaluate_segmentation(model, paths, voxel_size: float, device, num_classes: 
     dataset = ScenesDataset(paths, TransformConfig(voxel_size=voxel_size, augment=False))
     n = len(dataset) if max_scenes is None else min(max_scenes, len(dataset))
     conf = np.zeros((num_classes, num_classes), np.int64)
-    for start in tqdm(range(0, n, batch_size), desc="eval-seg", unit="batch", disable=not progress):
-        scenes = [dataset.store[i] for i in range(start, min(n, start + batch_size))]
+    indices, counted = even_shard(n, rank(), world_size())
+    for start in tqdm(range(0, len(indices), batch_size), desc="eval-seg", unit="batch",
+                      disable=not progress or rank() != 0):
+        chosen = indices[start:start + batch_size]
+        scenes = [dataset.store[i] for i in chosen]
         point_logits = None
         for r in range(tta_rotations):
             angle = 2 * math.pi * r / tta_rotations
             transform = Compose(([RotateZ(angle)] if r else []) + [GridSample(voxel_size)])
             samples = []
-            for i, scene in zip(range(start, start + len(scenes)), scenes):
+            for i, scene in zip(chosen, scenes):
                 sample = transform(scene, np.random.default_rng(0))
                 sample["index"] = i
                 sample["object_label_id"] = np.zeros(len(sample["objects"]), np.int64)
@@ -102,11 +108,14 @@ def evaluate_segmentation(model, paths, voxel_size: float, device, num_classes: 
             per_scene = [logits[offsets[b]:offsets[b + 1]][torch.from_numpy(samples[b]["inverse"])]
                          for b in range(len(samples))]
             point_logits = per_scene if point_logits is None else [a + p for a, p in zip(point_logits, per_scene)]
-        for scene, probs in zip(scenes, point_logits):
+        for scene, probs, keep in zip(scenes, point_logits, counted[start:start + batch_size]):
+            if not keep:
+                continue
             target = scene.semantic.astype(np.int64)
             if label_remap is not None:
                 target = np.where(target >= 0, label_remap[np.clip(target, 0, None)], IGNORE_INDEX)
             conf += confusion_matrix(probs.argmax(-1).numpy(), target, num_classes)
+    conf = all_reduce_sum(torch.from_numpy(conf).to(device)).cpu().numpy()
     model.train(was_training)
     return segmentation_metrics(conf, class_names), conf
 

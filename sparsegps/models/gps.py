@@ -13,10 +13,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import hashlib
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparsegps import losses as L
+from sparsegps.distributed import all_reduce_sum, gather_rows
 
 from .backbone import SpUNet, SpUNetConfig
 from .grounding import GroundingEncoder, GroundingHead, MLMHead
@@ -134,85 +138,114 @@ class GPSModel(nn.Module):
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, batch: dict) -> dict:
+        """Every loss of one micro-batch, the grounding logits and the retrieval embeddings.
+
+        Whatever the batch holds (no referrals, no captions, no objects), the same modules run in
+        the same order and the same collectives are issued: a missing kind of text is replaced by
+        one empty placeholder text whose terms have weight zero. So ranks with different data stay
+        in step, under ZeRO-3 too. Each loss is this rank's share of the mean of its terms over all
+        ranks (`losses.global_mean_share`): the counts of terms are summed over ranks once per
+        forward."""
         device = batch["feats"].device
-        objects = self.encode_objects(batch)
-        offsets = batch["object_offsets"]
-        out: dict = {"objects": objects}
-        zero = objects["tokens"].sum() * 0.0
         w = self.cfg.loss
+        objects = self.encode_objects(batch)
+        out: dict = {"objects": objects}
 
         referrals = [t for t in batch["texts"] if t["kind"] == "referral" and t["target"] >= 0]
-        if referrals:
-            scene_index = torch.tensor([t["scene"] for t in referrals], device=device)
-            target = torch.tensor([t["target"] for t in referrals], device=device) - offsets.to(device)[scene_index]
-            use_mlm = self.training and w.mlm > 0
-            ref = self.encode_text([t["text"] for t in referrals], device, mask=use_mlm)
-            fused_text, fused_obj, logits = self.ground(ref, scene_index, objects)
-            obj_pad = objects["pad"][scene_index]
-            out["grounding_logits"] = logits
-            out["grounding_target"] = target
-            out["grounding_scene"] = scene_index
-            out["loss_grounding"] = L.masked_object_cross_entropy(logits, obj_pad, target)
-            contrast = L.referral_contrastive_logits(self.fused_proj(fused_obj), self.text_proj(ref["sentence"]),
-                                                     self.referral_scale())
-            out["loss_referral_object"] = L.masked_object_cross_entropy(contrast, obj_pad, target)
-            if use_mlm:
-                masked = ref["labels"] != L.IGNORE_INDEX
-                mlm_logits = self.mlm_head(fused_text[masked], self.text.word_embeddings.weight)
-                out["loss_mlm"] = L.mlm_loss(mlm_logits, ref["labels"][masked])
-        out["loss_object_text"] = self._object_text_loss(batch, objects, device)
-        out["loss_scene_text"] = self._scene_text_loss(batch, objects, device)
+        n_ref = len(referrals)
+        real = torch.arange(max(n_ref, 1), device=device) < n_ref  # False on the placeholder
+        scene_index = torch.tensor([t["scene"] for t in referrals] or [0], device=device)
+        target = torch.tensor([t["target"] for t in referrals] or [0], device=device)
+        target = (target - batch["object_offsets"].to(device)[scene_index]).where(real, 0)
+        use_mlm = self.training and w.mlm > 0
+        ref = self.encode_text([t["text"] for t in referrals] or [""], device, mask=use_mlm)
+        object_rows, object_texts = self._object_text_pairs(batch, objects)
 
-        total = zero
+        masked = ref["labels"] != L.IGNORE_INDEX if use_mlm else torch.zeros_like(ref["pad"])
+        local = torch.tensor([n_ref, int(masked.sum()), len(object_rows)], device=device, dtype=torch.float64)
+        n_ref_all, n_masked_all, n_object_all = all_reduce_sum(local).unbind()
+
+        fused_text, fused_obj, logits = self.ground(ref, scene_index, objects)
+        # padding is masked only on real rows: the placeholder's row stays finite (weight zero)
+        obj_pad = objects["pad"][scene_index] & real[:, None]
+        grounding = L.masked_object_cross_entropy(logits, obj_pad, target)
+        out["loss_grounding"] = L.global_mean_share((grounding * real).sum(), n_ref_all)
+        contrast = L.referral_contrastive_logits(self.fused_proj(fused_obj), self.text_proj(ref["sentence"]),
+                                                 self.referral_scale())
+        referral = L.masked_object_cross_entropy(contrast, obj_pad, target)
+        out["loss_referral_object"] = L.global_mean_share((referral * real).sum(), n_ref_all)
+        if use_mlm:
+            mlm_logits = self.mlm_head(fused_text[masked], self.text.word_embeddings.weight)
+            mlm = L.mlm_loss(mlm_logits, ref["labels"][masked])
+            out["loss_mlm"] = L.global_mean_share(mlm.sum() + mlm_logits.sum() * 0.0, n_masked_all)
+        out.update(grounding_logits=logits[:n_ref], grounding_target=target[:n_ref],
+                   grounding_scene=scene_index[:n_ref])
+
+        if w.object_text > 0:
+            out["loss_object_text"] = self._object_text_loss(objects, object_rows, object_texts, n_object_all,
+                                                             device)
+        if w.scene_text > 0:
+            out.update(self._scene_text(batch, objects, device))
+
+        total = objects["tokens"].sum() * 0.0
         for name in ("object_text", "scene_text", "referral_object", "grounding", "mlm"):
-            value = out.get(f"loss_{name}")
-            if value is None:
-                out[f"loss_{name}"] = value = zero
+            value = out.setdefault(f"loss_{name}", total * 0.0)
             total = total + getattr(w, name) * value
         out["loss"] = total
         return out
 
-    def _object_text_loss(self, batch: dict, objects: dict, device) -> torch.Tensor:
-        """Object tokens against the text of their class name or of one of their captions."""
-        flat = objects["tokens"][~objects["pad"]]  # [O, D] in batch object order
-        if flat.shape[0] < 2 or self.cfg.loss.object_text == 0:
-            return flat.sum() * 0.0
+    def _object_text_pairs(self, batch: dict, objects: dict) -> tuple[list[int], list[str]]:
+        """The objects (rows of the flattened valid tokens) that have a text, and that text: their
+        first caption ("caption") or "a <class>" ("class_name")."""
         if self.cfg.object_text == "caption":
-            caption = {}
+            caption: dict[int, str] = {}
             for t in batch["texts"]:
                 if t["kind"] == "object_caption" and t["target"] >= 0:
                     caption.setdefault(t["target"], t["text"])
             rows = sorted(caption)
-            texts = [caption[r] for r in rows]
-        else:
-            rows = list(range(flat.shape[0]))
-            texts = [f"a {name}" for name in batch["object_names"]]
-        if len(rows) < 2:
-            return flat.sum() * 0.0
-        unique = sorted(set(texts))
-        position = {s: i for i, s in enumerate(unique)}
-        text_feats = self.encode_text(unique, device)["sentence"]
-        positive = torch.zeros(len(rows), len(unique), dtype=torch.bool, device=device)
-        positive[torch.arange(len(rows)), torch.tensor([position[s] for s in texts])] = True
-        return L.multi_positive_info_nce(self.object_proj(flat[rows]), self.text_proj(text_feats), positive,
-                                         self.object_scale())
+            return rows, [caption[r] for r in rows]
+        return list(range(len(batch["object_names"]))), [f"a {name}" for name in batch["object_names"]]
 
-    def _scene_text_loss(self, batch: dict, objects: dict, device) -> torch.Tensor:
-        """Mean of a scene's valid object tokens against its scene caption, across all ranks."""
-        caption = {}
+    def _object_text_loss(self, objects: dict, rows: list[int], texts: list[str], global_rows: torch.Tensor,
+                          device) -> torch.Tensor:
+        """Object tokens against the texts of all ranks' objects (multi-positive InfoNCE).
+
+        Each rank encodes its distinct texts; the candidates are the distinct texts over all ranks
+        (gathered with gradients, a text held by several ranks counted once), so the loss does not
+        depend on how the batch is split over ranks."""
+        flat = objects["tokens"][~objects["pad"]]  # [O, D] in batch object order
+        unique = sorted(set(texts))
+        encoded = self.text_proj(self.encode_text(unique or [""], device)["sentence"])
+        keys = torch.tensor([text_key(s) for s in unique] or [0], device=device)  # 0: the placeholder
+        all_encoded, _ = gather_rows(encoded)
+        all_keys, _ = gather_rows(keys)
+        keep = first_occurrences(all_keys) & (all_keys != 0)
+        row_keys = torch.tensor([text_key(s) for s in texts], device=device, dtype=torch.int64)
+        positive = row_keys[:, None] == all_keys[keep][None, :]
+        per_row = L.multi_positive_info_nce(self.object_proj(flat[rows]), all_encoded[keep], positive,
+                                            self.object_scale())
+        anchor = all_encoded.sum() * 0.0  # the placeholder and duplicates stay in the graph
+        return L.global_mean_share(per_row.sum() + anchor, global_rows)
+
+    def _scene_text(self, batch: dict, objects: dict, device) -> dict:
+        """Mean of a scene's valid object tokens against its scene caption, candidates from all ranks.
+
+        Returns the loss and, for retrieval metrics, the normalised scene and caption embeddings of
+        the scenes that have a caption (`caption_scene`: their index in the batch)."""
+        caption: dict[int, str] = {}
         for t in batch["texts"]:
             if t["kind"] == "scene_caption":
                 caption.setdefault(t["scene"], t["text"])
         scenes = sorted(caption)
-        valid = (~objects["pad"]).unsqueeze(-1).float()
+        valid = (~objects["pad"]).unsqueeze(-1).to(objects["tokens"].dtype)
         pooled = (objects["tokens"] * valid).sum(1) / valid.sum(1).clamp(min=1)
-        if self.cfg.loss.scene_text == 0:
-            return pooled.sum() * 0.0
-        if scenes:
-            text_feats = self.encode_text([caption[s] for s in scenes], device)["sentence"]
-        else:  # no caption here, but other ranks may have some: still join the gather
-            text_feats = pooled.new_zeros(0, self.text.hidden_size)
-        return L.symmetric_info_nce(self.scene_proj(pooled[scenes]), self.text_proj(text_feats), self.scene_scale())
+        scene_emb = self.scene_proj(pooled[scenes])
+        text = self.text_proj(self.encode_text([caption[s] for s in scenes] or [""], device)["sentence"])
+        per_row, global_rows = L.symmetric_info_nce(scene_emb, text[: len(scenes)], self.scene_scale())
+        loss = L.global_mean_share(per_row.sum() + text.sum() * 0.0, global_rows)
+        return {"loss_scene_text": loss, "caption_scene": torch.tensor(scenes, device=device, dtype=torch.int64),
+                "scene_embedding": F.normalize(scene_emb.float(), dim=-1),
+                "caption_embedding": F.normalize(text[: len(scenes)].float(), dim=-1)}
 
     # ------------------------------------------------------------------------------ helpers
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -229,6 +262,22 @@ class GPSModel(nn.Module):
             else:
                 groups["heads"].append(p)
         return groups
+
+
+def text_key(text: str) -> int:
+    """A nonzero 63-bit key of a string, equal on every rank (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1 | 1
+
+
+def first_occurrences(keys: torch.Tensor) -> torch.Tensor:
+    """[N] bool: True at the first position of each distinct value of `keys`."""
+    _, inverse = torch.unique(keys, return_inverse=True)
+    positions = torch.arange(keys.shape[0], device=keys.device)
+    first = torch.full((int(inverse.max()) + 1 if keys.numel() else 0,), keys.shape[0], device=keys.device)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    keep = torch.zeros_like(keys, dtype=torch.bool)
+    keep[first] = True
+    return keep
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -77,7 +77,9 @@ def pad_objects(flat: torch.Tensor, object_offsets: torch.Tensor,
                 padding_value: float | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-object rows [O, ...] -> per-scene padded [B, L, ...] and a padding mask [B, L] (True = padding).
 
-    Scene b owns rows object_offsets[b]:object_offsets[b + 1]; L is the largest scene's object count.
+    Scene b owns rows object_offsets[b]:object_offsets[b + 1]; L is the largest scene's object count,
+    at least 1 (a batch whose scenes have no objects gets one padded slot, so every layer after
+    pooling runs on the same kind of input).
     """
     offsets = object_offsets.tolist()
     num_scenes = len(offsets) - 1
@@ -86,7 +88,7 @@ def pad_objects(flat: torch.Tensor, object_offsets: torch.Tensor,
         raise ValueError(f"pad_objects: object_offsets must rise from 0 to the number of objects "
                          f"({flat.shape[0]}), got {offsets}")
     counts = object_offsets.diff().to(flat.device)
-    max_objects = max(b - a for a, b in zip(offsets, offsets[1:]))
+    max_objects = max(1, *(b - a for a, b in zip(offsets, offsets[1:])))
     scene = torch.repeat_interleave(torch.arange(num_scenes, device=flat.device), counts, output_size=flat.shape[0])
     slot = torch.arange(flat.shape[0], device=flat.device) - object_offsets.to(flat.device)[scene]
     padded = flat.new_full((num_scenes, max_objects, *flat.shape[1:]), padding_value)

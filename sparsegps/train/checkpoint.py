@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sparsegps.errors import UsageError
 from sparsegps.files import atomic_write_text
 
 MANIFEST = "manifest.json"
@@ -135,7 +136,8 @@ def export_state_dict(checkpoint_dir: str | Path, out_path: str | Path, tag: str
     if tag is None:
         tags = [t for t in _step_tags(checkpoint_dir) if verify_checkpoint(checkpoint_dir / t) is None]
         if not tags:
-            raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir}")
+            raise UsageError(f"{checkpoint_dir}: no complete checkpoint to export (expected step<N> folders "
+                             f"written by a training run)")
         tag = tags[0]
     folder = checkpoint_dir / tag
     # "mp_rank_00_model_states.pt"; under ZeRO-3 "zero_pp_rank_0_mp_rank_00_model_states.pt"
@@ -157,9 +159,29 @@ def export_state_dict(checkpoint_dir: str | Path, out_path: str | Path, tag: str
     return out_path
 
 
+HOW_TO_EXPORT = "write one with `sparsegps export RUN/checkpoints --out FILE` (training runs leave RUN/export.pt)"
+
+
 def load_export(path: str | Path) -> dict:
     """Read a file written by `export_state_dict` (tensors and plain data only)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such export file; {HOW_TO_EXPORT}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or a pickle with code in it
+        raise UsageError(f"{path}: not a sparsegps export (unreadable: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]}); {HOW_TO_EXPORT}") from None
     if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path}: not a sparsegps export (expected format {EXPORT_FORMAT!r})")
+        raise UsageError(f"{path}: not a sparsegps export (expected format {EXPORT_FORMAT!r}); {HOW_TO_EXPORT}")
     return blob
+
+
+def load_weights(module: torch.nn.Module, state_dict: dict, path: str | Path, strict: bool = True) -> None:
+    """`module.load_state_dict`, failing with one line naming the export when the shapes differ."""
+    try:
+        module.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise UsageError(f"{path}: its weights do not fit this model ({detail[:300]}); use an export of the same "
+                         f"architecture, or the config it was trained with") from None

@@ -6,6 +6,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -39,11 +40,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device_type: str) -> tuple[int, int]:
+def init_distributed(device_type: str, timeout_s: float = 1800.0) -> tuple[int, int]:
     """Join (or create) the process group: NCCL on GPU, gloo on CPU.
 
     Under torchrun or the deepspeed launcher the environment names rank and world; a plain
-    `python`/`sparsegps` process becomes a world of one on a free local port."""
+    `python`/`sparsegps` process becomes a world of one on a free local port. A collective that
+    waits more than `timeout_s` fails (gloo raises; NCCL's watchdog aborts the process)."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -51,7 +53,7 @@ def init_distributed(device_type: str) -> tuple[int, int]:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",
-                                   verbose=False)
+                                   verbose=False, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -78,9 +80,13 @@ def build_optimizer(groups: dict[str, list], cfg: OptimConfig, global_batch: int
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (adamw or lamb)")
 
 
+MONITOR_KEYS = {"csv": "csv_monitor", "tensorboard": "tensorboard", "wandb": "wandb"}
+
+
 def deepspeed_config(json_path: str | None, *, micro_batch: int, grad_accum: int, clipping: float,
-                     precision: str) -> dict:
-    """The DeepSpeed JSON (ZeRO stage etc.) with batch, clipping and precision filled in from our config."""
+                     precision: str, monitor: str = "none", monitor_dir: Path | None = None) -> dict:
+    """The DeepSpeed JSON (ZeRO stage etc.) with batch, clipping, precision and the monitor filled
+    in from our config."""
     ds = json.loads(Path(json_path).read_text()) if json_path else {"zero_optimization": {"stage": 0}}
     ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
               gradient_clipping=clipping, zero_allow_untested_optimizer=True, steps_per_print=10 ** 9,
@@ -88,7 +94,25 @@ def deepspeed_config(json_path: str | None, *, micro_batch: int, grad_accum: int
     ds.pop("train_batch_size", None)
     ds["bf16"] = {"enabled": precision == "bf16"}
     ds["fp16"] = {"enabled": False}
+    if monitor != "none":
+        check_monitor_installed(monitor)
+        key = MONITOR_KEYS[monitor]
+        ds[key] = {"enabled": True, "project": "sparsegps"} if monitor == "wandb" else {
+            "enabled": True, "output_path": str(monitor_dir), "job_name": "train"}
     return ds
+
+
+def check_monitor_installed(monitor: str) -> None:
+    from sparsegps.errors import UsageError
+
+    needs = {"tensorboard": ("tensorboard", "pip install 'sparsegps[tensorboard]'"),
+             "wandb": ("wandb", "pip install wandb (WANDB_MODE=offline without network)")}
+    if monitor in needs:
+        import importlib.util
+
+        module, fix = needs[monitor]
+        if importlib.util.find_spec(module) is None:
+            raise UsageError(f"monitor: {monitor} needs the {module} package: {fix}")
 
 
 def zero_stage(ds_config: dict) -> int:

@@ -22,10 +22,11 @@ import torch.distributed as dist
 
 from sparsegps.config import from_dict, to_dict
 from sparsegps.data import ScenesDataset, TransformConfig
+from sparsegps.errors import UsageError
 from sparsegps.files import atomic_write_text
 from sparsegps.models.gps import GPSModel, LossWeights, ModelConfig
 
-from .checkpoint import export_state_dict, load_export
+from .checkpoint import export_state_dict, load_export, load_weights
 from .engine import OptimConfig, zero_stage
 from .loop import RunConfig, build_engine, setup_run, train_loop
 
@@ -116,7 +117,7 @@ def load_grounding_export(path: str) -> dict:
     """An export holding a whole GPS model (pre-training or grounding), with its metadata."""
     blob = load_export(path)
     if "model_config" not in blob or blob.get("task", "pretraining") not in ("pretraining", "grounding"):
-        raise ValueError(f"{path}: not a GPS export (task {blob.get('task')!r}); use a pre-training or "
+        raise UsageError(f"{path}: not a GPS export (task {blob.get('task')!r}); use a pre-training or "
                          f"grounding export")
     return blob
 
@@ -140,11 +141,11 @@ def finetune_grounding(cfg: GroundConfig, pretrained: str | None = None, resume:
         warnings.warn("data.transforms.max_referrals is not set: every referral of a scene enters each step",
                       stacklevel=2)
     cfg = dataclasses.replace(cfg, model=grounding_model_config(cfg, blob))  # config.yaml shows the model trained
-    run = setup_run(cfg, cfg)
+    run = setup_run(cfg)
     train_set = ReferralScenesDataset(cfg.data.train, cfg.data.transforms, cfg.seed, text_kinds_for(cfg.model))
     model = GPSModel(cfg.model)
     if blob is not None:
-        model.load_state_dict(blob["state_dict"])
+        load_weights(model, blob["state_dict"], pretrained)
     engine, ds_config = build_engine(run, model, model.parameter_groups(), cfg.optim)
 
     def monitor() -> dict:

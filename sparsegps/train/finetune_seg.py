@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,11 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsegps.config import from_dict, to_dict
+from sparsegps.distributed import all_reduce_sum
+from sparsegps.errors import UsageError
+from sparsegps.files import atomic_write_text
+from sparsegps.losses import global_mean_share
 from sparsegps.data import ScenesDataset, TransformConfig
 from sparsegps.models.backbone import SpUNetConfig
 from sparsegps.models.seg_heads import SegmentationModel, SegModelConfig
 
-from .checkpoint import export_state_dict, load_export
+from .checkpoint import export_state_dict, load_export, load_weights
 from .engine import OptimConfig
 from .loop import RunConfig, build_engine, setup_run, train_loop
 
@@ -67,13 +70,14 @@ class SegmentationLoss(nn.Module):
         self.register_buffer("remap", torch.from_numpy(remap), persistent=False)
 
     def forward(self, batch: dict) -> dict:
+        """Cross-entropy over the labelled voxels of all ranks (`global_mean_share`): a rank whose
+        scenes have few labelled voxels is not over-weighted, one with none adds zero."""
         logits = self.model(batch).float()
         labels = batch["voxel_semantic"]
         target = torch.where(labels >= 0, self.remap[labels.clamp(min=0)], torch.full_like(labels, -1))
-        if (target >= 0).any():
-            loss = F.cross_entropy(logits, target, ignore_index=-1)
-        else:
-            loss = logits.sum() * 0.0
+        per_voxel = F.cross_entropy(logits, target, ignore_index=-1, reduction="none")
+        labelled = all_reduce_sum((target >= 0).sum().to(torch.float64))
+        loss = global_mean_share(per_voxel.sum(), labelled)
         return {"loss": loss, "loss_ce": loss}
 
 
@@ -92,12 +96,15 @@ def finetune_segmentation(cfg: SegConfig, pretrained: str | None = None, resume:
     blob = load_export(pretrained) if pretrained else None
     if blob is not None:  # the backbone's shape comes from the pre-trained model
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone_config_of_export(blob)))
-    run = setup_run(cfg, cfg)
+    run = setup_run(cfg)
     train_set = ScenesDataset(cfg.data.train, cfg.data.transforms, seed=cfg.seed)
     names, remap = class_names_and_remap(train_set.vocabulary, cfg.data.labels)
     model = SegmentationModel(cfg.model, names)
     if blob is not None:
-        model.load_backbone(blob["state_dict"])
+        try:
+            model.load_backbone(blob["state_dict"])
+        except RuntimeError as e:
+            raise UsageError(f"{pretrained}: its backbone does not fit ({str(e).splitlines()[-1].strip()[:200]})") from None
     model.freeze(cfg.freeze)
     wrapped = SegmentationLoss(model, remap)
     groups = {"backbone": [p for p in model.backbone.parameters() if p.requires_grad],
@@ -111,17 +118,19 @@ def finetune_segmentation(cfg: SegConfig, pretrained: str | None = None, resume:
                "seg_loss": stats.get("loss"), "pretrained": pretrained, "freeze": cfg.freeze}
     if run.rank == 0:
         export_state_dict(run.out / "checkpoints", run.out / "export.pt", extra=extra)
-        if cfg.data.val:  # from the export: under ZeRO-3 the live model holds only a shard of each weight
-            trained, _ = load_segmentation_model(run.out / "export.pt", run.device)
-            report, conf = evaluate_segmentation(trained, cfg.data.val, cfg.data.transforms.voxel_size, run.device,
-                                                 len(names), names, remap, cfg.data.tta_rotations,
-                                                 batch_size=cfg.micro_batch, max_scenes=cfg.data.eval_max_scenes,
-                                                 progress=progress)
-            write_report(report, conf, names, run.out, "segmentation (held-out)")
-            summary.update(seg_miou=report["miou"], seg_accuracy=report["accuracy"])
-        Path(run.out / "summary.json").write_text(json.dumps(summary, indent=1))
     if dist.is_initialized():
         dist.barrier()
+    if cfg.data.val:  # from the export: under ZeRO-3 the live model holds only a shard of each weight
+        trained, _ = load_segmentation_model(run.out / "export.pt", run.device)
+        report, conf = evaluate_segmentation(trained, cfg.data.val, cfg.data.transforms.voxel_size, run.device,
+                                             len(names), names, remap, cfg.data.tta_rotations,
+                                             batch_size=cfg.micro_batch, max_scenes=cfg.data.eval_max_scenes,
+                                             progress=progress)
+        if run.rank == 0:
+            write_report(report, conf, names, run.out, "segmentation (held-out)")
+        summary.update(seg_miou=report["miou"], seg_accuracy=report["accuracy"])
+    if run.rank == 0:
+        atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 
@@ -129,8 +138,9 @@ def load_segmentation_model(path: str, device="cpu") -> tuple[SegmentationModel,
     """A fine-tuned `SegmentationModel` from its export."""
     blob = load_export(path)
     if blob.get("task") != "segmentation":
-        raise ValueError(f"{path}: not a segmentation export (run `sparsegps finetune-seg` first)")
+        raise UsageError(f"{path}: not a segmentation export (task {blob.get('task')!r}); run `sparsegps "
+                         f"finetune-seg` first and pass its RUN/export.pt")
     model = SegmentationModel(from_dict(SegModelConfig, blob["model_config"]), blob["vocabulary"])
     state = {k.removeprefix("model."): v for k, v in blob["state_dict"].items()}
-    model.load_state_dict(state)
+    load_weights(model, state, path)
     return model.to(device), blob

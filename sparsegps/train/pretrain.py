@@ -18,7 +18,7 @@ from sparsegps.config import from_dict, to_dict
 from sparsegps.data import ScenesDataset, TransformConfig
 from sparsegps.models.gps import GPSModel, ModelConfig
 
-from .checkpoint import export_state_dict, load_export
+from .checkpoint import export_state_dict, load_export, load_weights
 from .engine import OptimConfig, zero_stage
 from .loop import RunConfig, build_engine, setup_run, train_loop
 
@@ -45,7 +45,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
 
     if not cfg.data.train:
         raise ValueError("data.train names no shards")
-    run = setup_run(cfg, cfg)
+    run = setup_run(cfg)
     train_set = ScenesDataset(cfg.data.train, cfg.data.transforms, seed=cfg.seed)
     model = GPSModel(cfg.model)
     engine, ds_config = build_engine(run, model, model.parameter_groups(), cfg.optim)
@@ -76,5 +76,5 @@ def load_pretrained_model(path: str | os.PathLike, device="cpu") -> tuple[GPSMod
     """A `GPSModel` with the weights of an export (see `sparsegps export`), and the export's metadata."""
     blob = load_export(path)
     model = GPSModel(from_dict(ModelConfig, blob["model_config"]))
-    model.load_state_dict(blob["state_dict"])
+    load_weights(model, blob["state_dict"], path)
     return model.to(device), blob
