@@ -1,35 +1,26 @@
-"""Two gloo ranks on one machine: the cross-rank gather keeps gradients (GPS's scene-text loss
-does not), and data-parallel ZeRO-2 / ZeRO-3 training ends with identical parameters on both ranks."""
+"""Two gloo ranks on one machine, on uneven data: the cross-rank gather keeps gradients (GPS's
+scene-text loss does not); a rank whose micro-batch lacks referrals, captions, texts or objects stays
+in step under ZeRO 0/2/3; losses are shares of global means; evaluation on two ranks equals one."""
 from __future__ import annotations
 
-import os
-import sys
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from multirank import LACKS, join_as, odd_val_set, spawn, uneven_train_set, without
+from test_pretrain import config
+
+from conftest import VOCAB, make_scene
+from sparsegps.data import write_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _spawn(fn, *args, world: int = 2):
-    from sparsegps.train.engine import free_port
-
-    port = free_port()
-    mp.spawn(fn, args=(world, port, *args), nprocs=world, join=True)
-
-
-def _join(rank: int, world: int, port: int) -> None:
-    launcher = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-    os.environ.update(launcher)
-    torch.set_num_threads(1)
-
-
 def _gather_worker(rank, world, port, out_dir):
-    _join(rank, world, port)
+    join_as(rank, world, port)
     import torch.distributed as dist
 
     from sparsegps import losses as L
@@ -49,7 +40,7 @@ def _gather_worker(rank, world, port, out_dir):
 
 
 def test_scene_loss_sends_gradients_through_the_cross_rank_gather(tmp_path):
-    _spawn(_gather_worker, str(tmp_path))
+    spawn(_gather_worker, str(tmp_path))
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     # Oracle, one process: rank r's loss scores its rows against all rows, as its share of the mean
     # over all 5 rows (world x its rows' sum / 5); the total over ranks is what the two ranks'
@@ -80,54 +71,131 @@ def test_scene_loss_sends_gradients_through_the_cross_rank_gather(tmp_path):
     assert (got[0]["grad_a"] - a_local.grad).abs().max() > 1e-3
 
 
-def _train_worker(rank, world, port, shards, out_dir, stage):
-    _join(rank, world, port)
-    sys.path.insert(0, str(Path(__file__).parent))
+def _pretrain_worker(rank, world, port, data, out, stage, micro_batch):
+    join_as(rank, world, port)
     import deepspeed
 
-    from test_pretrain import config
-
-    from sparsegps.data import ScenesDataset
-    from sparsegps.models.gps import GPSModel
-    from sparsegps.train.loop import build_engine, setup_run, train_loop
+    from sparsegps.train.pretrain import pretrain
 
     torch.manual_seed(0)
-    cfg = config(Path(shards), Path(out_dir) / "run", steps=3, global_batch=4, micro_batch=2,
-                 deepspeed=str(ROOT / f"configs/deepspeed/zero{stage}.json"), checkpoint_every=100)
-    run = setup_run(cfg)
-    assert run.world == 2 and run.grad_accum == 1
-    dataset = ScenesDataset(cfg.data.train, cfg.data.transforms, seed=cfg.seed)
-    model = GPSModel(cfg.model)
-    engine, _ = build_engine(run, model, model.parameter_groups(), cfg.optim)
-    train_loop(run, engine, dataset, client_state={}, resume=False, progress=False)
-    params = list(engine.module.parameters())
+    deepspeed_json = str(ROOT / f"configs/deepspeed/zero{stage}.json") if stage else None
+    cfg = config(Path(data), Path(out), steps=len(LACKS), global_batch=2 * micro_batch, micro_batch=micro_batch,
+                 deepspeed=deepspeed_json, checkpoint_every=100, eval_every=2, dist_timeout_s=120,
+                 data=data_config(Path(data)))
+    captured = {}
+    import sparsegps.train.pretrain as module
+
+    original = module.build_engine
+
+    def keep_engine(*args, **kwargs):
+        captured["engine"], ds_config = original(*args, **kwargs)
+        return captured["engine"], ds_config
+
+    module.build_engine = keep_engine
+    summary = pretrain(cfg, progress=False)
+    params = list(captured["engine"].module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
-        state = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-    torch.save(state, Path(out_dir) / f"params{rank}.pt")
+        state = {n: p.detach().clone() for n, p in captured["engine"].module.named_parameters()}
+    torch.save({"params": state, "summary": summary}, Path(out) / f"rank{rank}.pt")
+
+
+def data_config(data: Path) -> dict:
+    return {"train": [str(data / "train")], "val": [str(data / "val")], "eval_max_scenes": None,
+            "transforms": {"voxel_size": 0.15, "augment": False}}
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """Two data sets (micro-batch 1 and 2) whose rank-1 micro-batches lack, step by step, referrals,
+    scene captions, object captions, every text, every object; 3 held-out scenes."""
+    root = tmp_path_factory.mktemp("uneven")
+    for mb in (1, 2):
+        uneven_train_set(root / f"mb{mb}" / "train", mb)
+        odd_val_set(root / f"mb{mb}" / "val")
+    return root
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_end_with_identical_parameters(tmp_path, stage):
-    from sparsegps.data import write_scenes
+@pytest.mark.parametrize("stage,micro_batch", [(0, 2), (2, 1), (2, 2), (3, 1), (3, 2)])
+def test_two_ranks_on_uneven_data_agree_and_evaluate_like_one(uneven, tmp_path, stage, micro_batch):
+    """Rank 1 meets a micro-batch without referrals, scene captions, object captions, any text and
+    any object; both ranks finish, end with bit-identical parameters, evaluated mid-run and at the
+    end on an odd held-out set, and the 2-rank held-out metrics equal one process's."""
+    data = uneven / f"mb{micro_batch}"
+    spawn(_pretrain_worker, str(data), str(tmp_path), stage, micro_batch)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert r0["params"].keys() == r1["params"].keys() and len(r0["params"]) > 50
+    for name in r0["params"]:
+        assert torch.equal(r0["params"][name], r1["params"][name]), name
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, len(LACKS) + 1))
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [2, 4]
+    assert all(np.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
 
-    from conftest import VOCAB, make_scene
+    from sparsegps.eval.pretrain import evaluate_pretraining
+    from sparsegps.train.pretrain import load_pretrained_model
 
-    rng = np.random.default_rng(0)
-    write_scenes([make_scene(rng, f"t{i}", 300, 3) for i in range(8)], tmp_path / "train", vocabulary=VOCAB,
-                 progress=False)
-    write_scenes([make_scene(rng, f"v{i}", 300, 3) for i in range(2)], tmp_path / "val", vocabulary=VOCAB,
-                 progress=False)
-    _spawn(_train_worker, str(tmp_path), str(tmp_path), stage)
-    p0 = torch.load(tmp_path / "params0.pt", weights_only=True)
-    p1 = torch.load(tmp_path / "params1.pt", weights_only=True)
-    assert p0.keys() == p1.keys() and len(p0) > 50
-    for name in p0:
-        assert p0[name].numel() > 0 and torch.equal(p0[name], p1[name]), name
-    from test_pretrain import config
+    model, _ = load_pretrained_model(tmp_path / "export.pt")
+    cfg = config(data, tmp_path / "one", data=data_config(data))
+    one = evaluate_pretraining(model, cfg.data.val, cfg.data.transforms, torch.device("cpu"),
+                               batch_size=micro_batch, progress=False)
+    two = r0["summary"]
+    assert one["eval_scenes"] == 3 and one["grounding_referrals"] > 0
+    for key in ("grounding_acc", "grounding_chance", "grounding_referrals", "object_text_r1", "scene_text_r1",
+                "scene_text_chance", "eval_scenes"):
+        assert two[key] == pytest.approx(one[key], rel=1e-9), key
+    assert r1["summary"]["grounding_acc"] == two["grounding_acc"]
 
+
+def _split_batch_worker(rank, world, port, data, out):
+    join_as(rank, world, port)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    loss, grads = _loss_and_gradients(data, [2 * rank, 2 * rank + 1])
+    dist.all_reduce(loss)
+    for g in grads.values():  # what DeepSpeed does to gradients: the mean over ranks
+        dist.all_reduce(g)
+        g /= world
+    torch.save({"loss": loss / world, "grads": grads}, Path(out) / f"split{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _loss_and_gradients(data, indices) -> tuple[torch.Tensor, dict]:
+    """Losses and gradients of the tiny model (eval mode: no dropout, BatchNorm's running
+    statistics, so a scene's features do not depend on its batch) on the given training scenes."""
+    from sparsegps.data import ScenesDataset, collate_scenes
     from sparsegps.models.gps import GPSModel
 
+    cfg = config(Path(data), Path(data) / "unused", data=data_config(Path(data)))
     torch.manual_seed(0)
-    initial = dict(GPSModel(config(tmp_path, tmp_path / "x").model).named_parameters())
-    assert not torch.equal(initial["backbone.stem.conv.weight"], p0["backbone.stem.conv.weight"])  # it trained
+    model = GPSModel(cfg.model).eval()
+    ds = ScenesDataset(cfg.data.train, cfg.data.transforms)
+    out = model(collate_scenes([ds[i] for i in indices]))
+    out["loss"].backward()
+    parts = torch.stack([out[k].detach() for k in ("loss", "loss_grounding", "loss_referral_object",
+                                                   "loss_object_text", "loss_scene_text")])
+    return parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.slow
+def test_a_batch_split_over_two_ranks_has_the_loss_and_gradients_of_one(tmp_path):
+    """Rank 0 holds two complete scenes, rank 1 one without any text and one without objects:
+    the mean of the ranks' losses and of their gradients equals one process on all four scenes."""
+    rng = np.random.default_rng(3)
+    scenes = [make_scene(rng, f"s{i}", 300, int(rng.integers(2, 5))) for i in range(4)]
+    scenes[2] = without(scenes[2], "every text", rng)
+    scenes[3] = without(scenes[3], "every object", rng)
+    write_scenes(scenes, tmp_path / "train", vocabulary=VOCAB, progress=False)
+    odd_val_set(tmp_path / "val")
+    spawn(_split_batch_worker, str(tmp_path), str(tmp_path))
+    split = torch.load(tmp_path / "split0.pt", weights_only=True)
+    loss, grads = _loss_and_gradients(str(tmp_path), [0, 1, 2, 3])
+    assert (loss[1:] > 0).all()  # every loss term has terms
+    assert torch.allclose(split["loss"], loss, rtol=1e-5, atol=1e-6), (split["loss"], loss)
+    assert grads.keys() == split["grads"].keys()
+    largest = max(g.abs().max() for g in grads.values())
+    for name, g in grads.items():
+        assert torch.allclose(split["grads"][name], g, rtol=1e-4, atol=1e-6 * largest), name
+    # the local-mean normalisation this replaces would give another loss: rank 1 has no referral
+    assert not torch.allclose(split["loss"][1], loss[1] / 2)

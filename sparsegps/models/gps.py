@@ -168,7 +168,7 @@ class GPSModel(nn.Module):
         fused_text, fused_obj, logits = self.ground(ref, scene_index, objects)
         # padding is masked only on real rows: the placeholder's row stays finite (weight zero)
         obj_pad = objects["pad"][scene_index] & real[:, None]
-        grounding = L.masked_object_cross_entropy(logits, obj_pad, target)
+        grounding = L.masked_object_cross_entropy(logits.masked_fill(~real[:, None], 0.0), obj_pad, target)
         out["loss_grounding"] = L.global_mean_share((grounding * real).sum(), n_ref_all)
         contrast = L.referral_contrastive_logits(self.fused_proj(fused_obj), self.text_proj(ref["sentence"]),
                                                  self.referral_scale())

@@ -1,7 +1,7 @@
 """Atomic, verifiable DeepSpeed checkpoints that keep the last K, and the fp32 export.
 
-A checkpoint is written by `engine.save_checkpoint` under a hidden temporary tag, described by a
-manifest (every file and its size), then renamed to `step<N>`; `latest` is rewritten atomically
+A checkpoint is written by `engine.save_checkpoint` under a hidden temporary tag, with each rank's
+RNG states beside it, described by a manifest (every file and its size), then renamed to `step<N>`; `latest` is rewritten atomically
 last. On resume the newest checkpoint whose manifest matches the files on disk and which loads is
 used; a partial or corrupt one is skipped with a warning naming it. The directory must be on a
 file system every rank sees (one machine, or a shared file system across nodes).
@@ -71,6 +71,8 @@ def save_checkpoint(engine, directory: str | Path, step: int, client_state: dict
         shutil.rmtree(directory / tmp_tag, ignore_errors=True)
     _barrier()
     engine.save_checkpoint(str(directory), tag=tmp_tag, client_state=client_state, save_latest=False)
+    # DeepSpeed keeps rank 0's client state only; each rank's RNG streams differ (MLM masks, dropout)
+    torch.save(rng_state(), directory / tmp_tag / f"rng_rank{_rank()}.pt")
     _barrier()
     final = directory / tag
     if _rank() == 0:
@@ -119,6 +121,9 @@ def load_latest_checkpoint(engine, directory: str | Path) -> dict | None:
                 problem = f"failed to load ({type(e).__name__}: {e})"
             else:
                 if path is not None:
+                    own_rng = directory / tag / f"rng_rank{_rank()}.pt"
+                    if own_rng.exists():
+                        client_state["rng"] = torch.load(own_rng, weights_only=True)
                     return client_state
                 problem = "DeepSpeed found nothing to load"
         warnings.warn(f"checkpoint {directory / tag} is unusable: {problem}; trying the previous one",
