@@ -41,20 +41,23 @@ class TextEncoder(nn.Module):
 
         path = cfg.path or default_model_path()
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"text encoder directory not found: {path}")
+            raise FileNotFoundError(f"text encoder directory not found: {path} (model.text.path)")
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         if cfg.num_layers > config.num_hidden_layers:
             raise ValueError(f"text.num_layers={cfg.num_layers} but {path} has {config.num_hidden_layers} layers")
         config.num_hidden_layers = cfg.num_layers
         if cfg.pretrained:
-            verbosity = hf_logging.get_verbosity()
+            verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
             hf_logging.set_verbosity_error()  # the dropped layers and pooler are reported as unused weights
+            hf_logging.disable_progress_bar()  # a bar for loading a few MB on every model build
             try:
                 self.bert = AutoModel.from_pretrained(path, config=config, local_files_only=True,
                                                       add_pooling_layer=False)
             finally:
                 hf_logging.set_verbosity(verbosity)
+                if bars:
+                    hf_logging.enable_progress_bar()
         else:
             self.bert = AutoModel.from_config(config, add_pooling_layer=False)
         self.max_length = cfg.max_length

@@ -141,7 +141,7 @@ def finetune_grounding(cfg: GroundConfig, pretrained: str | None = None, resume:
         warnings.warn("data.transforms.max_referrals is not set: every referral of a scene enters each step",
                       stacklevel=2)
     cfg = dataclasses.replace(cfg, model=grounding_model_config(cfg, blob))  # config.yaml shows the model trained
-    run = setup_run(cfg)
+    run = setup_run(cfg, resume)
     train_set = ReferralScenesDataset(cfg.data.train, cfg.data.transforms, cfg.seed, text_kinds_for(cfg.model))
     model = GPSModel(cfg.model)
     if blob is not None:

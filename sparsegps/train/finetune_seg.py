@@ -96,7 +96,7 @@ def finetune_segmentation(cfg: SegConfig, pretrained: str | None = None, resume:
     blob = load_export(pretrained) if pretrained else None
     if blob is not None:  # the backbone's shape comes from the pre-trained model
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone_config_of_export(blob)))
-    run = setup_run(cfg)
+    run = setup_run(cfg, resume)
     train_set = ScenesDataset(cfg.data.train, cfg.data.transforms, seed=cfg.seed)
     names, remap = class_names_and_remap(train_set.vocabulary, cfg.data.labels)
     model = SegmentationModel(cfg.model, names)

@@ -45,7 +45,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
 
     if not cfg.data.train:
         raise ValueError("data.train names no shards")
-    run = setup_run(cfg)
+    run = setup_run(cfg, resume)
     train_set = ScenesDataset(cfg.data.train, cfg.data.transforms, seed=cfg.seed)
     model = GPSModel(cfg.model)
     engine, ds_config = build_engine(run, model, model.parameter_groups(), cfg.optim)

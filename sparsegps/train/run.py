@@ -10,6 +10,7 @@ import torch
 
 from sparsegps.config import save_config
 from sparsegps.device import pick_device
+from sparsegps.errors import UsageError
 
 from .engine import OptimConfig, build_optimizer, deepspeed_config, init_distributed, initialize_engine, lr_factor
 
@@ -55,15 +56,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"unknown precision {precision!r} (auto, fp32, bf16)")
+        raise UsageError(f"precision: unknown {precision!r} (auto, fp32, bf16)")
     if precision == "bf16" and device.type != "cuda":
-        raise ValueError("precision bf16 needs a GPU; use fp32 on CPU")
+        raise UsageError("precision: bf16 needs a GPU; use fp32 (or auto) on CPU")
     return precision
 
 
-def setup_run(cfg: RunConfig) -> Run:
+def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
     """Join the process group, pick device and precision, and save the resolved config (all of
-    `cfg`, whichever subclass of RunConfig it is) in the run's folder."""
+    `cfg`, whichever subclass of RunConfig it is) in the run's folder. With `resume`, a run folder
+    without any checkpoint is refused before anything is built."""
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
@@ -73,9 +75,12 @@ def setup_run(cfg: RunConfig) -> Run:
     rank, world = init_distributed(device.type, cfg.dist_timeout_s)
     per_step = cfg.micro_batch * world
     if cfg.global_batch % per_step:
-        raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x world "
-                         f"({cfg.micro_batch} x {world})")
+        raise UsageError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x world "
+                         f"({cfg.micro_batch} x {world}); set --set global_batch={per_step * max(1, cfg.global_batch // per_step)} "
+                         f"or another multiple of {per_step}")
     out = Path(cfg.output_dir)
+    if resume and not any((out / "checkpoints").glob("step*")):
+        raise UsageError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; start the run without --resume")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")

@@ -1,0 +1,144 @@
+"""The command line as users launch it: `torchrun -m sparsegps.cli pretrain` on 2 ranks with uneven
+data and an odd held-out set, kill-and-resume on 2 ranks, and errors a user can fix printed as one
+line with exit status 2 (once, on several ranks)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from multirank import odd_val_set, uneven_train_set
+from test_pretrain import config
+
+from sparsegps import cli
+from sparsegps.config import save_config, to_dict
+from sparsegps.errors import UsageError
+from sparsegps.train.checkpoint import load_export
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def torchrun(*args: str, ranks: int = 2) -> list[str]:
+    from sparsegps.train.engine import free_port
+
+    exe = Path(sys.executable).with_name("torchrun")
+    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    return [*launcher, "--nproc_per_node", str(ranks), "--master_port", str(free_port()), "-m", "sparsegps.cli",
+            *args]
+
+
+def launch(cmd: list[str], wait: bool = True, timeout: float = 400):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    if not wait:
+        return proc
+    try:
+        output = proc.communicate(timeout=timeout)[0].decode()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"{' '.join(cmd)} hung for {timeout} s") from None
+    return proc.returncode, output
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory) -> Path:
+    """A YAML config of the tiny model on uneven shards (rank 1 meets micro-batches without
+    referrals, captions, texts or objects) and 3 held-out scenes evaluated every 3 steps."""
+    root = tmp_path_factory.mktemp("launch")
+    uneven_train_set(root / "train", micro_batch=1)
+    odd_val_set(root / "val")
+    cfg = config(root, root / "unused", steps=6, micro_batch=1, global_batch=2, eval_every=3, checkpoint_every=2,
+                 keep_checkpoints=5, dist_timeout_s=120,
+                 data={"train": [str(root / "train")], "val": [str(root / "val")], "eval_max_scenes": None,
+                       "transforms": {"voxel_size": 0.15, "augment": False}})
+    save_config(cfg, root / "run.yaml")
+    return root / "run.yaml"
+
+
+def pretrain_args(run_config: Path, out: Path, *extra: str) -> list[str]:
+    return ["pretrain", "--config", str(run_config), "--deepspeed", str(ROOT / "configs/deepspeed/zero2.json"),
+            "--output-dir", str(out), *extra]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_uneven_data_with_evaluation_and_kill_resume(run_config, tmp_path):
+    code, output = launch(torchrun(*pretrain_args(run_config, tmp_path / "straight")))
+    assert code == 0, output[-4000:]
+    summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["pretrain_steps"] == 6 and summary["eval_scenes"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [3]
+
+    killed = tmp_path / "killed"
+    proc = launch(torchrun(*pretrain_args(run_config, killed)), wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "checkpoints" / "step2").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "step2").exists() and not (killed / "export.pt").exists()
+    code, output = launch(torchrun(*pretrain_args(run_config, killed, "--resume")))
+    assert code == 0, output[-4000:]
+    assert "resumed from" in output
+    a = load_export(tmp_path / "straight" / "export.pt")["state_dict"]
+    b = load_export(killed / "export.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_missing_shards_on_two_ranks_is_one_line_once(run_config, tmp_path):
+    code, output = launch(torchrun(*pretrain_args(run_config, tmp_path / "run", "--set", "data.train=[nowhere]")))
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == ["error: no such shard or directory: nowhere"], output[-3000:]
+    # no rank prints a traceback ([rankN]: lines); torchrun then reports the children's exit status
+    assert "[rank0]:" not in output and "[rank1]:" not in output and code != 0
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_expected_failures_are_one_line_with_exit_status_2(tmp_path, capsys, run_config):
+    not_a_checkpoint = tmp_path / "notes.txt"
+    not_a_checkpoint.write_text("hello")
+    data = str(run_config.parent / "val")
+    cases = {
+        ("eval-seg", "--checkpoint", str(tmp_path / "missing.pt"), "--data", data): "missing.pt: no such export file",
+        ("eval-seg", "--checkpoint", str(not_a_checkpoint), "--data", data): "notes.txt: not a sparsegps export",
+        ("eval-pretrain", "--checkpoint", str(tmp_path / "missing.pt"), "--data", data): "no such export file",
+        ("export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.pt")): "no complete checkpoint",
+        ("pretrain", "--config", str(run_config), "--set", "steps=abc"): "steps: expected an integer",
+        ("pretrain", "--config", str(run_config), "--output-dir", str(tmp_path / "fresh"), "--resume"):
+            "--resume: no complete checkpoint",
+    }
+    for argv, message in cases.items():
+        code, err = run_cli(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (argv, err)
+    with pytest.raises(Exception, match="no such export file"):  # --debug shows the traceback
+        cli.main(["eval-seg", "--checkpoint", str(tmp_path / "missing.pt"), "--data", data, "--debug"])
+
+
+def test_an_export_of_another_shape_is_refused_naming_the_file(tmp_path, run_config):
+    from sparsegps.models.gps import GPSModel
+    from sparsegps.train.pretrain import load_pretrained_model
+
+    cfg = config(run_config.parent, tmp_path)
+    torch.save({"format": "sparsegps-export", "state_dict": GPSModel(cfg.model).state_dict(),
+                "model_config": {**to_dict(cfg.model), "d_model": 64}},
+               tmp_path / "other.pt")
+    with pytest.raises(UsageError, match=r"other\.pt: its weights do not fit this model"):
+        load_pretrained_model(tmp_path / "other.pt")
