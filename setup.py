@@ -48,6 +48,7 @@ setup(
     extras_require={
         **SPCONV_EXTRAS,
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "tensorboard": ["tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["sparsegps=sparsegps.cli:main"]},
     classifiers=[

@@ -228,3 +228,31 @@ def test_zero3_export_loads_into_a_fresh_model_and_matches_zero0(shards, tmp_pat
     # the logits are compared as the softmax sees them: a shared shift (that bias) means nothing
     p0, p3 = out0["grounding_logits"].log_softmax(-1), out3["grounding_logits"].log_softmax(-1)
     assert p0.shape[0] > 0 and torch.allclose(p0, p3, atol=1e-4)
+
+
+def test_csv_monitor_logs_every_loss_learning_rate_and_throughput(shards, tmp_path):
+    torch.manual_seed(0)
+    pretrain(config(shards, tmp_path, steps=2, monitor="csv",
+                    data={"train": [str(shards / "train")], "val": [], "transforms": {"voxel_size": 0.15,
+                                                                                       "augment": False}}),
+             progress=False)
+    files = {p.stem: p for p in (tmp_path / "monitor").rglob("*.csv")}
+    for name in ("train_loss", "train_loss_grounding", "train_loss_mlm", "train_scenes_per_s", "train_lr_heads"):
+        assert name in files, sorted(files)
+        rows = files[name].read_text().splitlines()
+        assert len(rows) == 3, rows  # header + steps 1 and 2
+    jsonl = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    step2 = files["train_loss"].read_text().splitlines()[2].split(",")
+    assert float(step2[0]) == 2 and float(step2[1]) == pytest.approx(jsonl[1]["loss"], rel=1e-5)
+
+
+def test_monitor_missing_package_is_named(shards, tmp_path, monkeypatch):
+    import importlib.util
+
+    from sparsegps.errors import UsageError
+    from sparsegps.train.engine import check_monitor_installed
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(UsageError, match="monitor: wandb needs the wandb package"):
+        check_monitor_installed("wandb")
