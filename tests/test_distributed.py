@@ -4,6 +4,7 @@ in step under ZeRO 0/2/3; losses are shares of global means; evaluation on two r
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,79 @@ def test_a_batch_split_over_two_ranks_has_the_loss_and_gradients_of_one(tmp_path
         assert torch.allclose(split["grads"][name], g, rtol=1e-4, atol=1e-6 * largest), name
     # the local-mean normalisation this replaces would give another loss: rank 1 has no referral
     assert not torch.allclose(split["loss"][1], loss[1] / 2)
+
+
+def _finetune_worker(rank, world, port, data, out):
+    join_as(rank, world, port)
+    from sparsegps.config import from_dict
+    from sparsegps.train.finetune_ground import GroundConfig, finetune_grounding
+    from sparsegps.train.finetune_seg import SegConfig, finetune_segmentation
+
+    from test_pretrain import TINY_MODEL
+
+    data, out = Path(data), Path(out)
+    transforms = {"voxel_size": 0.15, "augment": False}
+    common = {"micro_batch": 1, "global_batch": 2, "steps": len(LACKS), "device": "cpu", "checkpoint_every": 100,
+              "log_every": 1, "num_workers": 0, "dist_timeout_s": 120, "eval_every": 3,
+              "deepspeed": str(ROOT / "configs/deepspeed/zero2.json"), "optim": {"warmup_steps": 0}}
+    torch.manual_seed(0)
+    seg = finetune_segmentation(from_dict(SegConfig, {
+        **common, "output_dir": str(out / "seg"), "model": {"backbone": TINY_MODEL["backbone"]},
+        "data": {"train": [str(data / "train")], "val": [str(data / "val")], "transforms": transforms}}),
+        progress=False)
+    ground = finetune_grounding(from_dict(GroundConfig, {
+        **common, "output_dir": str(out / "ground"), "model": TINY_MODEL, "loss": {"referral_object": 0.5},
+        "data": {"train": [str(data / "train")], "val": [str(data / "val")], "benchmark": "nr3d",
+                 "transforms": {**transforms, "max_referrals": 2}}}), progress=False)
+    torch.save({"seg": seg, "ground": ground}, out / f"finetune{rank}.pt")
+
+
+@pytest.mark.slow
+def test_two_ranks_fine_tune_segmentation_and_grounding_on_uneven_data(uneven, tmp_path):
+    """The same uneven shards (rank 1: no referrals, no labelled voxels at some steps) through
+    finetune-seg and finetune-ground on 2 ranks; segmentation mIoU on 2 ranks equals one process's."""
+    data = uneven / "mb1"
+    spawn(_finetune_worker, str(data), str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"finetune{r}.pt", weights_only=False) for r in range(2))
+    assert r0["seg"]["seg_miou"] == r1["seg"]["seg_miou"]
+    assert r0["ground"]["ground_steps"] == len(LACKS) and "ground_accuracy" in r0["ground"]
+    evals = [json.loads(line) for line in (tmp_path / "ground" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals if r["kind"] == "eval"] == [3]
+
+    from sparsegps.eval.segmentation import evaluate_segmentation
+    from sparsegps.train.finetune_seg import load_segmentation_model
+
+    model, blob = load_segmentation_model(tmp_path / "seg" / "export.pt")
+    names = blob["vocabulary"]
+    report, _ = evaluate_segmentation(model, [str(data / "val")], 0.15, torch.device("cpu"), len(names), names,
+                                      progress=False)
+    assert report["miou"] == pytest.approx(r0["seg"]["seg_miou"], rel=1e-12)
+
+
+def _stuck_rank_worker(rank, world, port, data, out):
+    join_as(rank, world, port)
+    from sparsegps.models.gps import GPSModel
+    from sparsegps.train.pretrain import pretrain
+
+    original, calls = GPSModel.forward, []
+
+    def forward_that_sticks(self, batch):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:  # rank 1 stops answering at step 2 (a deadlock, a dead node)
+            time.sleep(300)
+        return original(self, batch)
+
+    GPSModel.forward = forward_that_sticks
+    cfg = config(Path(data), Path(out), steps=4, global_batch=2, micro_batch=1, checkpoint_every=100,
+                 dist_timeout_s=10, data=data_config(Path(data)))
+    pretrain(cfg, progress=False)
+
+
+@pytest.mark.slow
+def test_a_rank_that_stops_answering_ends_the_others_with_an_error_naming_rank_and_step(uneven, tmp_path):
+    started = time.time()
+    with pytest.raises(Exception) as failure:
+        spawn(_stuck_rank_worker, str(uneven / "mb1"), str(tmp_path))
+    message = str(failure.value)
+    assert "CollectiveError: rank 0 of 2, step 2" in message and "TORCH_DISTRIBUTED_DEBUG" in message, message
+    assert time.time() - started < 200  # dist_timeout_s, not the 300 s the stuck rank sleeps
