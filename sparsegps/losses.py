@@ -72,6 +72,19 @@ def multi_positive_info_nce(a: torch.Tensor, b: torch.Tensor, positive: torch.Te
     return log_all - log_pos
 
 
+def scaled_cosine(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """scale * cos(a_i, b_j): a [N, E], b [K, E] -> [N, K], in fp32."""
+    with torch.autocast(a.device.type, enabled=False):
+        return scale.float() * F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy [N] of rows with a label (>= 0; 0 for rows labelled -1), with label smoothing."""
+    with torch.autocast(logits.device.type, enabled=False):
+        loss = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none", label_smoothing=smoothing)
+    return loss * (labels >= 0)
+
+
 def masked_object_cross_entropy(logits: torch.Tensor, padding_mask: torch.Tensor,
                                 target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over a scene's objects, per referral: logits [R, L], padding_mask [R, L]

@@ -1,13 +1,24 @@
 """Evaluate a fine-tuned segmentation model on shards: predictions mapped from voxels to every
 original point, mIoU, per-class IoU and accuracy (ignore index honoured), a confusion-matrix PNG
-and a JSON report in --out."""
+and a JSON report in --out.
+
+--zero-shot evaluates a pre-training export with no segmentation head: voxels are labelled by the
+class whose name ("a <class>") their text-space feature is closest to (the dense_text loss). The
+classes are the pre-training vocabulary, or --classes "chair,table,..."; the report gives the mIoU
+of the classes seen in pre-training and of those never named there separately."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+from sparsegps.errors import UsageError
 
 
 def add_arguments(parser):
-    parser.add_argument("--checkpoint", required=True, help="export of a finetune-seg run (RUN/export.pt)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="export of a finetune-seg run (RUN/export.pt); with --zero-shot, of a pre-training run")
+    parser.add_argument("--zero-shot", action="store_true", help="segment with the pre-trained model by class names")
+    parser.add_argument("--classes", default=None, help="comma-separated class names (--zero-shot)")
     parser.add_argument("--data", nargs="+", required=True, help="shards or directories")
     parser.add_argument("--out", default=None, help="report folder (default: next to the checkpoint)")
     parser.add_argument("--tta", type=int, default=1, help="rotations about z averaged (test-time augmentation)")
@@ -28,15 +39,56 @@ def run(args) -> int:
     if device.type == "cpu":
         import torch
         torch.set_flush_denormal(True)
-    model, blob = load_segmentation_model(args.checkpoint, device)
+    if args.zero_shot:
+        model, blob, seen = zero_shot_model(args.checkpoint, args.classes, device)
+    else:
+        if args.classes:
+            raise UsageError("--classes goes with --zero-shot (a fine-tuned head has its own classes)")
+        model, blob = load_segmentation_model(args.checkpoint, device)
     names = model.class_names
     vocabulary = SceneStore(args.data).vocabulary
     index = {n: i for i, n in enumerate(names)}
     remap = np.array([index.get(v, -1) for v in vocabulary], dtype=np.int64)
     report, conf = evaluate_segmentation(model, args.data, blob["voxel_size"], device, len(names), names, remap,
                                          args.tta, args.batch_size, args.max_scenes)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval_seg"
+    if args.zero_shot:
+        report.update(zero_shot_split(report, seen))
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / ("eval_zero_shot" if args.zero_shot
+                                                                           else "eval_seg")
     write_report(report, conf, names, out, f"segmentation: {', '.join(map(str, args.data))}")
     print(format_table(report))
+    if args.zero_shot:
+        print(f"zero-shot: mIoU over classes named in pre-training {report['miou_seen']:.3f}, over classes never "
+              f"named there {report['miou_unseen']:.3f} ({', '.join(report['unseen_classes']) or 'none'})")
     print(f"report: {out / 'seg_report.json'}  confusion matrix: {out / 'confusion.png'}")
     return 0
+
+
+def zero_shot_model(path: str, classes: str | None, device):
+    """The pre-trained model as a `ZeroShotSegmenter`, its export, and the classes it was trained on."""
+    from sparsegps.models.seg_heads import ZeroShotSegmenter
+    from sparsegps.train.pretrain import load_pretrained_model
+
+    gps, blob = load_pretrained_model(path, device)
+    if gps.cfg.loss.dense_text <= 0:
+        print(f"warning: {path} was pre-trained without the dense_text loss; its voxel features were never "
+              f"aligned with class names", file=sys.stderr)
+    seen = list(gps.cfg.class_names or blob.get("vocabulary", []))
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else seen
+    if not names:
+        raise UsageError(f"{path}: no class names stored; pass --classes")
+    return ZeroShotSegmenter(gps, names).to(device), blob, seen
+
+
+def zero_shot_split(report: dict, seen: list[str]) -> dict:
+    """mIoU of the evaluated classes named in pre-training and of those never named there."""
+    import numpy as np
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else float("nan")
+
+    iou = report["per_class_iou"]
+    unseen = [c for c in iou if c not in seen]
+    return {"unseen_classes": unseen, "miou_seen": mean(v for c, v in iou.items() if c in seen),
+            "miou_unseen": mean(iou[c] for c in unseen)}

@@ -36,6 +36,13 @@ class LossWeights:
     referral_object: float = 1.0
     grounding: float = 1.0
     mlm: float = 1.0
+    # Not in GPS's pre-training: GPS trains its object encoder beforehand on object classification
+    # against class-name text embeddings (label smoothing 0.3); here that signal can train the
+    # pooled object tokens end to end.
+    object_class: float = 0.0
+    # Not in GPS: every labelled voxel's feature, projected into the text space, against the
+    # class-name texts, so a pre-trained model segments by naming classes (eval-seg --zero-shot).
+    dense_text: float = 0.0
 
 
 @dataclass
@@ -56,7 +63,14 @@ class ModelConfig:
     sentence_pooling: str = "mean"  # mean of the tokens, or cls
     mlm_probability: float = 0.15
     activation_checkpointing: bool = False  # transformer layers and the backbone decoder
+    # Classes of the object_class and dense_text losses, as "a <class>" prompts; label ids of the
+    # batch index this list. Empty: pre-training fills in the training store's vocabulary.
+    class_names: list[str] = field(default_factory=list)
+    object_class_smoothing: float = 0.3  # GPS's label smoothing for object classification
     loss: LossWeights = field(default_factory=LossWeights)
+
+
+LOSS_NAMES = tuple(f.name for f in dataclasses.fields(LossWeights))
 
 
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
@@ -88,6 +102,9 @@ class GPSModel(nn.Module):
         self.object_proj, self.scene_proj, self.fused_proj = _mlp(d, e), _mlp(d, e), _mlp(d, e)
         self.text_proj = _mlp(hidden, e)
         self.object_scale, self.scene_scale, self.referral_scale = L.LogitScale(), L.LogitScale(), L.LogitScale()
+        self.object_class_proj = _mlp(d, e)
+        self.dense_proj = _mlp(self.backbone.out_channels, e)
+        self.class_scale, self.dense_scale = L.LogitScale(), L.LogitScale()
 
     # ------------------------------------------------------------------------------ encoders
     def encode_objects(self, batch: dict) -> dict:
@@ -162,8 +179,10 @@ class GPSModel(nn.Module):
         object_rows, object_texts = self._object_text_pairs(batch, objects)
 
         masked = ref["labels"] != L.IGNORE_INDEX if use_mlm else torch.zeros_like(ref["pad"])
-        local = torch.tensor([n_ref, int(masked.sum()), len(object_rows)], device=device, dtype=torch.float64)
-        n_ref_all, n_masked_all, n_object_all = all_reduce_sum(local).unbind()
+        object_label, voxel_label = batch["object_label"].to(device), batch["voxel_semantic"].to(device)
+        local = torch.tensor([n_ref, int(masked.sum()), len(object_rows), int((object_label >= 0).sum()),
+                              int((voxel_label >= 0).sum())], device=device, dtype=torch.float64)
+        n_ref_all, n_masked_all, n_object_all, n_labelled_objects, n_labelled_voxels = all_reduce_sum(local).unbind()
 
         fused_text, fused_obj, logits = self.ground(ref, scene_index, objects)
         # padding is masked only on real rows: the placeholder's row stays finite (weight zero)
@@ -186,13 +205,34 @@ class GPSModel(nn.Module):
                                                              device)
         if w.scene_text > 0:
             out.update(self._scene_text(batch, objects, device))
+        if w.object_class > 0 or w.dense_text > 0:
+            classes = self.class_embeddings(self.cfg.class_names, device)
+            if w.object_class > 0:
+                logits = L.scaled_cosine(self.object_class_proj(objects["tokens"][~objects["pad"]]), classes,
+                                         self.class_scale())
+                per_object = L.labelled_cross_entropy(logits, object_label, self.cfg.object_class_smoothing)
+                out["loss_object_class"] = L.global_mean_share(per_object.sum(), n_labelled_objects)
+            if w.dense_text > 0:
+                logits = self.dense_class_logits(objects["voxel_feats"], classes)
+                per_voxel = L.labelled_cross_entropy(logits, voxel_label)
+                out["loss_dense_text"] = L.global_mean_share(per_voxel.sum(), n_labelled_voxels)
 
         total = objects["tokens"].sum() * 0.0
-        for name in ("object_text", "scene_text", "referral_object", "grounding", "mlm"):
+        for name in LOSS_NAMES:
             value = out.setdefault(f"loss_{name}", total * 0.0)
             total = total + getattr(w, name) * value
         out["loss"] = total
         return out
+
+    def class_embeddings(self, class_names: list[str], device) -> torch.Tensor:
+        """Text-space embeddings [K, E] of the "a <class>" prompts."""
+        if not class_names:
+            raise ValueError("model.class_names is empty: the object_class and dense_text losses need the classes")
+        return self.text_proj(self.encode_text([f"a {name}" for name in class_names], device)["sentence"])
+
+    def dense_class_logits(self, voxel_feats: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Each voxel's scaled cosine [V, K] with the class embeddings: segmentation by naming classes."""
+        return L.scaled_cosine(self.dense_proj(voxel_feats), classes, self.dense_scale())
 
     def _object_text_pairs(self, batch: dict, objects: dict) -> tuple[list[int], list[str]]:
         """The objects (rows of the flattened valid tokens) that have a text, and that text: their

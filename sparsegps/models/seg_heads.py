@@ -114,3 +114,24 @@ class SegmentationModel(nn.Module):
                 if name != "decoder":
                     module.eval()
         return self
+
+
+class ZeroShotSegmenter(nn.Module):
+    """A pre-trained GPS model segmenting by naming classes, with no segmentation head and no
+    segmentation labels: each voxel's dense text-space feature (the `dense_text` pre-training loss)
+    against the "a <class>" embeddings of any class list. `forward(batch) -> [V, K]` logits."""
+
+    def __init__(self, gps_model: nn.Module, class_names: list[str]):
+        super().__init__()
+        self.gps = gps_model
+        self.set_classes(class_names)
+
+    @torch.no_grad()
+    def set_classes(self, class_names: list[str]) -> None:
+        self.class_names = list(class_names)
+        device = next(self.gps.parameters()).device
+        self.register_buffer("classes", self.gps.class_embeddings(self.class_names, device), persistent=False)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        feats = self.gps.backbone(batch["coords"], batch["feats"], batch["batch_size"], batch["spatial_shape"])
+        return self.gps.dense_class_logits(feats, self.classes)

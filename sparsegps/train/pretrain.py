@@ -8,6 +8,7 @@ consolidated fp32 state dict that the fine-tuning commands load.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ import torch.distributed as dist
 
 from sparsegps.config import from_dict, to_dict
 from sparsegps.data import ScenesDataset, TransformConfig
+from sparsegps.errors import UsageError
+from sparsegps.files import atomic_write_text
 from sparsegps.models.gps import GPSModel, ModelConfig
 
 from .checkpoint import export_state_dict, load_export, load_weights
@@ -44,9 +47,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     from sparsegps.eval.pretrain import evaluate_pretraining
 
     if not cfg.data.train:
-        raise ValueError("data.train names no shards")
-    run = setup_run(cfg, resume)
+        raise UsageError("data.train names no shards")
     train_set = ScenesDataset(cfg.data.train, cfg.data.transforms, seed=cfg.seed)
+    cfg = with_class_names(cfg, train_set.vocabulary)
+    run = setup_run(cfg, resume)
     model = GPSModel(cfg.model)
     engine, ds_config = build_engine(run, model, model.parameter_groups(), cfg.optim)
 
@@ -66,10 +70,20 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         summary.update(evaluate())
     if run.rank == 0:
         export_state_dict(run.out / "checkpoints", run.out / "export.pt", extra=extra)
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=1))
     if dist.is_initialized():
         dist.barrier()
     return summary
+
+
+def with_class_names(cfg: PretrainConfig, vocabulary: list[str]) -> PretrainConfig:
+    """The config with `model.class_names` set to the training store's vocabulary (the label ids of
+    its batches index it); a different list given by the user is refused."""
+    names = list(cfg.model.class_names)
+    if names and names != list(vocabulary):
+        raise UsageError(f"model.class_names {names[:5]}... differs from the training shards' vocabulary "
+                         f"{list(vocabulary)[:5]}...; leave it empty to use the shards' vocabulary")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, class_names=list(vocabulary)))
 
 
 def load_pretrained_model(path: str | os.PathLike, device="cpu") -> tuple[GPSModel, dict]:

@@ -1,0 +1,97 @@
+"""The losses that train the backbone for what comes after pre-training: object classification
+against class-name texts (GPS's object-encoder stage, here end to end) and language-aligned dense
+voxel features, with the zero-shot segmentation they enable."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sparsegps import losses as L
+from sparsegps.config import from_dict
+from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes, write_scenes
+from sparsegps.models.gps import GPSModel, ModelConfig
+
+from conftest import VOCAB, make_scene
+from test_pretrain import TINY_MODEL
+
+
+def test_labelled_cross_entropy_hand_computed_with_smoothing_and_unlabelled_rows():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]])
+    labels = torch.tensor([0, 1, -1])
+    got = L.labelled_cross_entropy(logits, labels, smoothing=0.3)
+    # smoothed target: (1 - 0.3) on the label + 0.3 / 3 on every class
+    for row, label in ((0, 0), (1, 1)):
+        logp = torch.log_softmax(logits[row], -1)
+        expected = -(0.7 * logp[label] + 0.1 * logp.sum())
+        assert got[row].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert got[2].item() == 0.0
+    assert L.scaled_cosine(torch.tensor([[3.0, 0.0]]), torch.tensor([[1.0, 1.0]]), torch.tensor(10.0)).item() == \
+        pytest.approx(10 / math.sqrt(2))
+
+
+def tiny(**loss) -> ModelConfig:
+    return from_dict(ModelConfig, {**TINY_MODEL, "class_names": VOCAB, "dropout": 0.0,
+                                   "loss": {"object_text": 0, "scene_text": 0, "referral_object": 0, "grounding": 0,
+                                            "mlm": 0, **loss}})
+
+
+@pytest.fixture(scope="module")
+def rooms(tmp_path_factory):
+    rng = np.random.default_rng(7)
+    root = tmp_path_factory.mktemp("dense")
+    write_scenes([make_scene(rng, f"r{i}", 400, 4) for i in range(3)], root, vocabulary=VOCAB, progress=False)
+    return ScenesDataset(root, TransformConfig(voxel_size=0.15, augment=False))
+
+
+def test_object_class_loss_is_the_smoothed_cross_entropy_over_class_prompts(rooms):
+    torch.manual_seed(0)
+    model = GPSModel(tiny(object_class=1.0)).eval()
+    batch = collate_scenes([rooms[0], rooms[1]])
+    out = model(batch)
+    objects = out["objects"]
+    classes = model.class_embeddings(VOCAB, "cpu")
+    logits = model.class_scale() * torch.nn.functional.normalize(
+        model.object_class_proj(objects["tokens"][~objects["pad"]]), dim=-1) @ torch.nn.functional.normalize(
+        classes, dim=-1).T
+    labels = batch["object_label"]
+    assert (labels >= 0).all() and len(labels) == 8
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.3)
+    assert out["loss_object_class"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_zero_shot_segmentation_of_a_model_overfit_with_the_dense_loss(rooms):
+    """A tiny model trained only on dense_text for a few rooms names their voxels' classes."""
+    from sparsegps.eval.segmentation import evaluate_segmentation
+    from sparsegps.models.seg_heads import ZeroShotSegmenter
+
+    torch.manual_seed(0)
+    model = GPSModel(tiny(dense_text=1.0))
+    batch = collate_scenes([rooms[i] for i in range(3)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        optimizer.zero_grad()
+        loss = model(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.3
+    with torch.no_grad():  # BatchNorm's running statistics set to these rooms' (momentum 0.02 lags)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None
+        model(batch)
+    segmenter = ZeroShotSegmenter(model, VOCAB)
+    report, _ = evaluate_segmentation(segmenter, [str(rooms.store.paths[0].parent)], 0.15, torch.device("cpu"),
+                                      len(VOCAB), VOCAB, progress=False)
+    assert report["accuracy"] > 0.9, report
+    # naming the classes in another order permutes the predictions, nothing else
+    segmenter.set_classes(VOCAB[::-1])
+    reversed_ids = np.arange(len(VOCAB))[::-1].copy()
+    again, _ = evaluate_segmentation(segmenter, [str(rooms.store.paths[0].parent)], 0.15, torch.device("cpu"),
+                                     len(VOCAB), VOCAB[::-1], reversed_ids, progress=False)
+    assert again["accuracy"] == pytest.approx(report["accuracy"])
