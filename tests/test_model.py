@@ -69,13 +69,39 @@ def test_grounding_logits_mask_padded_objects(batch_and_dataset):
         assert finite.sum() == counts[scene] and finite[: counts[scene]].all()
 
 
-def test_parameter_groups_cover_the_model_once():
+def test_parameter_groups_cover_the_model_once_and_exempt_exactly_gps_s_no_decay_set():
     model = GPSModel(tiny_config())
     groups = model.parameter_groups()
     ids = [id(p) for ps in groups.values() for p in ps]
     assert len(ids) == len(set(ids)) == len([p for p in model.parameters() if p.requires_grad])
-    assert any(p is model.scene_scale.log_scale for p in groups["heads"])  # the temperature is trained
-    assert all(p in {id(q) for q in model.text.parameters()} for p in map(id, groups["text_encoder"]))
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_group = {g: {names[id(p)] for p in ps} for g, ps in groups.items()}
+    # independent oracle, by module type and name: what GPS's optimizer exempts from weight decay
+    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Embedding)
+    exempt = set()
+    for module_name, module in model.named_modules():
+        for n, _ in module.named_parameters(prefix=module_name, recurse=False):
+            if isinstance(module, norms) or n.endswith(("bias", "log_scale", "token_type")):
+                exempt.add(n)
+    for group, members in by_group.items():
+        for n in members:
+            assert group.endswith("/no_decay") == (n in exempt), (group, n)
+    assert "heads/no_decay" in by_group and "backbone.stem.conv.weight" in by_group["backbone"]
+    assert "scene_scale.log_scale" in by_group["heads/no_decay"]  # temperatures train, without decay
+    assert by_group["text_encoder/no_decay"] >= {"text.bert.embeddings.word_embeddings.weight"}
+    assert "spatial.layers.0.attn.q_proj.weight" in by_group["transformers"]
+    assert set(model.parameter_groups(decay_exempt=False)) == {"text_encoder", "backbone", "transformers", "heads"}
+
+
+def test_optimizer_gives_each_role_its_learning_rate_and_no_decay_groups_none():
+    from sparsegps.train.engine import OptimConfig, build_optimizer
+
+    model = GPSModel(tiny_config())
+    cfg = OptimConfig(lr_text_encoder=1e-5, lr_backbone=1e-3, lr_transformers=1e-4, lr_heads=5e-4, weight_decay=0.05)
+    optimizer = build_optimizer(model.parameter_groups(), cfg, global_batch=64, device_type="cpu")
+    got = {g["name"]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
+    assert got["backbone"] == (1e-3, 0.05) and got["backbone/no_decay"] == (1e-3, 0.0)
+    assert got["transformers"] == (1e-4, 0.05) and got["heads/no_decay"] == (5e-4, 0.0)
 
 
 def test_text_encoder_is_truncated_pretrained_minilm():

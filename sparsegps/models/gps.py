@@ -288,20 +288,32 @@ class GPSModel(nn.Module):
                 "caption_embedding": F.normalize(text[: len(scenes)].float(), dim=-1)}
 
     # ------------------------------------------------------------------------------ helpers
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """GPS's optimizer groups: text encoder, backbone + transformers, heads."""
-        groups: dict[str, list[nn.Parameter]] = {"text_encoder": [], "backbone": [], "heads": []}
-        body = ("backbone.", "pooling.", "spatial.", "grounding.", "text_to_model.")
+    def parameter_groups(self, decay_exempt: bool = True) -> dict[str, list[nn.Parameter]]:
+        """Optimizer groups by role: text encoder, U-Net backbone, transformers (pooling, spatial,
+        grounding), heads. With `decay_exempt` (GPS), biases, norms, embeddings and temperatures go
+        to "<role>/no_decay" groups, which get no weight decay."""
+        body = ("pooling.", "spatial.", "grounding.", "text_to_model.")
+        exempt = no_decay_parameter_names(self) if decay_exempt else set()
+        groups: dict[str, list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            if name.startswith("text."):
-                groups["text_encoder"].append(p)
-            elif name.startswith(body):
-                groups["backbone"].append(p)
-            else:
-                groups["heads"].append(p)
+            role = ("text_encoder" if name.startswith("text.") else "backbone" if name.startswith("backbone.")
+                    else "transformers" if name.startswith(body) else "heads")
+            groups.setdefault(role + ("/no_decay" if name in exempt else ""), []).append(p)
         return groups
+
+
+def no_decay_parameter_names(model: nn.Module) -> set[str]:
+    """Parameters GPS exempts from weight decay: biases, norm weights and temperatures (fewer than 2
+    dimensions), embedding tables and token-type embeddings."""
+    names = set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if p.ndim < 2 or isinstance(module, nn.Embedding) or name == "token_type":
+                names.add(full)
+    return names
 
 
 def text_key(text: str) -> int:

@@ -23,7 +23,8 @@ class OptimConfig:
 
     optimizer: str = "adamw"  # adamw, or lamb (DeepSpeed's fused LAMB, GPU only) for the largest batches
     lr_text_encoder: float = 1e-5
-    lr_backbone: float = 1e-4
+    lr_backbone: float = 1e-4  # the U-Net (GPS: its frozen, separately trained PointNet++ had none)
+    lr_transformers: float | None = None  # pooling, spatial and grounding transformers; None: lr_backbone
     lr_heads: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
@@ -66,9 +67,14 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 
 
 def build_optimizer(groups: dict[str, list], cfg: OptimConfig, global_batch: int, device_type: str):
+    """The optimizer over `groups` ({role or role/no_decay: parameters}); a role's learning rate
+    comes from `cfg`, and "/no_decay" groups get no weight decay."""
     scale = (global_batch / cfg.reference_batch) ** cfg.lr_scaling_power
-    lrs = {"text_encoder": cfg.lr_text_encoder, "backbone": cfg.lr_backbone, "heads": cfg.lr_heads}
-    params = [{"params": p, "lr": lrs[name] * scale, "name": name} for name, p in groups.items() if p]
+    lrs = {"text_encoder": cfg.lr_text_encoder, "backbone": cfg.lr_backbone, "heads": cfg.lr_heads,
+           "transformers": cfg.lr_backbone if cfg.lr_transformers is None else cfg.lr_transformers}
+    params = [{"params": p, "lr": lrs[name.split("/")[0]] * scale, "name": name,
+               "weight_decay": 0.0 if name.endswith("/no_decay") else cfg.weight_decay}
+              for name, p in groups.items() if p]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "lamb":
