@@ -95,3 +95,25 @@ def test_zero_shot_segmentation_of_a_model_overfit_with_the_dense_loss(rooms):
     again, _ = evaluate_segmentation(segmenter, [str(rooms.store.paths[0].parent)], 0.15, torch.device("cpu"),
                                      len(VOCAB), VOCAB[::-1], reversed_ids, progress=False)
     assert again["accuracy"] == pytest.approx(report["accuracy"])
+
+
+def test_gps_referral_contrast_equals_a_transcription_of_gps_text_obj_within_batch(rooms):
+    """GPS (optim/loss/contra_loss.py, TextObjWithinBatch): fused objects against the fused [CLS]
+    by plain cosine, padded objects at -inf, cross-entropy averaged over referrals."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = GPSModel(tiny(referral_object=1.0)).eval()
+    model.cfg.referral_contrast = "gps"
+    batch = collate_scenes([rooms[0], rooms[1]])
+    out = model(batch)
+    referrals = [t for t in batch["texts"] if t["kind"] == "referral"]
+    scene = torch.tensor([t["scene"] for t in referrals])
+    target = torch.tensor([t["target"] for t in referrals]) - batch["object_offsets"][scene]
+    fused_text, fused_obj, _ = model.ground(model.encode_text([t["text"] for t in referrals], "cpu"), scene,
+                                            out["objects"])
+    obj_feats, text_feats = F.normalize(fused_obj, dim=-1, p=2), F.normalize(fused_text[:, 0], dim=-1, p=2)
+    logits = torch.einsum("bod,bd->bo", obj_feats, text_feats)
+    logits = logits.masked_fill(out["objects"]["pad"][scene], -float("inf"))
+    expected = F.cross_entropy(logits, target)
+    assert len(referrals) == 8 and out["loss_referral_object"].item() == pytest.approx(expected.item(), rel=1e-5)

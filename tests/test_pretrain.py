@@ -256,3 +256,18 @@ def test_monitor_missing_package_is_named(shards, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(UsageError, match="monitor: wandb needs the wandb package"):
         check_monitor_installed("wandb")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/pretrain").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_pretraining_config_loads(path):
+    cfg = load_config(PretrainConfig, path)
+    assert cfg.steps > 0 and cfg.global_batch % cfg.micro_batch == 0
+
+
+def test_gps_preset_keeps_gps_s_loss_set_and_schedule():
+    cfg = load_config(PretrainConfig, ROOT / "configs/pretrain/gps.yaml")
+    weights = {k: v for k, v in vars(cfg.model.loss).items() if v}
+    assert weights == {"scene_text": 1.0, "referral_object": 1.0, "mlm": 1.0}
+    assert cfg.model.referral_contrast == "gps" and cfg.model.sentence_pooling == "cls"
+    assert cfg.model.text.scene_caption_max_length >= 256
+    assert (cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.no_decay) == (500, 0.1, "gps")

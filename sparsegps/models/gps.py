@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 import hashlib
 
@@ -60,6 +61,11 @@ class ModelConfig:
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     freeze_text: bool = False
     object_text: str = "caption"  # caption: object captions; class_name: "a <class>" prompts
+    # Referral-object contrast. gps: the grounding encoder's fused objects against its fused [CLS]
+    # by plain cosine (GPS's TextObjWithinBatch); projected: fused objects and the unfused sentence
+    # through 256-d projections with a learnable temperature. The default is not yet chosen by
+    # measurement and stays the projected form.
+    referral_contrast: Literal["gps", "projected"] = "projected"
     sentence_pooling: str = "mean"  # mean of the tokens, or cls
     mlm_probability: float = 0.15
     activation_checkpointing: bool = False  # transformer layers and the backbone decoder
@@ -122,9 +128,10 @@ class GPSModel(nn.Module):
         return {"tokens": tokens, "pad": pad, "boxes": torch.cat([centers, sizes], dim=-1),
                 "voxel_feats": voxel_feats}
 
-    def encode_text(self, texts: list[str], device, mask: bool = False) -> dict:
-        """Token features of `texts`; with `mask`, BERT-masked input ids and MLM labels too."""
-        tok = self.text.tokenize(texts, device)
+    def encode_text(self, texts: list[str], device, mask: bool = False, max_length: int | None = None) -> dict:
+        """Token features of `texts` (cut at `max_length` tokens, default `text.max_length`); with
+        `mask`, BERT-masked input ids and MLM labels too."""
+        tok = self.text.tokenize(texts, device, max_length)
         ids, labels = tok["input_ids"], None
         if mask:
             ids, labels = L.mask_tokens(ids, tok["attention_mask"], tok["special_tokens_mask"],
@@ -189,8 +196,11 @@ class GPSModel(nn.Module):
         obj_pad = objects["pad"][scene_index] & real[:, None]
         grounding = L.masked_object_cross_entropy(logits.masked_fill(~real[:, None], 0.0), obj_pad, target)
         out["loss_grounding"] = L.global_mean_share((grounding * real).sum(), n_ref_all)
-        contrast = L.referral_contrastive_logits(self.fused_proj(fused_obj), self.text_proj(ref["sentence"]),
-                                                 self.referral_scale())
+        if self.cfg.referral_contrast == "gps":
+            contrast = L.referral_contrastive_logits(fused_obj, fused_text[:, 0], torch.ones((), device=device))
+        else:
+            contrast = L.referral_contrastive_logits(self.fused_proj(fused_obj), self.text_proj(ref["sentence"]),
+                                                     self.referral_scale())
         referral = L.masked_object_cross_entropy(contrast, obj_pad, target)
         out["loss_referral_object"] = L.global_mean_share((referral * real).sum(), n_ref_all)
         if use_mlm:
@@ -280,7 +290,8 @@ class GPSModel(nn.Module):
         valid = (~objects["pad"]).unsqueeze(-1).to(objects["tokens"].dtype)
         pooled = (objects["tokens"] * valid).sum(1) / valid.sum(1).clamp(min=1)
         scene_emb = self.scene_proj(pooled[scenes])
-        text = self.text_proj(self.encode_text([caption[s] for s in scenes] or [""], device)["sentence"])
+        text = self.text_proj(self.encode_text([caption[s] for s in scenes] or [""], device,
+                                               max_length=self.cfg.text.scene_caption_max_length)["sentence"])
         per_row, global_rows = L.symmetric_info_nce(scene_emb, text[: len(scenes)], self.scene_scale())
         loss = L.global_mean_share(per_row.sum() + text.sum() * 0.0, global_rows)
         return {"loss_scene_text": loss, "caption_scene": torch.tensor(scenes, device=device, dtype=torch.int64),
@@ -288,12 +299,12 @@ class GPSModel(nn.Module):
                 "caption_embedding": F.normalize(text[: len(scenes)].float(), dim=-1)}
 
     # ------------------------------------------------------------------------------ helpers
-    def parameter_groups(self, decay_exempt: bool = True) -> dict[str, list[nn.Parameter]]:
+    def parameter_groups(self, no_decay: NoDecayRule = "gps") -> dict[str, list[nn.Parameter]]:
         """Optimizer groups by role: text encoder, U-Net backbone, transformers (pooling, spatial,
-        grounding), heads. With `decay_exempt` (GPS), biases, norms, embeddings and temperatures go
-        to "<role>/no_decay" groups, which get no weight decay."""
+        grounding), heads. Parameters exempt from weight decay by `no_decay` (see
+        `no_decay_parameter_names`) go to "<role>/no_decay" groups."""
         body = ("pooling.", "spatial.", "grounding.", "text_to_model.")
-        exempt = no_decay_parameter_names(self) if decay_exempt else set()
+        exempt = no_decay_parameter_names(self, no_decay)
         groups: dict[str, list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -304,14 +315,27 @@ class GPSModel(nn.Module):
         return groups
 
 
-def no_decay_parameter_names(model: nn.Module) -> set[str]:
-    """Parameters GPS exempts from weight decay: biases, norm weights and temperatures (fewer than 2
-    dimensions), embedding tables and token-type embeddings."""
+NoDecayRule = Literal["gps", "norms_embeddings", "none"]
+
+
+def no_decay_parameter_names(model: nn.Module, rule: NoDecayRule = "gps") -> set[str]:
+    """Parameters exempt from weight decay.
+
+    gps: GPS's `no_decay_param_group` (SceneVerse optim/utils.py): names containing "bias" or
+    "LayerNorm." (BERT's norms; other norms and embeddings are decayed). norms_embeddings: every
+    parameter of fewer than 2 dimensions (biases, norm weights, temperatures), embedding tables and
+    token-type embeddings, the common practice since. none: decay everything."""
     names = set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             full = f"{module_name}.{name}" if module_name else name
-            if p.ndim < 2 or isinstance(module, nn.Embedding) or name == "token_type":
+            if rule == "gps":
+                exempt = "bias" in full or "LayerNorm." in full
+            elif rule == "norms_embeddings":
+                exempt = p.ndim < 2 or isinstance(module, nn.Embedding) or name == "token_type"
+            else:
+                exempt = False
+            if exempt:
                 names.add(full)
     return names
 

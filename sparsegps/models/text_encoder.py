@@ -17,7 +17,8 @@ from torch import nn
 class TextEncoderConfig:
     path: str | None = None  # local model directory; None: the shipped all-MiniLM-L6-v2
     num_layers: int = 4  # GPS keeps BERT's first 4 layers
-    max_length: int = 64
+    max_length: int = 64  # tokens kept of referrals and object captions
+    scene_caption_max_length: int | None = None  # of scene captions (GPS: 300); None: max_length
     pretrained: bool = True  # False: same architecture, random weights (tests)
 
 
@@ -68,8 +69,8 @@ class TextEncoder(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self.bert.get_input_embeddings()
 
-    def tokenize(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+    def tokenize(self, texts: list[str], device: torch.device, max_length: int | None = None) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length or self.max_length,
                              return_tensors="pt", return_special_tokens_mask=True)
         return {k: v.to(device) for k, v in tok.items()}
 

@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,9 @@ class OptimConfig:
     lr_heads: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
+    # which parameters get no weight decay: gps (biases and BERT's LayerNorms, as GPS), or
+    # norms_embeddings (also every norm, embedding table and temperature), or none
+    no_decay: Literal["gps", "norms_embeddings", "none"] = "gps"
     warmup_steps: int = 500
     min_lr_ratio: float = 0.0
     gradient_clipping: float = 5.0

@@ -146,7 +146,7 @@ def finetune_grounding(cfg: GroundConfig, pretrained: str | None = None, resume:
     model = GPSModel(cfg.model)
     if blob is not None:
         load_weights(model, blob["state_dict"], pretrained)
-    engine, ds_config = build_engine(run, model, model.parameter_groups(), cfg.optim)
+    engine, ds_config = build_engine(run, model, model.parameter_groups(cfg.optim.no_decay), cfg.optim)
 
     def monitor() -> dict:
         result = evaluate_pretraining(engine.module, cfg.data.val, cfg.data.transforms, run.device, run.precision,

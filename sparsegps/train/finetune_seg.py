@@ -108,7 +108,7 @@ def finetune_segmentation(cfg: SegConfig, pretrained: str | None = None, resume:
             raise UsageError(f"{pretrained}: its backbone does not fit ({str(e).splitlines()[-1].strip()[:200]})") from None
     model.freeze(cfg.freeze)
     wrapped = SegmentationLoss(model, remap)
-    exempt = no_decay_parameter_names(model)  # biases, norms, temperatures: no weight decay, as in GPS
+    exempt = no_decay_parameter_names(model, cfg.optim.no_decay)
     groups: dict[str, list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:

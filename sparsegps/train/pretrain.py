@@ -52,7 +52,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     cfg = with_class_names(cfg, train_set.vocabulary)
     run = setup_run(cfg, resume)
     model = GPSModel(cfg.model)
-    engine, ds_config = build_engine(run, model, model.parameter_groups(), cfg.optim)
+    engine, ds_config = build_engine(run, model, model.parameter_groups(cfg.optim.no_decay), cfg.optim)
 
     def evaluate() -> dict:
         return evaluate_pretraining(engine.module, cfg.data.val, cfg.data.transforms, run.device, run.precision,
