@@ -34,9 +34,9 @@ def batch_and_dataset(tmp_path_factory):
 def test_every_trainable_parameter_gets_a_gradient(batch_and_dataset):
     torch.manual_seed(0)
     batch, _ = batch_and_dataset
-    model = GPSModel(tiny_config())
+    model = GPSModel(tiny_config(class_names=VOCAB, loss={"object_class": 1.0, "dense_text": 1.0}))
     out = model(batch)
-    for name in ("object_text", "scene_text", "referral_object", "grounding", "mlm"):
+    for name in ("object_text", "scene_text", "referral_object", "grounding", "mlm", "object_class", "dense_text"):
         assert torch.isfinite(out[f"loss_{name}"]) and out[f"loss_{name}"].item() > 0, name
     out["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]

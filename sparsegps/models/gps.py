@@ -170,68 +170,69 @@ class GPSModel(nn.Module):
         in step, under ZeRO-3 too. Each loss is this rank's share of the mean of its terms over all
         ranks (`losses.global_mean_share`): the counts of terms are summed over ranks once per
         forward."""
-        device = batch["feats"].device
-        w = self.cfg.loss
+        device, w = batch["feats"].device, self.cfg.loss
         objects = self.encode_objects(batch)
-        out: dict = {"objects": objects}
-
-        referrals = [t for t in batch["texts"] if t["kind"] == "referral" and t["target"] >= 0]
-        n_ref = len(referrals)
-        real = torch.arange(max(n_ref, 1), device=device) < n_ref  # False on the placeholder
-        scene_index = torch.tensor([t["scene"] for t in referrals] or [0], device=device)
-        target = torch.tensor([t["target"] for t in referrals] or [0], device=device)
-        target = (target - batch["object_offsets"].to(device)[scene_index]).where(real, 0)
-        use_mlm = self.training and w.mlm > 0
-        ref = self.encode_text([t["text"] for t in referrals] or [""], device, mask=use_mlm)
+        referrals = Referrals.of(batch, device)
+        text = self.encode_text(referrals.texts, device, mask=self.training and w.mlm > 0)
         object_rows, object_texts = self._object_text_pairs(batch, objects)
+        masked = text["labels"] != L.IGNORE_INDEX if text["labels"] is not None else torch.zeros_like(text["pad"])
+        counts = global_counts(referrals=referrals.count, masked_tokens=masked.sum(), object_texts=len(object_rows),
+                               labelled_objects=(batch["object_label"] >= 0).sum(),
+                               labelled_voxels=(batch["voxel_semantic"] >= 0).sum(), device=device)
 
-        masked = ref["labels"] != L.IGNORE_INDEX if use_mlm else torch.zeros_like(ref["pad"])
-        object_label, voxel_label = batch["object_label"].to(device), batch["voxel_semantic"].to(device)
-        local = torch.tensor([n_ref, int(masked.sum()), len(object_rows), int((object_label >= 0).sum()),
-                              int((voxel_label >= 0).sum())], device=device, dtype=torch.float64)
-        n_ref_all, n_masked_all, n_object_all, n_labelled_objects, n_labelled_voxels = all_reduce_sum(local).unbind()
-
-        fused_text, fused_obj, logits = self.ground(ref, scene_index, objects)
-        # padding is masked only on real rows: the placeholder's row stays finite (weight zero)
-        obj_pad = objects["pad"][scene_index] & real[:, None]
-        grounding = L.masked_object_cross_entropy(logits.masked_fill(~real[:, None], 0.0), obj_pad, target)
-        out["loss_grounding"] = L.global_mean_share((grounding * real).sum(), n_ref_all)
-        if self.cfg.referral_contrast == "gps":
-            contrast = L.referral_contrastive_logits(fused_obj, fused_text[:, 0], torch.ones((), device=device))
-        else:
-            contrast = L.referral_contrastive_logits(self.fused_proj(fused_obj), self.text_proj(ref["sentence"]),
-                                                     self.referral_scale())
-        referral = L.masked_object_cross_entropy(contrast, obj_pad, target)
-        out["loss_referral_object"] = L.global_mean_share((referral * real).sum(), n_ref_all)
-        if use_mlm:
-            mlm_logits = self.mlm_head(fused_text[masked], self.text.word_embeddings.weight)
-            mlm = L.mlm_loss(mlm_logits, ref["labels"][masked])
-            out["loss_mlm"] = L.global_mean_share(mlm.sum() + mlm_logits.sum() * 0.0, n_masked_all)
-        out.update(grounding_logits=logits[:n_ref], grounding_target=target[:n_ref],
-                   grounding_scene=scene_index[:n_ref])
-
+        out = {"objects": objects, **self._referral_losses(referrals, text, masked, objects, counts)}
         if w.object_text > 0:
-            out["loss_object_text"] = self._object_text_loss(objects, object_rows, object_texts, n_object_all,
-                                                             device)
+            out["loss_object_text"] = self._object_text_loss(objects, object_rows, object_texts,
+                                                             counts["object_texts"], device)
         if w.scene_text > 0:
             out.update(self._scene_text(batch, objects, device))
         if w.object_class > 0 or w.dense_text > 0:
-            classes = self.class_embeddings(self.cfg.class_names, device)
-            if w.object_class > 0:
-                logits = L.scaled_cosine(self.object_class_proj(objects["tokens"][~objects["pad"]]), classes,
-                                         self.class_scale())
-                per_object = L.labelled_cross_entropy(logits, object_label, self.cfg.object_class_smoothing)
-                out["loss_object_class"] = L.global_mean_share(per_object.sum(), n_labelled_objects)
-            if w.dense_text > 0:
-                logits = self.dense_class_logits(objects["voxel_feats"], classes)
-                per_voxel = L.labelled_cross_entropy(logits, voxel_label)
-                out["loss_dense_text"] = L.global_mean_share(per_voxel.sum(), n_labelled_voxels)
-
+            out.update(self._class_losses(batch, objects, counts, device))
         total = objects["tokens"].sum() * 0.0
         for name in LOSS_NAMES:
             value = out.setdefault(f"loss_{name}", total * 0.0)
             total = total + getattr(w, name) * value
         out["loss"] = total
+        return out
+
+    def _referral_losses(self, referrals: "Referrals", text: dict, masked: torch.Tensor, objects: dict,
+                         counts: dict) -> dict:
+        """Grounding cross-entropy, referral-object contrast and MLM over the fused referrals."""
+        real, scene, target = referrals.real, referrals.scene_index, referrals.target
+        fused_text, fused_obj, logits = self.ground(text, scene, objects)
+        # padding is masked on real rows only: the placeholder's row stays finite (weight zero)
+        obj_pad = objects["pad"][scene] & real[:, None]
+        grounding = L.masked_object_cross_entropy(logits.masked_fill(~real[:, None], 0.0), obj_pad, target)
+        if self.cfg.referral_contrast == "gps":
+            contrast = L.referral_contrastive_logits(fused_obj, fused_text[:, 0], torch.ones((), device=real.device))
+        else:
+            contrast = L.referral_contrastive_logits(self.fused_proj(fused_obj), self.text_proj(text["sentence"]),
+                                                     self.referral_scale())
+        referral = L.masked_object_cross_entropy(contrast, obj_pad, target)
+        n = referrals.count
+        out = {"loss_grounding": L.global_mean_share((grounding * real).sum(), counts["referrals"]),
+               "loss_referral_object": L.global_mean_share((referral * real).sum(), counts["referrals"]),
+               "grounding_logits": logits[:n], "grounding_target": target[:n], "grounding_scene": scene[:n]}
+        if text["labels"] is not None:
+            mlm_logits = self.mlm_head(fused_text[masked], self.text.word_embeddings.weight)
+            mlm = L.mlm_loss(mlm_logits, text["labels"][masked])
+            out["loss_mlm"] = L.global_mean_share(mlm.sum() + mlm_logits.sum() * 0.0, counts["masked_tokens"])
+        return out
+
+    def _class_losses(self, batch: dict, objects: dict, counts: dict, device) -> dict:
+        """Object classification and dense voxel alignment against the class-name embeddings."""
+        w, out = self.cfg.loss, {}
+        classes = self.class_embeddings(self.cfg.class_names, device)
+        if w.object_class > 0:
+            logits = L.scaled_cosine(self.object_class_proj(objects["tokens"][~objects["pad"]]), classes,
+                                     self.class_scale())
+            per_object = L.labelled_cross_entropy(logits, batch["object_label"].to(device),
+                                                  self.cfg.object_class_smoothing)
+            out["loss_object_class"] = L.global_mean_share(per_object.sum(), counts["labelled_objects"])
+        if w.dense_text > 0:
+            logits = self.dense_class_logits(objects["voxel_feats"], classes)
+            per_voxel = L.labelled_cross_entropy(logits, batch["voxel_semantic"].to(device))
+            out["loss_dense_text"] = L.global_mean_share(per_voxel.sum(), counts["labelled_voxels"])
         return out
 
     def class_embeddings(self, class_names: list[str], device) -> torch.Tensor:
@@ -338,6 +339,36 @@ def no_decay_parameter_names(model: nn.Module, rule: NoDecayRule = "gps") -> set
             if exempt:
                 names.add(full)
     return names
+
+
+@dataclass
+class Referrals:
+    """The referrals of a micro-batch, or one placeholder (an empty text, `real` False) when it has
+    none: texts, scene of each [R], target object within its scene [R], `real` [R]."""
+
+    texts: list[str]
+    scene_index: torch.Tensor
+    target: torch.Tensor
+    real: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return int(self.real.sum())
+
+    @classmethod
+    def of(cls, batch: dict, device) -> "Referrals":
+        rows = [t for t in batch["texts"] if t["kind"] == "referral" and t["target"] >= 0]
+        real = torch.arange(max(len(rows), 1), device=device) < len(rows)
+        scene = torch.tensor([t["scene"] for t in rows] or [0], device=device)
+        target = torch.tensor([t["target"] for t in rows] or [0], device=device)
+        target = (target - batch["object_offsets"].to(device)[scene]).where(real, 0)
+        return cls([t["text"] for t in rows] or [""], scene, target, real)
+
+
+def global_counts(device, **local) -> dict[str, torch.Tensor]:
+    """Each count summed over ranks, in one collective."""
+    values = torch.tensor([float(v) for v in local.values()], device=device, dtype=torch.float64)
+    return dict(zip(local, all_reduce_sum(values).unbind()))
 
 
 def text_key(text: str) -> int:
