@@ -50,12 +50,16 @@ def test_round_trip_is_bit_exact_across_shards(tmp_path, scenes):
     assert index["num_scenes"] == 12 and index["label_vocabulary"] == VOCAB
 
 
-def test_shards_are_chunked_compressed_and_versioned(tmp_path, scenes):
-    write_scenes(scenes, tmp_path, vocabulary=VOCAB, progress=False)
-    with h5py.File(tmp_path / "shard-00000.h5") as f:
-        assert f["points/xyz"].compression == "lzf" and f["points/xyz"].chunks is not None
-        assert f.attrs["schema_version"] == 1 and json.loads(f.attrs["label_vocabulary"]) == VOCAB
+def test_shards_are_contiguous_by_default_chunked_when_compressed_and_versioned(tmp_path, scenes):
+    write_scenes(scenes, tmp_path / "plain", vocabulary=VOCAB, progress=False)
+    write_scenes(scenes, tmp_path / "lzf", vocabulary=VOCAB, compression="lzf", progress=False)
+    with h5py.File(tmp_path / "plain" / "shard-00000.h5") as f:
+        assert f["points/xyz"].compression is None and f["points/xyz"].chunks is None
+        assert f.attrs["schema_version"] == 2 and json.loads(f.attrs["label_vocabulary"]) == VOCAB
         assert f["scenes/point_offset"][-1] == f["points/xyz"].shape[0] == sum(s.num_points for s in scenes)
+    with h5py.File(tmp_path / "lzf" / "shard-00000.h5") as f:
+        assert f["points/xyz"].compression == "lzf" and f["points/xyz"].chunks is not None
+    assert [SceneStore(tmp_path / "lzf", verify=True)[i] for i in range(len(scenes))] == scenes
 
 
 def _collect(loader) -> list[str]:
@@ -173,7 +177,7 @@ def test_truncated_and_corrupted_shards_are_detected(tmp_path, scenes, capsys):
     capsys.readouterr()
     shard = flip / "shard-00000.h5"
     with h5py.File(shard) as f:
-        start = f["points/xyz"].id.get_chunk_info(0).byte_offset
+        start = f["points/xyz"].id.get_offset()
     data = bytearray(shard.read_bytes())
     data[start + 100] ^= 0xFF  # one flipped byte inside scene 0's coordinates
     shard.write_bytes(bytes(data))

@@ -42,22 +42,45 @@ def _object_index(voxel_instance: np.ndarray, objects: list, first_object: int) 
     return out
 
 
+def _centre(xyz: np.ndarray) -> np.ndarray:
+    """Centre of the bounding box of [V, 3] points (reduced column by column: several times faster
+    than numpy's reduction along the first axis of an [N, 3] array)."""
+    cols = np.ascontiguousarray(xyz.T)
+    return (cols.min(axis=1) + cols.max(axis=1)) / 2
+
+
 def collate_scenes(samples: list[dict]) -> dict:
-    coords, feats, voxel_object, voxel_semantic = [], [], [], []
-    centers, sizes, labels, names, instances, texts = [], [], [], [], [], []
-    voxel_offsets, object_offsets = [0], [0]
+    """One batch from voxelized samples: the per-voxel arrays of every scene are written into
+    preallocated batch arrays (no per-scene intermediate copies)."""
+    sizes = [len(s["voxel_xyz"]) for s in samples]
+    voxel_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    num_objects = [len(s["objects"]) for s in samples]
+    object_offsets = np.concatenate([[0], np.cumsum(num_objects)]).astype(np.int64)
+    total = int(voxel_offsets[-1])
+    coords = np.empty((total, 4), np.int32)
+    feats = np.empty((total, 6), np.float32)
+    voxel_object = np.empty(total, np.int64)
+    voxel_semantic = np.empty(total, np.int64)
+    centers = np.empty((int(object_offsets[-1]), 3), np.float32)
+    sizes_out = np.empty_like(centers)
+    names, instances, labels, texts = [], [], [], []
     for b, s in enumerate(samples):
+        v0, v1 = int(voxel_offsets[b]), int(voxel_offsets[b + 1])
+        first_object = int(object_offsets[b])
         xyz = s["voxel_xyz"]
-        centre = (xyz.min(axis=0) + xyz.max(axis=0)) / 2
-        coords.append(np.concatenate([np.full((len(xyz), 1), b, np.int32), s["coord"]], axis=1))
-        feats.append(np.concatenate([s["voxel_rgb"] / 127.5 - 1.0, xyz - centre], axis=1).astype(np.float32))
-        first_object = object_offsets[-1]
-        local = {o.instance_id: first_object + k for k, o in enumerate(s["objects"])}
-        voxel_object.append(_object_index(s["voxel_instance"], s["objects"], first_object))
-        voxel_semantic.append(s["voxel_semantic"].astype(np.int64))
-        for o in s["objects"]:
-            centers.append(o.center - centre)
-            sizes.append(o.size)
+        centre = _centre(xyz) if len(xyz) else np.zeros(3)
+        coords[v0:v1, 0] = b
+        coords[v0:v1, 1:] = s["coord"]
+        np.divide(s["voxel_rgb"], np.float32(127.5), out=feats[v0:v1, :3])
+        feats[v0:v1, :3] -= 1.0
+        np.subtract(xyz, centre.astype(np.float32), out=feats[v0:v1, 3:])
+        voxel_object[v0:v1] = _object_index(s["voxel_instance"], s["objects"], first_object)
+        voxel_semantic[v0:v1] = s["voxel_semantic"]
+        local = {}
+        for k, o in enumerate(s["objects"]):
+            local[o.instance_id] = first_object + k
+            centers[first_object + k] = o.center - centre
+            sizes_out[first_object + k] = o.size
             names.append(o.label)
             instances.append(o.instance_id)
         labels.append(s["object_label_id"])
@@ -65,22 +88,21 @@ def collate_scenes(samples: list[dict]) -> dict:
             texts.append({"kind": t.kind, "text": t.text, "scene": b,
                           "target": local.get(t.target_id, -1),
                           "distractors": [local[d] for d in t.distractor_ids if d in local]})
-        voxel_offsets.append(voxel_offsets[-1] + len(xyz))
-        object_offsets.append(first_object + len(s["objects"]))
 
-    coords_t = torch.from_numpy(np.concatenate(coords))
+    coords_t = torch.from_numpy(coords)
     return {
         "coords": coords_t,
-        "feats": torch.from_numpy(np.concatenate(feats)),
-        "spatial_shape": (coords_t[:, 1:].max(dim=0).values + 1).tolist(),
+        "feats": torch.from_numpy(feats),
+        "spatial_shape": (coords_t[:, 1:].amax(dim=0) + 1).tolist() if total else [1, 1, 1],
         "batch_size": len(samples),
-        "voxel_offsets": torch.tensor(voxel_offsets, dtype=torch.int64),
-        "voxel_object": torch.from_numpy(np.concatenate(voxel_object)),
-        "voxel_semantic": torch.from_numpy(np.concatenate(voxel_semantic)),
-        "object_offsets": torch.tensor(object_offsets, dtype=torch.int64),
-        "object_center": torch.tensor(np.array(centers, np.float32).reshape(-1, 3)),
-        "object_size": torch.tensor(np.array(sizes, np.float32).reshape(-1, 3)),
-        "object_label": torch.from_numpy(np.concatenate(labels)) if labels else torch.zeros(0, dtype=torch.int64),
+        "voxel_offsets": torch.from_numpy(voxel_offsets),
+        "voxel_object": torch.from_numpy(voxel_object),
+        "voxel_semantic": torch.from_numpy(voxel_semantic),
+        "object_offsets": torch.from_numpy(object_offsets),
+        "object_center": torch.from_numpy(centers),
+        "object_size": torch.from_numpy(sizes_out),
+        "object_label": torch.from_numpy(np.concatenate(labels).astype(np.int64)) if labels
+        else torch.zeros(0, dtype=torch.int64),
         "object_names": names,
         "object_instance": torch.tensor(instances, dtype=torch.int64),
         "texts": texts,
