@@ -527,20 +527,28 @@ class InspectReport:
     texts: Counter = None
     classes: Counter = None
     errors: list = None
+    sources: Counter = None  # texts per source (benchmark or file; "" for none recorded)
+    shapes: Counter = None  # referrals per shape ("" for none recorded)
+    schema_versions: Counter = None  # shards per schema version
 
     def to_dict(self) -> dict:
         return {"shards": self.shards, "scenes": self.scenes, "points": self.points, "objects": self.objects,
-                "texts": dict(self.texts), "classes": dict(self.classes.most_common()), "errors": self.errors}
+                "texts": dict(self.texts), "texts_per_source": dict(self.sources.most_common()),
+                "referrals_per_shape": dict(self.shapes.most_common()),
+                "schema_versions": {str(k): v for k, v in sorted(self.schema_versions.items())},
+                "classes": dict(self.classes.most_common()), "errors": self.errors}
 
 
 def inspect_store(paths, verify: bool = True, progress: bool = True) -> InspectReport:
-    """Count scenes, points, objects, texts per kind and classes; verify every scene's checksum.
+    """Count scenes, points, objects, texts per kind and per source, referrals per shape, and classes;
+    verify every scene's checksum.
 
     Problems are collected (not raised) so one report lists every corrupted shard and scene.
     """
     from tqdm.auto import tqdm
 
-    report = InspectReport(texts=Counter(), classes=Counter(), errors=[])
+    report = InspectReport(texts=Counter(), classes=Counter(), errors=[], sources=Counter(), shapes=Counter(),
+                           schema_versions=Counter())
     shards = resolve_shards(paths)
     for path in tqdm(shards, desc="inspecting", unit="shard", disable=not progress):
         try:
@@ -549,6 +557,7 @@ def inspect_store(paths, verify: bool = True, progress: bool = True) -> InspectR
             report.errors.append(str(e))
             continue
         report.shards += 1
+        report.schema_versions[store.shards[0].schema_version] += 1
         for i in range(len(store)):
             try:
                 scene = store[i]
@@ -564,6 +573,8 @@ def inspect_store(paths, verify: bool = True, progress: bool = True) -> InspectR
             report.points += scene.num_points
             report.objects += len(scene.objects)
             report.texts.update(t.kind for t in scene.texts)
+            report.sources.update(t.source for t in scene.texts)
+            report.shapes.update(t.shape for t in scene.texts if t.kind == "referral")
             report.classes.update(o.label for o in scene.objects)
         store.close()
     return report
