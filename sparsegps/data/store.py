@@ -60,7 +60,7 @@ _TEXT_TABLES = ("texts/kind", "texts/target_id", "texts/source", "texts/shape")
 _TEXT_STRINGS = ("texts/text", "texts/item_id")
 # Attributes the writer sets itself; rewriting a shard carries any others over.
 WRITER_ATTRS = {"format", "schema_version", "source", "tool", "created", "label_vocabulary", "num_scenes",
-                "text_sources", "text_shapes"}
+                "text_sources", "text_shapes", "compression"}
 
 
 class ShardError(SceneFormatError):
@@ -74,12 +74,38 @@ def _tool_version() -> str:
 
 # ----------------------------------------------------------------------------------------- writing
 
+# Codecs of the hdf5plugin package, by the name `write_scenes` takes (byte-shuffled Blosc-LZ4 for blosc).
+PLUGIN_CODECS = ("lz4", "blosc")
+
+
+def _use_plugins(compression: str | None) -> None:
+    """Import hdf5plugin (which registers its codecs with HDF5) when `compression` needs it."""
+    if compression in PLUGIN_CODECS:
+        try:
+            import hdf5plugin  # noqa: F401
+        except ImportError:
+            raise SceneFormatError(f"compression {compression!r} needs the hdf5plugin package "
+                                   "(pip install hdf5plugin)", field="compression") from None
+
+
+def _filter(compression: str | None) -> dict:
+    """h5py dataset keywords of a compression name."""
+    if compression is None:
+        return {}
+    if compression in PLUGIN_CODECS:
+        _use_plugins(compression)
+        import hdf5plugin
+
+        return dict(hdf5plugin.LZ4() if compression == "lz4" else hdf5plugin.Blosc(cname="lz4", clevel=5))
+    return {"compression": compression}
+
+
 def _dataset(group: h5py.Group, name: str, data: np.ndarray, compression: str | None, chunk_rows: int):
     """A per-row table: contiguous when uncompressed (one read per scene), chunked when compressed."""
     data = np.asarray(data)
     kwargs = {}
     if data.shape[0] > 0 and compression is not None:
-        kwargs = dict(chunks=(min(chunk_rows, data.shape[0]),) + data.shape[1:], compression=compression)
+        kwargs = dict(chunks=(min(chunk_rows, data.shape[0]),) + data.shape[1:], **_filter(compression))
     group.create_dataset(name, data=data, **kwargs)
 
 
@@ -114,6 +140,7 @@ def _write_shard(path: Path, scenes: Sequence[Scene], vocabulary: Sequence[str],
         raise SceneFormatError(f"too many distinct text sources ({len(sources)}) or shapes ({len(shapes)})",
                                file=str(path), field="texts")
 
+    _use_plugins(compression)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w", libver="latest") as f:
         f.attrs.update({
@@ -121,6 +148,7 @@ def _write_shard(path: Path, scenes: Sequence[Scene], vocabulary: Sequence[str],
             "tool": f"sparsegps {_tool_version()}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "label_vocabulary": json.dumps(list(vocabulary)), "num_scenes": len(scenes),
             "text_sources": json.dumps(sources), "text_shapes": json.dumps(shapes),
+            "compression": compression or "none",
         })
         if attrs:
             f.attrs.update({k: v for k, v in attrs.items() if k not in WRITER_ATTRS})
@@ -169,7 +197,7 @@ def _shard_matches(path: Path, checksums: list[str], vocabulary: Sequence[str], 
                 return False
             if json.loads(f.attrs["label_vocabulary"]) != list(vocabulary):
                 return False
-            if f["points/xyz"].compression != compression and f["points/xyz"].shape[0]:
+            if f.attrs.get("compression") != (compression or "none"):
                 return False
             return [c.decode() for c in f["scenes/checksum"][()]] == checksums
     except (OSError, KeyError, ValueError):
@@ -186,8 +214,8 @@ def write_scenes(scenes: Iterable[Scene], out_dir: str | os.PathLike, *, vocabul
     `max_bytes_per_shard`. Writing is atomic per shard and resumable: a final-named shard that
     already holds exactly the scenes it would receive is kept as it is. `compression` is None (the
     default: contiguous tables, the fastest reads; see benchmarks/RESULTS.md), an h5py filter name
-    ("lzf", "gzip"), or an hdf5plugin codec once hdf5plugin is imported. The index (`index.json`)
-    is written last.
+    ("lzf", "gzip"), or an hdf5plugin codec ("lz4", "blosc"; needs hdf5plugin). The index
+    (`index.json`) is written last.
     """
     from tqdm.auto import tqdm
 
@@ -329,6 +357,7 @@ class _OpenShard:
 
     def __init__(self, path: Path):
         self.file = _open_shard(path)
+        _use_plugins(self.file.attrs.get("compression"))
         self.version = int(self.file.attrs["schema_version"])
         self.fd = os.open(path, os.O_RDONLY)
         f = self.file
