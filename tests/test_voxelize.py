@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes, write_scenes
+from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes, move_batch, write_scenes
 from sparsegps.data.scene import NO_INSTANCE
 from sparsegps.data.sharing import _array_from_tensor, _reduce_array, share_arrays_from_workers
 from sparsegps.data.transforms import ColorJitter, GridSample, RandomJitter, scene_to_sample, standard_normal
@@ -147,3 +147,35 @@ def test_samples_from_workers_arrive_as_numpy_arrays_in_shared_memory(tmp_path):
 
 def _as_is(item):
     return item
+
+
+def _batches_equal(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key].to(a[key].device)), key
+        elif key in ("inverse", "point_semantic"):
+            assert all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a[key], b[key])), key
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_voxelizing_on_the_device_gives_the_worker_batch_bit_for_bit(tmp_path, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    rng = np.random.default_rng(5)
+    scenes = [make_scene(rng, f"s{i}", n_points=int(rng.integers(2000, 6000)), n_objects=4) for i in range(3)]
+    write_scenes(scenes, tmp_path, vocabulary=VOCAB, progress=False)
+    for voxel_size in (0.02, 0.1):
+        worker = ScenesDataset(tmp_path, TransformConfig(voxel_size=voxel_size, max_referrals=1), seed=3)
+        on_device = ScenesDataset(tmp_path, TransformConfig(voxel_size=voxel_size, max_referrals=1,
+                                                            voxelize_on="device"), seed=3)
+        want = move_batch(collate_scenes([worker[i] for i in range(3)]), device)
+        points = collate_scenes([on_device[i] for i in range(3)])
+        assert "coords" not in points and points["point_xyz"].shape[0] == sum(s.num_points for s in scenes)
+        got = move_batch(points, device)
+        assert (got["voxel_object"] >= 0).any() and (got["voxel_object"] == -1).any()
+        _batches_equal(want, got)
+    with pytest.raises(ValueError, match="max_voxels"):
+        ScenesDataset(tmp_path, TransformConfig(voxelize_on="device", max_voxels=100))

@@ -60,41 +60,18 @@ def _centre(xyz: np.ndarray) -> np.ndarray:
     return (cols.min(axis=1) + cols.max(axis=1)) / 2
 
 
-def collate_scenes(samples: list[dict]) -> dict:
-    """One batch from voxelized samples: the per-voxel arrays of every scene are written into
-    preallocated batch arrays (no per-scene intermediate copies)."""
-    sizes = [len(s["voxel_xyz"]) for s in samples]
-    voxel_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    num_objects = [len(s["objects"]) for s in samples]
-    object_offsets = np.concatenate([[0], np.cumsum(num_objects)]).astype(np.int64)
-    total = int(voxel_offsets[-1])
-    coords = np.empty((total, 4), np.int32)
-    feats = np.empty((total, 6), np.float32)
-    voxel_object = np.empty(total, np.int64)
-    voxel_semantic = np.empty(total, np.int64)
-    centers = np.empty((int(object_offsets[-1]), 3), np.float32)
-    sizes_out = np.empty_like(centers)
+def _objects_and_texts(samples: list[dict], object_offsets: np.ndarray) -> dict:
+    """The per-object and per-text fields of a batch; object centres still in each scene's frame."""
+    total = int(object_offsets[-1])
+    centers, sizes = np.empty((total, 3), np.float32), np.empty((total, 3), np.float32)
     names, instances, labels, texts = [], [], [], []
     for b, s in enumerate(samples):
-        v0, v1 = int(voxel_offsets[b]), int(voxel_offsets[b + 1])
         first_object = int(object_offsets[b])
-        xyz = s["voxel_xyz"]
-        centre = _centre(xyz) if len(xyz) else np.zeros(3)
-        coords[v0:v1, 0] = b
-        coords[v0:v1, 1:] = s["coord"]
-        # computed contiguous, then copied into the interleaved columns: numpy's arithmetic into
-        # strided outputs is several times slower
-        rgb = s["voxel_rgb"] / np.float32(127.5)
-        rgb -= 1.0
-        feats[v0:v1, :3] = rgb
-        feats[v0:v1, 3:] = xyz - centre.astype(np.float32)
-        voxel_object[v0:v1] = _object_index(s["voxel_instance"], s["objects"], first_object)
-        voxel_semantic[v0:v1] = s["voxel_semantic"]
         local = {}
         for k, o in enumerate(s["objects"]):
             local[o.instance_id] = first_object + k
-            centers[first_object + k] = o.center - centre
-            sizes_out[first_object + k] = o.size
+            centers[first_object + k] = o.center
+            sizes[first_object + k] = o.size
             names.append(o.label)
             instances.append(o.instance_id)
         labels.append(s["object_label_id"])
@@ -102,6 +79,55 @@ def collate_scenes(samples: list[dict]) -> dict:
             texts.append({"kind": t.kind, "text": t.text, "scene": b,
                           "target": local.get(t.target_id, -1),
                           "distractors": [local[d] for d in t.distractor_ids if d in local]})
+    return {
+        "object_offsets": torch.from_numpy(object_offsets),
+        "object_center": torch.from_numpy(centers),
+        "object_size": torch.from_numpy(sizes),
+        "object_label": torch.from_numpy(np.concatenate(labels).astype(np.int64)) if labels
+        else torch.zeros(0, dtype=torch.int64),
+        "object_names": names,
+        "object_instance": torch.tensor(instances, dtype=torch.int64),
+        "texts": texts,
+    }
+
+
+def _offsets(counts: list[int]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def collate_scenes(samples: list[dict]) -> dict:
+    """One batch from voxelized samples: the per-voxel arrays of every scene are written into
+    preallocated batch arrays (no per-scene intermediate copies).
+
+    Samples left unvoxelized (`TransformConfig.voxelize_on: device`) give a batch of points that
+    `move_batch` voxelizes on its device into the same batch."""
+    if samples and samples[0].get("voxelize_on_device"):
+        return _collate_points(samples)
+    voxel_offsets = _offsets([len(s["voxel_xyz"]) for s in samples])
+    object_offsets = _offsets([len(s["objects"]) for s in samples])
+    total = int(voxel_offsets[-1])
+    coords = np.empty((total, 4), np.int32)
+    feats = np.empty((total, 6), np.float32)
+    voxel_object = np.empty(total, np.int64)
+    voxel_semantic = np.empty(total, np.int64)
+    objects = _objects_and_texts(samples, object_offsets)
+    centers = objects["object_center"].numpy()
+    for b, s in enumerate(samples):
+        v0, v1 = int(voxel_offsets[b]), int(voxel_offsets[b + 1])
+        o0, o1 = int(object_offsets[b]), int(object_offsets[b + 1])
+        xyz = s["voxel_xyz"]
+        centre = (_centre(xyz) if len(xyz) else np.zeros(3)).astype(np.float32)
+        coords[v0:v1, 0] = b
+        coords[v0:v1, 1:] = s["coord"]
+        # computed contiguous, then copied into the interleaved columns: numpy's arithmetic into
+        # strided outputs is several times slower
+        rgb = s["voxel_rgb"] / np.float32(127.5)
+        rgb -= 1.0
+        feats[v0:v1, :3] = rgb
+        feats[v0:v1, 3:] = xyz - centre
+        voxel_object[v0:v1] = _object_index(s["voxel_instance"], s["objects"], o0)
+        voxel_semantic[v0:v1] = s["voxel_semantic"]
+        centers[o0:o1] -= centre
 
     coords_t = torch.from_numpy(coords)
     return {
@@ -112,14 +138,7 @@ def collate_scenes(samples: list[dict]) -> dict:
         "voxel_offsets": torch.from_numpy(voxel_offsets),
         "voxel_object": torch.from_numpy(voxel_object),
         "voxel_semantic": torch.from_numpy(voxel_semantic),
-        "object_offsets": torch.from_numpy(object_offsets),
-        "object_center": torch.from_numpy(centers),
-        "object_size": torch.from_numpy(sizes_out),
-        "object_label": torch.from_numpy(np.concatenate(labels).astype(np.int64)) if labels
-        else torch.zeros(0, dtype=torch.int64),
-        "object_names": names,
-        "object_instance": torch.tensor(instances, dtype=torch.int64),
-        "texts": texts,
+        **objects,
         "scene_ids": [s["scene_id"] for s in samples],
         "indices": [s.get("index", -1) for s in samples],
         "inverse": [s["inverse"] for s in samples],
@@ -127,6 +146,82 @@ def collate_scenes(samples: list[dict]) -> dict:
     }
 
 
+# Keys of a batch of points (voxelized on the device by `move_batch`), beyond the object and text keys.
+_POINT_KEYS = ("point_xyz", "point_rgb", "point_instance", "point_semantic_all", "point_offsets")
+
+
+def _collate_points(samples: list[dict]) -> dict:
+    """A batch of augmented points, for `voxelize_batch` on the training device."""
+    cat = (lambda key: torch.from_numpy(np.ascontiguousarray(np.concatenate([s[key] for s in samples]))))
+    return {
+        "voxelize_on_device": True,
+        "voxel_size": samples[0]["voxel_size"],
+        "batch_size": len(samples),
+        "point_xyz": cat("xyz"), "point_rgb": cat("rgb"), "point_instance": cat("instance"),
+        "point_semantic_all": cat("semantic"),
+        "point_offsets": torch.from_numpy(_offsets([len(s["xyz"]) for s in samples])),
+        **_objects_and_texts(samples, _offsets([len(s["objects"]) for s in samples])),
+        "scene_ids": [s["scene_id"] for s in samples],
+        "indices": [s.get("index", -1) for s in samples],
+        "point_semantic": [s["semantic"] for s in samples],
+    }
+
+
+def _object_index_torch(voxel_instance: torch.Tensor, ids: torch.Tensor, first_object: int) -> torch.Tensor:
+    """`_object_index` in torch, on the voxels' device."""
+    out = torch.full_like(voxel_instance, -1, dtype=torch.int64)
+    if len(ids) == 0:
+        return out
+    sorted_ids, order = torch.sort(ids)
+    pos = torch.searchsorted(sorted_ids, voxel_instance.to(torch.int64)).clamp_(max=len(ids) - 1)
+    hit = (sorted_ids[pos] == voxel_instance) & (voxel_instance != NO_INSTANCE)
+    return torch.where(hit, first_object + order[pos], out)
+
+
+def voxelize_batch(batch: dict) -> dict:
+    """Grid-sample a batch of points (from `voxelize_on: device`) where its tensors are, into the
+    batch `collate_scenes` makes from samples voxelized in the workers: same keys, same values."""
+    from .voxelize import voxel_means_torch, voxelize_torch
+
+    device = batch["point_xyz"].device
+    offsets = batch["point_offsets"].tolist()
+    object_offsets = batch["object_offsets"].tolist()
+    coords, feats, voxel_object, voxel_semantic, inverses, centres = [], [], [], [], [], []
+    for b in range(batch["batch_size"]):
+        p0, p1 = offsets[b], offsets[b + 1]
+        xyz = batch["point_xyz"][p0:p1]
+        coord, first, inverse, counts = voxelize_torch(xyz, batch["voxel_size"], scene_id=batch["scene_ids"][b])
+        voxel_xyz = voxel_means_torch(xyz, inverse, counts)
+        voxel_rgb = voxel_means_torch(batch["point_rgb"][p0:p1], inverse, counts)
+        centre = (voxel_xyz.amin(dim=0) + voxel_xyz.amax(dim=0)) / 2
+        coords.append(torch.cat([torch.full((len(coord), 1), b, dtype=torch.int32, device=device), coord], 1))
+        rgb = voxel_rgb / torch.full_like(voxel_rgb[:1], 127.5) - 1.0
+        feats.append(torch.cat([rgb, voxel_xyz - centre], 1))
+        ids = batch["object_instance"][object_offsets[b]:object_offsets[b + 1]].to(device)
+        voxel_object.append(_object_index_torch(batch["point_instance"][p0:p1][first], ids, object_offsets[b]))
+        voxel_semantic.append(batch["point_semantic_all"][p0:p1][first].to(torch.int64))
+        inverses.append(inverse)
+        centres.append(centre.expand(object_offsets[b + 1] - object_offsets[b], 3))
+    coords_t = torch.cat(coords)
+    out = {k: v for k, v in batch.items() if k not in _POINT_KEYS + ("voxelize_on_device", "voxel_size")}
+    out.update({
+        "coords": coords_t,
+        "feats": torch.cat(feats),
+        "spatial_shape": (coords_t[:, 1:].amax(dim=0) + 1).tolist(),
+        "voxel_offsets": torch.tensor(np.cumsum([0] + [len(c) for c in coords]), dtype=torch.int64, device=device),
+        "voxel_object": torch.cat(voxel_object),
+        "voxel_semantic": torch.cat(voxel_semantic),
+        "object_center": batch["object_center"] - torch.cat(centres).to(batch["object_center"].device),
+        "inverse": [inverse.cpu().numpy() for inverse in inverses],
+    })
+    order = ["coords", "feats", "spatial_shape", "batch_size", "voxel_offsets", "voxel_object", "voxel_semantic",
+             "object_offsets", "object_center", "object_size", "object_label", "object_names", "object_instance",
+             "texts", "scene_ids", "indices", "inverse", "point_semantic"]
+    return {k: out[k] for k in order}
+
+
 def move_batch(batch: dict, device: torch.device | str) -> dict:
-    """The batch with every tensor on `device` (non-blocking where pinned)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch with every tensor on `device` (non-blocking where pinned); a batch of points
+    (`voxelize_on: device`) is voxelized there."""
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return voxelize_batch(moved) if moved.get("voxelize_on_device") else moved

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 
@@ -155,6 +156,21 @@ class GridSample:
         return sample
 
 
+class VoxelizeOnDevice:
+    """Leave the points as they are and record the voxel size: `collate_scenes` then batches points,
+    and `move_batch` grid-samples them on the training device exactly as `GridSample` would."""
+
+    def __init__(self, voxel_size: float = 0.02):
+        if voxel_size <= 0:
+            raise ValueError(f"voxel_size must be positive, got {voxel_size}")
+        self.voxel_size = voxel_size
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        sample["voxel_size"] = self.voxel_size
+        sample["voxelize_on_device"] = True
+        return sample
+
+
 class CropToMaxVoxels:
     """Keep at most `max_voxels` voxels: the ones nearest (in xy) to a random voxel.
 
@@ -197,6 +213,12 @@ class TransformConfig:
     max_voxels: int | None = None
     augment: bool = True  # False: evaluation (no random transforms)
     max_referrals: int | None = None  # referrals kept per scene and epoch (random subset)
+    voxelize_on: Literal["worker", "device"] = "worker"
+    """Where scenes are grid-sampled. "worker": in the DataLoader workers (`GridSample`), so batches
+    cross to the training process already voxelized. "device": workers send the augmented points
+    and `move_batch` voxelizes them on the training device (a GPU sorts a scene's points in well
+    under a millisecond; CPU workers then only read and augment). Both give the same batch, bit
+    for bit. Not combinable with `max_voxels` (the crop needs voxels in the worker)."""
 
 
 class SelectTexts:
@@ -237,7 +259,14 @@ def build_transforms(cfg: TransformConfig) -> Compose:
             steps.append(RandomJitter(cfg.jitter_sigma))
         if cfg.color_jitter:
             steps.append(ColorJitter())
-    steps.append(GridSample(cfg.voxel_size))
+    if cfg.voxelize_on == "device":
+        if cfg.max_voxels is not None:
+            raise ValueError("transforms.max_voxels needs voxelize_on: worker (the crop runs on voxels)")
+        steps.append(VoxelizeOnDevice(cfg.voxel_size))
+    elif cfg.voxelize_on == "worker":
+        steps.append(GridSample(cfg.voxel_size))
+    else:
+        raise ValueError(f"transforms.voxelize_on must be 'worker' or 'device', got {cfg.voxelize_on!r}")
     if cfg.max_voxels is not None:
         steps.append(CropToMaxVoxels(cfg.max_voxels))
     if cfg.max_referrals is not None:

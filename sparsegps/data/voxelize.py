@@ -117,3 +117,55 @@ def voxel_means(values: np.ndarray, voxels: Voxels) -> np.ndarray:
         for c in range(values.shape[1]):
             out[shared, c] = np.bincount(voxels.shared_slot, weights=cols[c], minlength=len(shared)) / counts
     return out
+
+
+# ------------------------------------------------------------------------------- torch (any device)
+
+def voxelize_torch(xyz, voxel_size: float, *, scene_id: str = ""):
+    """`voxelize` in torch on `xyz`'s device: (coord int32 [V, 3], first, inverse, counts int64).
+
+    The same voxels in the same order as the numpy version: float32 arithmetic (the division is by
+    a tensor, never by a scalar, which torch may turn into a multiplication by its reciprocal) and a
+    sort of the packed (key, point index) values, which are unique."""
+    import torch
+
+    n = int(xyz.shape[0])
+    if n == 0:
+        raise ValueError(f"scene {scene_id!r}: no points to voxelize")
+    cols = xyz.to(torch.float32).T.contiguous()
+    cols -= cols.amin(dim=1, keepdim=True)
+    cols = cols / torch.full_like(cols[:, :1], voxel_size)
+    grid = cols.to(torch.int64)
+    extent = (grid.amax(dim=1) + 1).tolist()
+    if max(extent) > MAX_AXIS_CELLS:
+        raise ValueError(f"scene {scene_id!r}: extent too large for voxel size {voxel_size}")
+    key = grid[0] * (extent[1] * extent[2]) + grid[1] * extent[2] + grid[2]
+    index_bits = max(1, (n - 1).bit_length())
+    key_bits = max(1, (extent[0] * extent[1] * extent[2] - 1).bit_length())
+    points = torch.arange(n, device=xyz.device, dtype=torch.int64)
+    if key_bits + index_bits <= 63:
+        packed = torch.sort((key << index_bits) | points).values
+        order, sorted_key = packed & ((1 << index_bits) - 1), packed >> index_bits
+    else:
+        sorted_key, order = torch.sort(key, stable=True)
+    new_run = torch.ones(n, dtype=torch.bool, device=xyz.device)
+    new_run[1:] = sorted_key[1:] != sorted_key[:-1]
+    starts = torch.nonzero(new_run).flatten()
+    first = order[starts]
+    inverse = torch.empty(n, dtype=torch.int64, device=xyz.device)
+    inverse[order] = torch.cumsum(new_run, 0) - 1
+    counts = torch.diff(starts, append=torch.tensor([n], device=xyz.device))
+    coord = grid[:, first].T.to(torch.int32).contiguous()
+    return coord, first, inverse, counts
+
+
+def voxel_means_torch(values, inverse, counts):
+    """[V, C] float32 means of [N, C] `values`, summed in float64 as `voxel_means` does.
+
+    Sums of a voxel's float32 values in float64 are exact (their bits span far less than float64's
+    53), so the order in which a GPU adds them does not change the result."""
+    import torch
+
+    sums = torch.zeros((len(counts), values.shape[1]), dtype=torch.float64, device=values.device)
+    sums.index_add_(0, inverse, values.to(torch.float64))
+    return (sums / counts.to(torch.float64).unsqueeze(1)).to(torch.float32)
