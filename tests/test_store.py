@@ -310,3 +310,14 @@ def test_version_1_shards_read_and_upgrade_in_place_without_loss(tmp_path, scene
     assert [store[i] for i in range(len(store))] == scenes and {s.schema_version for s in store.shards} == {2}
     assert cli_main(["pack", "--upgrade", str(tmp_path)]) == 0  # nothing left to do
     assert "upgraded 0 shard(s)" in capsys.readouterr().out
+
+
+def test_reads_without_preadv_go_through_h5py_with_the_same_result(tmp_path, scenes, monkeypatch):
+    import sparsegps.data.store as store_module
+
+    scenes = [_with_text_fields(s) for s in scenes]
+    write_scenes(scenes, tmp_path, vocabulary=VOCAB, progress=False)
+    monkeypatch.setattr(store_module, "_HAS_PREADV", False)  # as on macOS and Windows
+    store = SceneStore(tmp_path, verify=True)
+    assert [store[i] for i in range(len(store))] == scenes
+    assert all(t.offset is None for t in store._shard(0).tables.values())

@@ -324,18 +324,21 @@ def _decode(values) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
 
+_HAS_PREADV = hasattr(os, "preadv")
+
+
 class _Table:
     """One per-row table of an open shard: rows `a:b` as a fresh, writable numpy array.
 
-    A contiguous (uncompressed) table is read with one `os.preadv` into the result; a chunked one
-    through h5py."""
+    A contiguous (uncompressed) table is read with one `os.preadv` into the result; a chunked one,
+    or any table where the OS has no `preadv` (macOS, Windows), through h5py."""
 
     def __init__(self, dataset: h5py.Dataset, fd: int):
         self.dataset, self.fd = dataset, fd
         self.dtype, self.row_shape = dataset.dtype, dataset.shape[1:]
         self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
         offset = None
-        if dataset.chunks is None and dataset.dtype.kind in "biuf" and dataset.shape[0] > 0:
+        if dataset.chunks is None and dataset.dtype.kind in "biuf" and dataset.shape[0] > 0 and _HAS_PREADV:
             offset = dataset.id.get_offset()
         self.offset = offset
 
