@@ -91,6 +91,19 @@ def _objects_and_texts(samples: list[dict], object_offsets: np.ndarray) -> dict:
     }
 
 
+def _batch_array(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """An uninitialised batch tensor and a numpy view of it. Inside a DataLoader worker the tensor
+    lives in shared memory from the start (as torch's default collate does), so sending the batch
+    to the main process copies nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        tensor = torch.empty(shape, dtype=dtype)
+    else:
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * itemsize)
+        tensor = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    return tensor, tensor.numpy()
+
+
 def _offsets(counts: list[int]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
@@ -106,10 +119,10 @@ def collate_scenes(samples: list[dict]) -> dict:
     voxel_offsets = _offsets([len(s["voxel_xyz"]) for s in samples])
     object_offsets = _offsets([len(s["objects"]) for s in samples])
     total = int(voxel_offsets[-1])
-    coords = np.empty((total, 4), np.int32)
-    feats = np.empty((total, 6), np.float32)
-    voxel_object = np.empty(total, np.int64)
-    voxel_semantic = np.empty(total, np.int64)
+    coords_t, coords = _batch_array((total, 4), torch.int32)
+    feats_t, feats = _batch_array((total, 6), torch.float32)
+    voxel_object_t, voxel_object = _batch_array((total,), torch.int64)
+    voxel_semantic_t, voxel_semantic = _batch_array((total,), torch.int64)
     objects = _objects_and_texts(samples, object_offsets)
     centers = objects["object_center"].numpy()
     for b, s in enumerate(samples):
@@ -129,15 +142,14 @@ def collate_scenes(samples: list[dict]) -> dict:
         voxel_semantic[v0:v1] = s["voxel_semantic"]
         centers[o0:o1] -= centre
 
-    coords_t = torch.from_numpy(coords)
     return {
         "coords": coords_t,
-        "feats": torch.from_numpy(feats),
+        "feats": feats_t,
         "spatial_shape": (coords_t[:, 1:].amax(dim=0) + 1).tolist() if total else [1, 1, 1],
         "batch_size": len(samples),
         "voxel_offsets": torch.from_numpy(voxel_offsets),
-        "voxel_object": torch.from_numpy(voxel_object),
-        "voxel_semantic": torch.from_numpy(voxel_semantic),
+        "voxel_object": voxel_object_t,
+        "voxel_semantic": voxel_semantic_t,
         **objects,
         "scene_ids": [s["scene_id"] for s in samples],
         "indices": [s.get("index", -1) for s in samples],
