@@ -321,3 +321,13 @@ def test_reads_without_preadv_go_through_h5py_with_the_same_result(tmp_path, sce
     store = SceneStore(tmp_path, verify=True)
     assert [store[i] for i in range(len(store))] == scenes
     assert all(t.offset is None for t in store._shard(0).tables.values())
+
+
+def test_hdf5plugin_codecs_round_trip(tmp_path, scenes):
+    pytest.importorskip("hdf5plugin")
+    for codec in ("lz4", "blosc"):
+        write_scenes(scenes, tmp_path / codec, vocabulary=VOCAB, compression=codec, progress=False)
+        with h5py.File(tmp_path / codec / "shard-00000.h5") as f:
+            assert f.attrs["compression"] == codec and f["points/xyz"].chunks is not None
+        store = SceneStore(tmp_path / codec, verify=True)
+        assert [store[i] for i in range(len(store))] == scenes

@@ -81,7 +81,8 @@ def add_arguments(parser) -> None:
                         help="ScanNet/Pointcept: an Sr3D or Sr3D+ CSV")
     parser.add_argument("--max-scenes-per-shard", type=int, default=256)
     parser.add_argument("--compression", default="none",
-                        help="none (default: contiguous tables, the fastest reads), or an h5py filter: lzf, gzip")
+                        help="none (default: contiguous tables, the fastest reads), lzf, gzip, or lz4 / blosc "
+                             "(smaller; need the hdf5plugin package)")
     parser.add_argument("--force", action="store_true", help="convert everything even if the output is up to date")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any problem is found")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
