@@ -11,6 +11,10 @@
 - sparsegps: read the scene from HDF5 shards, augment (rotate, scale, jitter, colour jitter),
   grid-sample to voxels, collate to sparse-conv input (`ScenesDataset` + `collate_scenes`).
 
+Voxelization itself is also compared on the same scenes (`details["voxelization_ms_per_scene"]`):
+the packed-key sort `GridSample` uses, the `np.unique` sort it replaced, and spconv's hash-based
+`PointToVoxel` (where spconv is installed; it yields voxels and a point->voxel map only, no means).
+
 Scenes/s with 0 and 2 DataLoader workers over one shuffled pass; ratios against the per-item GPS
 path with the same worker count.
 """
@@ -28,14 +32,17 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsegps.benchmarks.bench_data import read_pth, write_pth
-from sparsegps.benchmarks.common import (SCANNET20, Result, add_common_arguments, bar_chart, command_line,
-                                         finish, machine_info, main_for, ratio, resolve_common, synthetic_scenes,
-                                         target, time_interleaved)
+from sparsegps.benchmarks.arguments import add_common_arguments, command_line, main_for, resolve_common
+from sparsegps.benchmarks.machine import machine_info
+from sparsegps.benchmarks.report import Result, bar_chart, finish, ratio, target
+from sparsegps.benchmarks.scenes import SCANNET20, synthetic_scenes
+from sparsegps.benchmarks.timing import time_interleaved
 from sparsegps.benchmarks.pointnet2_gps import gps_crop_objects, gps_object_points
 from sparsegps.data.collate import collate_scenes
 from sparsegps.data.dataset import ScenesDataset
 from sparsegps.data.store import write_scenes
 from sparsegps.data.transforms import TransformConfig, scene_to_sample
+from sparsegps.data.voxelize import voxelize
 
 NAME = "batch-prep"
 TARGET_VS_GPS = 3.0
@@ -171,6 +178,43 @@ def _stage_note(name: str, stages: dict[str, float]) -> str:
     return f"{name}, per scene (one pass, no workers): {1000 * total:.1f} ms = {parts}"
 
 
+def _unique_voxelize(xyz: np.ndarray, voxel_size: float):
+    """Voxelization as `GridSample` first did it: `np.unique` (a stable sort) of 21-bit-per-axis keys."""
+    grid = np.floor((xyz - xyz.min(axis=0)) / voxel_size).astype(np.int64)
+    keys = (grid[:, 0] << 42) | (grid[:, 1] << 21) | grid[:, 2]
+    return np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+
+
+def _spconv_voxelizer(voxel_size: float):
+    """spconv's hash-based point-to-voxel op on the CPU (voxels, their coordinates and each point's
+    voxel), or None where spconv is not installed."""
+    try:
+        from spconv.pytorch.utils import PointToVoxel
+    except ImportError:
+        return None
+
+    def run(xyz: np.ndarray):
+        lo, hi = xyz.min(axis=0), xyz.max(axis=0) + voxel_size
+        generator = PointToVoxel(vsize_xyz=[voxel_size] * 3, coors_range_xyz=[*lo.tolist(), *hi.tolist()],
+                                 num_point_features=3, max_num_voxels=len(xyz), max_num_points_per_voxel=1,
+                                 device=torch.device("cpu"))
+        return generator.generate_voxel_with_id(torch.from_numpy(xyz))
+
+    return run
+
+
+def voxelization_ms(scenes: list, voxel_size: float, repeats: int) -> dict[str, float]:
+    """Mean milliseconds per scene of each voxelization method, timed in interleaved rounds."""
+    methods = {"packed-key sort (GridSample)": lambda xyz: voxelize(xyz, voxel_size),
+               "np.unique sort (before)": lambda xyz: _unique_voxelize(xyz, voxel_size)}
+    spconv_run = _spconv_voxelizer(voxel_size)
+    if spconv_run is not None:
+        methods["spconv PointToVoxel (hash)"] = spconv_run
+    calls = {name: (lambda m=method: [m(s.xyz) for s in scenes]) for name, method in methods.items()}
+    timings = time_interleaved(calls, repeats=repeats, warmup=1)
+    return {name: 1000 * t.median / len(scenes) for name, t in timings.items()}
+
+
 # ------------------------------------------------------------------------------------------- run
 
 def run(args: argparse.Namespace) -> dict:
@@ -198,6 +242,7 @@ def run(args: argparse.Namespace) -> dict:
             write_pth(scene, root / "pth")
         write_scenes(scenes, root / "shards", vocabulary=SCANNET20, source="benchmark", progress=False)
         scene_ids = [s.scene_id for s in scenes]
+        result.details["voxelization_ms_per_scene"] = voxelization_ms(scenes[:16], args.voxel_size, args.repeats)
         del scenes
         order = np.random.default_rng(args.seed + 1).permutation(n_scenes).tolist()
 
@@ -215,7 +260,7 @@ def run(args: argparse.Namespace) -> dict:
         for workers in args.workers:
             passes = {name: (lambda d=dataset, c=collate, w=workers: _prepare_all(d, order, batch_size, w, c))
                       for name, (dataset, collate) in methods.items()}
-            timings = time_interleaved(passes, repeats=args.repeats, warmup=args.warmup)
+            timings = time_interleaved(passes, repeats=args.repeats, warmup=args.warmup, track_cpu=True)
             for name, timing in timings.items():
                 row = {"method": name, "workers": workers, **timing.to_dict(), "scenes_per_s": n_scenes / timing.median}
                 if name == "GPS (crops cached)":
@@ -226,6 +271,7 @@ def run(args: argparse.Namespace) -> dict:
         for row in rows:
             base = next(r for r in rows if r["method"] == "GPS (per item)" and r["workers"] == row["workers"])
             row["ratio_vs_baseline"] = ratio(base["seconds"], row["seconds"])
+            row["cpu_ratio_vs_baseline"] = ratio(base["cpu_seconds"], row["cpu_seconds"])
             cached_row = next(r for r in rows if r["method"] == "GPS (crops cached)" and r["workers"] == row["workers"])
             row["ratio_vs_cached"] = ratio(cached_row["seconds"], row["seconds"])
         result.rows = rows
@@ -248,9 +294,13 @@ def run(args: argparse.Namespace) -> dict:
         "methods are timed in interleaved rounds (one pass of each per round), so load from other processes "
         "changing during the run slows them alike",
         *(_stage_note(name, stages) for name, stages in result.details["stage_seconds_per_scene"].items()),
+        "voxelization alone, per scene: " + ", ".join(
+            f"{name} {ms:.1f} ms" for name, ms in result.details["voxelization_ms_per_scene"].items()),
+        "cpu_seconds: CPU time of the pass (this process and its finished workers), which other processes "
+        "competing for the cores do not inflate; cpu_ratio_vs_baseline compares those",
     ]
     return finish(result, machine, ["method", "workers", "seconds", "scenes_per_s", "ratio_vs_baseline",
-                                    "ratio_vs_cached"], args.out, plot=_plot)
+                                    "ratio_vs_cached", "cpu_seconds", "cpu_ratio_vs_baseline"], args.out, plot=_plot)
 
 
 def _plot(data: dict, path: Path) -> None:

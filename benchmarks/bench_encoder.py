@@ -25,9 +25,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sparsegps.benchmarks.common import (Result, add_common_arguments, command_line, count_flops, finish,
-                                         machine_info, main_for, memory_method, peak_memory, random_room, ratio,
-                                         resolve_common, target, time_interleaved)
+from sparsegps.benchmarks.arguments import add_common_arguments, command_line, main_for, resolve_common
+from sparsegps.benchmarks.flops import count_flops
+from sparsegps.benchmarks.machine import machine_info
+from sparsegps.benchmarks.memory import memory_method, peak_memory
+from sparsegps.benchmarks.report import Result, finish, ratio, save_figure, target
+from sparsegps.benchmarks.scenes import random_room
+from sparsegps.benchmarks.timing import time_interleaved
 from sparsegps.benchmarks.pointnet2_gps import PointNet2ObjectEncoder, gps_crop_objects, gps_object_points
 
 NAME = "encoder"
@@ -219,9 +223,7 @@ def _plot(data: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_title({"forward": "forward (no_grad)", "train": "forward + backward"}[mode])
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -38,9 +38,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sparsegps.benchmarks.common import (Result, add_common_arguments, command_line, finish,
-                                         machine_info, main_for, memory_method, peak_memory, ratio,
-                                         resolve_common, synchronize, target)
+from sparsegps.benchmarks.arguments import add_common_arguments, command_line, main_for, resolve_common
+from sparsegps.benchmarks.machine import machine_info
+from sparsegps.benchmarks.memory import memory_method, peak_memory
+from sparsegps.benchmarks.report import Result, finish, ratio, save_figure, target
+from sparsegps.benchmarks.timing import synchronize
 
 NAME = "train-step"
 REGIONS = ("data", "backbone", "transformers", "backward", "optimizer")
@@ -383,9 +385,7 @@ def _plot(data: dict, path: Path) -> None:
     ax.set_xlabel("seconds per step (mean of each region)")
     ax.set_title(f"Pre-training step by region ({data['machine']['summary']})", fontsize=9)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(REGIONS))
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,7 @@ def test_bench_data_quick_through_the_cli(tmp_path, capsys):
     for row in data["rows"]:
         assert row["bytes_on_disk"] > 0
         assert row["scenes_per_s"] == pytest.approx(12 / row["seconds"])
+        assert row["cpu_seconds"] > 0 and row["cpu_ratio_vs_baseline"] > 0
     assert "--compression lzf none" in data["command"]
     assert "| shards (lzf) |" in capsys.readouterr().out
 
@@ -95,6 +97,11 @@ def test_bench_batch_prep_quick(tmp_path):
     assert list(stages["GPS (per item)"]) == ["load .pth", "crop objects", "rotate, resample, normalise", "collate"]
     assert {"read shard", "GridSample", "collate"} <= set(stages["sparsegps"])
     assert all(v > 0 for s in stages.values() for v in s.values())
+    voxelization = data["details"]["voxelization_ms_per_scene"]
+    assert {"packed-key sort (GridSample)", "np.unique sort (before)"} <= set(voxelization)
+    assert all(ms > 0 for ms in voxelization.values())
+    for row in data["rows"]:
+        assert row["cpu_seconds"] > 0 and row["cpu_ratio_vs_baseline"] > 0
 
 
 def test_bench_list_reports_missing_benchmarks(capsys, monkeypatch):
@@ -123,6 +130,14 @@ def test_benchmark_runs_as_a_script():
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+def test_time_interleaved_can_track_cpu_time():
+    timings = common.time_interleaved({"spin": lambda: sum(range(200_000)), "sleep": lambda: time.sleep(0.05)},
+                                      repeats=2, warmup=0, track_cpu=True)
+    assert timings["sleep"].median >= 0.05 and timings["sleep"].to_dict()["cpu_seconds"] < 0.04
+    assert timings["spin"].to_dict()["cpu_seconds"] > 0
+    assert "cpu_seconds" not in common.time_call(lambda: None, repeats=1, warmup=0).to_dict()
+
 
 def test_time_call_runs_warmup_then_repeats_and_takes_the_median():
     calls = []

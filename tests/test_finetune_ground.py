@@ -183,7 +183,7 @@ def test_finetune_exports_a_grounding_model_and_reports_the_benchmark(finetuned)
     assert (finetuned / "ground_report.md").read_text().startswith("|  | Overall | Easy | Hard |")
     lines = (finetuned / "ground_predictions.jsonl").read_text().splitlines()
     assert len(lines) == 14 and set(json.loads(lines[0])) == {"scan_id", "text_index", "target_id", "predicted_id",
-                                                              "num_distractors", "utterance"}
+                                                              "num_distractors", "utterance", "source", "item_id"}
     summary = json.loads((finetuned / "summary.json").read_text())
     assert summary["ground_accuracy"] == report["splits"]["overall"]["accuracy"] and summary["ground_steps"] == 3
 

@@ -19,7 +19,7 @@ from plyfile import PlyData, PlyElement
 from sparsegps.cli import main as cli_main
 from sparsegps.data import SceneStore
 from sparsegps.data.labels import load_label_map
-from sparsegps.eval.grounding import evaluate_scanrefer, referral_record
+from sparsegps.eval.grounding import evaluate_scanrefer, referral_record, write_submission
 from sparsegps.importers import UnsafeFileError, load_pth
 
 SCANNET200 = load_label_map("scannet200").names
@@ -139,6 +139,13 @@ def test_sceneverse_round_trip(tmp_path, capsys):
     assert texts[("object_caption", "a low wooden coffee table")].target_id == 2
     assert texts[("scene_caption", "chairs around a table")].target_id == -1
     assert [(t.kind, t.target_id, t.distractor_ids) for t in store[1].texts] == [("referral", 7, ())]
+    # schema v2: each text keeps its source, its item id there and (referrals) its shape
+    assert sorted((t.source, t.item_id, t.shape) for t in store[0].texts if t.kind == "referral") == [
+        ("scanrefer", "0", "free"), ("scanrefer", "0", "free"), ("ssg_ref_rel2_template", "rel2_0", "rel2")]
+    assert texts[("object_caption", "a low wooden coffee table")].source == "ssg_obj_caption_template"
+    assert texts[("object_caption", "a low wooden coffee table")].shape == ""
+    assert texts[("scene_caption", "chairs around a table")].source == "scene_cap"
+    assert [(t.source, t.item_id, t.shape) for t in store[1].texts] == [("ssg_ref_star_gpt", "star_0", "star")]
 
     report = json.loads((out / "pack_report.json").read_text())
     assert report["texts"] == {"referral": 4, "object_caption": 1, "scene_caption": 2}
@@ -360,10 +367,39 @@ def test_scannet_round_trip(tmp_path, capsys):
     assert "ScanRefer_filtered_val_000002" in summary and "sr3d_000001" in summary
     assert any("mentions_target_class" in note for note in report["notes"])
 
+    # schema v2: source, the benchmark's own item id, and the referral's shape
+    assert [(t.source, t.item_id, t.shape) for t in scene.texts] == [
+        ("scanrefer", "0", "free"), ("scanrefer", "1", "free"), ("nr3d", "nr3d_000000", "free"),
+        ("sr3d", "sr3d_000000", "horizontal")]
+
     # the stored referrals carry everything ScanRefer's metric needs: unique/multiple and boxes
     records = [referral_record(scene, k, predicted) for k, predicted in ((0, 2), (1, 1))]
     result = evaluate_scanrefer(records)["splits"]
     assert result["unique"]["acc@0.5"] == 1.0 and result["multiple"]["acc@0.25"] == 0.0
+
+    # ...and its submission file, against one written by hand from the fixture's boxes
+    path = write_submission(records, "scanrefer", tmp_path)
+    table, chosen_chair = (scene.object_by_id()[i] for i in (2, 1))
+
+    def corners(o):
+        (x, y, z), (dx, dy, dz) = o.center.astype(float), o.size.astype(float) / 2
+        return [[x + dx, y + dy, z + dz], [x + dx, y + dy, z - dz], [x - dx, y + dy, z - dz], [x - dx, y + dy, z + dz],
+                [x + dx, y - dy, z + dz], [x + dx, y - dy, z - dz], [x - dx, y - dy, z - dz], [x - dx, y - dy, z + dz]]
+
+    want_rows = [{"scene_id": "scene0011_00", "object_id": "2", "ann_id": "0", "bbox": corners(table),
+                  "unique_multiple": 0},
+                 {"scene_id": "scene0011_00", "object_id": "0", "ann_id": "1", "bbox": corners(chosen_chair),
+                  "unique_multiple": 1}]
+    got_rows = json.loads(path.read_text())
+    assert [{k: v for k, v in r.items() if k != "bbox"} for r in got_rows] == \
+        [{k: v for k, v in r.items() if k != "bbox"} for r in want_rows]
+    for got_row, want_row in zip(got_rows, want_rows):
+        np.testing.assert_allclose(got_row["bbox"], want_row["bbox"], rtol=1e-6)
+    # Nr3D / Sr3D: the CSV row ids with predictions
+    nr3d = [referral_record(scene, 2, 0), referral_record(scene, 3, 0)]
+    lines = write_submission(nr3d, "nr3d", tmp_path).read_text().splitlines()
+    assert lines == ["item_id,scan_id,target_id,predicted_id,correct", "nr3d_000000,scene0011_00,1,0,0",
+                     "sr3d_000000,scene0011_00,0,0,1"]
 
 
 def test_scannet_split_uses_official_lists(tmp_path, capsys):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 
 import h5py
@@ -50,12 +51,16 @@ def test_round_trip_is_bit_exact_across_shards(tmp_path, scenes):
     assert index["num_scenes"] == 12 and index["label_vocabulary"] == VOCAB
 
 
-def test_shards_are_chunked_compressed_and_versioned(tmp_path, scenes):
-    write_scenes(scenes, tmp_path, vocabulary=VOCAB, progress=False)
-    with h5py.File(tmp_path / "shard-00000.h5") as f:
-        assert f["points/xyz"].compression == "lzf" and f["points/xyz"].chunks is not None
-        assert f.attrs["schema_version"] == 1 and json.loads(f.attrs["label_vocabulary"]) == VOCAB
+def test_shards_are_contiguous_by_default_chunked_when_compressed_and_versioned(tmp_path, scenes):
+    write_scenes(scenes, tmp_path / "plain", vocabulary=VOCAB, progress=False)
+    write_scenes(scenes, tmp_path / "lzf", vocabulary=VOCAB, compression="lzf", progress=False)
+    with h5py.File(tmp_path / "plain" / "shard-00000.h5") as f:
+        assert f["points/xyz"].compression is None and f["points/xyz"].chunks is None
+        assert f.attrs["schema_version"] == 2 and json.loads(f.attrs["label_vocabulary"]) == VOCAB
         assert f["scenes/point_offset"][-1] == f["points/xyz"].shape[0] == sum(s.num_points for s in scenes)
+    with h5py.File(tmp_path / "lzf" / "shard-00000.h5") as f:
+        assert f["points/xyz"].compression == "lzf" and f["points/xyz"].chunks is not None
+    assert [SceneStore(tmp_path / "lzf", verify=True)[i] for i in range(len(scenes))] == scenes
 
 
 def _collect(loader) -> list[str]:
@@ -173,7 +178,7 @@ def test_truncated_and_corrupted_shards_are_detected(tmp_path, scenes, capsys):
     capsys.readouterr()
     shard = flip / "shard-00000.h5"
     with h5py.File(shard) as f:
-        start = f["points/xyz"].id.get_chunk_info(0).byte_offset
+        start = f["points/xyz"].id.get_offset()
     data = bytearray(shard.read_bytes())
     data[start + 100] ^= 0xFF  # one flipped byte inside scene 0's coordinates
     shard.write_bytes(bytes(data))
@@ -224,3 +229,105 @@ def test_pack_killed_midway_leaves_no_partial_shard_and_rerun_completes(tmp_path
     assert all(p.stat().st_mtime_ns == t for p, t in kept_mtimes.items())  # complete shards were not rewritten
     assert [s.scene_id for s in SceneStore(out)] == [f"scene_{i:03d}" for i in range(40)]
     assert not list(out.glob("*.tmp"))
+
+
+# ------------------------------------------------------------------------------------ schema v2
+
+def _with_text_fields(scene):
+    """The scene with schema-v2 text fields filled (unicode, empty and repeated values)."""
+    import dataclasses
+
+    texts = [dataclasses.replace(t, source=["scanrefer", "nr3d", "ssg_ref_chain_gpt", ""][k % 4],
+                                 item_id=f"ïtem-{scene.scene_id}-{k}" if k % 3 else "",
+                                 shape=["free", "", "chain"][k % 3] if t.kind == "referral" else "")
+             for k, t in enumerate(scene.texts)]
+    return dataclasses.replace(scene, texts=texts)
+
+
+def test_schema_v2_round_trip_keeps_source_item_id_and_shape(tmp_path, scenes, capsys):
+    scenes = [_with_text_fields(s) for s in scenes]
+    write_scenes(scenes, tmp_path, vocabulary=VOCAB, max_scenes_per_shard=5, progress=False)
+    store = SceneStore(tmp_path, verify=True)
+    assert [store[i] for i in range(len(store))] == scenes
+    assert {t.shape for s in scenes for t in s.texts if t.kind == "referral"} == {"free", "", "chain"}
+    assert cli_main(["inspect", "--json", str(tmp_path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    texts = [t for s in scenes for t in s.texts]
+    assert summary["texts_per_source"] == {k: v for k, v in Counter(t.source for t in texts).items()}
+    assert summary["referrals_per_shape"] == dict(Counter(t.shape for t in texts if t.kind == "referral"))
+    assert summary["schema_versions"] == {"2": 3}
+
+
+def write_v1_shard(path: Path, scenes, vocabulary) -> None:
+    """A shard in the version-1 layout (variable-length strings, no per-text source/item/shape)."""
+    objects = [o for s in scenes for o in s.objects]
+    texts = [t for s in scenes for t in s.texts]
+    string = h5py.string_dtype("utf-8")
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"format": "sparsegps-scenes", "schema_version": 1, "source": "old", "tool": "sparsegps 0.0",
+                        "created": "2025", "label_vocabulary": json.dumps(vocabulary), "num_scenes": len(scenes),
+                        "annotated_by": "kept"})
+        for name in ("xyz", "rgb", "instance", "semantic"):
+            f.create_dataset(f"points/{name}", data=np.concatenate([getattr(s, name) for s in scenes]),
+                             chunks=True, compression="lzf")
+        f.create_dataset("scenes/id", data=np.array([s.scene_id for s in scenes], dtype=object), dtype=string)
+        f.create_dataset("scenes/checksum", data=np.array([s.checksum() for s in scenes], dtype="S32"))
+        for name, count in (("point", lambda s: s.num_points), ("object", lambda s: len(s.objects)),
+                            ("text", lambda s: len(s.texts))):
+            f.create_dataset(f"scenes/{name}_offset", data=np.cumsum([0] + [count(s) for s in scenes]))
+        f.create_dataset("objects/instance_id", data=np.array([o.instance_id for o in objects], np.int32))
+        f.create_dataset("objects/label", data=np.array([o.label for o in objects], dtype=object), dtype=string)
+        f.create_dataset("objects/label_id", data=np.array([vocabulary.index(o.label) for o in objects], np.int16))
+        f.create_dataset("objects/center", data=np.array([o.center for o in objects], np.float32))
+        f.create_dataset("objects/size", data=np.array([o.size for o in objects], np.float32))
+        f.create_dataset("texts/kind", data=np.array([("object_caption", "scene_caption", "referral").index(t.kind)
+                                                       for t in texts], np.uint8))
+        f.create_dataset("texts/text", data=np.array([t.text for t in texts], dtype=object), dtype=string)
+        f.create_dataset("texts/target_id", data=np.array([t.target_id for t in texts], np.int32))
+        f.create_dataset("texts/distractor_offset", data=np.cumsum([0] + [len(t.distractor_ids) for t in texts]))
+        f.create_dataset("texts/distractor_ids", data=np.array([d for t in texts for d in t.distractor_ids], np.int32))
+
+
+def test_version_1_shards_read_and_upgrade_in_place_without_loss(tmp_path, scenes, capsys):
+    write_v1_shard(tmp_path / "shard-00000.h5", scenes[:7], VOCAB)
+    write_v1_shard(tmp_path / "shard-00001.h5", scenes[7:], VOCAB)
+    store = SceneStore(tmp_path, verify=True)  # v1 checksums verify: empty new fields hash as before
+    assert [store[i] for i in range(len(store))] == scenes
+    assert all((t.source, t.item_id, t.shape) == ("", "", "") for t in store[3].texts)
+    assert ScenesDataset(tmp_path, NO_AUGMENT)[2]["scene_id"] == scenes[2].scene_id
+    store.close()
+    with h5py.File(tmp_path / "shard-00000.h5") as f:
+        stored = f["scenes/checksum"][()]
+
+    assert cli_main(["pack", "--upgrade", str(tmp_path)]) == 0
+    assert "upgraded 2 shard(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.h5", "shard-00001.h5"]  # no temp files left
+    with h5py.File(tmp_path / "shard-00000.h5") as f:
+        assert f.attrs["schema_version"] == 2 and f.attrs["annotated_by"] == "kept" and f.attrs["source"] == "old"
+        assert np.array_equal(f["scenes/checksum"][()], stored)  # points, objects and texts unchanged
+        assert f["points/xyz"].chunks is None  # rewritten with the default layout
+    store = SceneStore(tmp_path, verify=True)
+    assert [store[i] for i in range(len(store))] == scenes and {s.schema_version for s in store.shards} == {2}
+    assert cli_main(["pack", "--upgrade", str(tmp_path)]) == 0  # nothing left to do
+    assert "upgraded 0 shard(s)" in capsys.readouterr().out
+
+
+def test_reads_without_preadv_go_through_h5py_with_the_same_result(tmp_path, scenes, monkeypatch):
+    import sparsegps.data.store as store_module
+
+    scenes = [_with_text_fields(s) for s in scenes]
+    write_scenes(scenes, tmp_path, vocabulary=VOCAB, progress=False)
+    monkeypatch.setattr(store_module, "_HAS_PREADV", False)  # as on macOS and Windows
+    store = SceneStore(tmp_path, verify=True)
+    assert [store[i] for i in range(len(store))] == scenes
+    assert all(t.offset is None for t in store._shard(0).tables.values())
+
+
+def test_hdf5plugin_codecs_round_trip(tmp_path, scenes):
+    pytest.importorskip("hdf5plugin")
+    for codec in ("lz4", "blosc"):
+        write_scenes(scenes, tmp_path / codec, vocabulary=VOCAB, compression=codec, progress=False)
+        with h5py.File(tmp_path / codec / "shard-00000.h5") as f:
+            assert f.attrs["compression"] == codec and f["points/xyz"].chunks is not None
+        store = SceneStore(tmp_path / codec, verify=True)
+        assert [store[i] for i in range(len(store))] == scenes

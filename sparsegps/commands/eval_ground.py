@@ -1,7 +1,10 @@
 """Score a grounding model on shards with a benchmark's metrics: Nr3D / Sr3D accuracy (overall,
 easy / hard, view-dependent / independent) or ScanRefer Acc@0.25 / Acc@0.5 (overall, unique /
 multiple), with ground-truth boxes or detector proposals (--proposals). Writes
-OUT/ground_report.json, OUT/ground_report.md and OUT/ground_predictions.jsonl, and prints the table.
+OUT/ground_report.json, OUT/ground_report.md, OUT/ground_predictions.jsonl and the benchmark's
+submission file (ScanRefer: scanrefer_submission.json with scene_id, object_id, ann_id and the
+predicted box's corners; Nr3D / Sr3D: nr3d_predictions.csv / sr3d_predictions.csv with the row ids
+and predictions), and prints the table.
 
     sparsegps eval-ground --checkpoint runs/ground/nr3d/export.pt --data runs/data/scannet/nr3d_val \\
         --benchmark nr3d
@@ -33,7 +36,7 @@ def add_arguments(parser):
 def run(args) -> int:
     import torch
 
-    from sparsegps.eval.grounding import format_table, save_report
+    from sparsegps.eval.grounding import format_table, save_report, write_submission
     from sparsegps.eval.grounding_model import ProposalError, evaluate_grounding, save_predictions
     from sparsegps.device import pick_device
     from sparsegps.train.finetune_ground import load_grounding_export
@@ -73,6 +76,12 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = save_report(report, out / "ground_report.json")
     save_predictions(records, out / "ground_predictions.jsonl")
+    try:
+        submission = write_submission(records, args.benchmark, out)
+    except ValueError as e:
+        submission = None
+        print(f"note: no submission file written: {e}", file=sys.stderr)
     print(format_table(report))
-    print(f"report: {json_path}  table: {md_path}  predictions: {out / 'ground_predictions.jsonl'}")
+    print(f"report: {json_path}  table: {md_path}  predictions: {out / 'ground_predictions.jsonl'}"
+          + (f"  submission: {submission}" if submission else ""))
     return 0

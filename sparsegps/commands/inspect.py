@@ -1,4 +1,5 @@
-"""Summarise shards (scenes, points, objects, texts per kind, class histogram) and verify checksums.
+"""Summarise shards (scenes, points, objects, texts per kind and per source, referrals per shape,
+class histogram) and verify checksums.
 
 Exits non-zero when any shard or scene is unreadable or fails its checksum."""
 from __future__ import annotations
@@ -14,30 +15,43 @@ def add_arguments(parser):
     parser.add_argument("--top", type=int, default=25, help="classes to list in the histogram")
 
 
-def run(args) -> int:
+def summarize(paths, verify: bool = True, progress: bool = False) -> dict:
+    """The summary of the shards at `paths` as a dict (what `--json` prints)."""
     from sparsegps.data import inspect_store
 
+    return inspect_store(paths, verify=verify, progress=progress).to_dict()
+
+
+def format_summary(summary: dict, top: int = 25) -> str:
+    lines = [f"shards   {summary['shards']}", f"scenes   {summary['scenes']}", f"points   {summary['points']}",
+             f"objects  {summary['objects']}"]
+    for kind in ("object_caption", "scene_caption", "referral"):
+        lines.append(f"texts    {kind:<15} {summary['texts'].get(kind, 0)}")
+    for title, counts in (("texts per source", summary["texts_per_source"]),
+                          ("referrals per shape", summary["referrals_per_shape"])):
+        if counts:
+            lines.append(f"{title}:")
+            width = max(len(name or "(none)") for name in counts)
+            lines += [f"  {name or '(none)':<{width}} {n:>7}" for name, n in counts.items()]
+    classes = list(summary["classes"].items())[:top]
+    if classes:
+        lines.append("classes:")
+        width = max(len(c) for c, _ in classes)
+        most = classes[0][1]
+        lines += [f"  {cls:<{width}} {n:>7}  {'#' * max(1, round(30 * n / most))}" for cls, n in classes]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
     try:
-        report = inspect_store(args.paths, verify=not args.no_verify, progress=sys.stderr.isatty())
+        summary = summarize(args.paths, verify=not args.no_verify, progress=sys.stderr.isatty())
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
-    else:
-        print(f"shards   {report.shards}\nscenes   {report.scenes}\npoints   {report.points}\n"
-              f"objects  {report.objects}")
-        for kind in ("object_caption", "scene_caption", "referral"):
-            print(f"texts    {kind:<15} {report.texts.get(kind, 0)}")
-        if report.classes:
-            print("classes:")
-            width = max(len(c) for c, _ in report.classes.most_common(args.top))
-            top = report.classes.most_common(1)[0][1]
-            for cls, n in report.classes.most_common(args.top):
-                print(f"  {cls:<{width}} {n:>7}  {'#' * max(1, round(30 * n / top))}")
-    for err in report.errors:
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary, args.top))
+    for err in summary["errors"]:
         print(f"error: {err}", file=sys.stderr)
-    if report.errors:
-        print(f"{len(report.errors)} problem(s) found", file=sys.stderr)
+    if summary["errors"]:
+        print(f"{len(summary['errors'])} problem(s) found", file=sys.stderr)
         return 1
     return 0

@@ -11,6 +11,10 @@ summary ends the run; `<out>/pack_report.json` lists every problem, `<out>/pack_
 options used. A re-run with unchanged inputs does nothing; an interrupted run, re-run, rewrites only
 the shards it had not finished. See docs/IMPORTING.md for the directory layouts.
 
+Shards written by an earlier sparsegps (schema version 1) still read; `sparsegps pack --upgrade
+DIR` rewrites them as the current version in place, one shard at a time and atomically, keeping
+every scene's checksum (the new per-text fields stay empty: re-pack to fill them).
+
 Exit status: 0 when scenes were packed (problems are reported, not fatal), 1 on bad arguments or
 when no scene could be packed, and with --strict also when any problem was found.
 """
@@ -43,7 +47,7 @@ class PackConfig:
     nr3d: list[str] = dataclasses.field(default_factory=list)
     sr3d: list[str] = dataclasses.field(default_factory=list)
     max_scenes_per_shard: int = 256
-    compression: str = "lzf"
+    compression: str = "none"
     force: bool = False
     strict: bool = False
 
@@ -53,9 +57,12 @@ def _csv(text: str) -> list[str]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--format", required=True, choices=FORMATS, help="layout of --src")
-    parser.add_argument("--src", required=True, help="the downloaded dataset (see docs/IMPORTING.md)")
-    parser.add_argument("--out", required=True, help="directory for the shards, index.json and pack_report.json")
+    parser.add_argument("--format", choices=FORMATS, help="layout of --src (required unless --upgrade)")
+    parser.add_argument("--src", help="the downloaded dataset (see docs/IMPORTING.md; required unless --upgrade)")
+    parser.add_argument("--out", help="directory for the shards, index.json and pack_report.json "
+                                      "(required unless --upgrade)")
+    parser.add_argument("--upgrade", nargs="+", metavar="SHARDS",
+                        help="rewrite these shards or store directories as the current schema version, in place")
     parser.add_argument("--labels", default="scannet200", choices=LABEL_MAPS,
                         help="label map for per-point classes; the store's vocabulary (default: scannet200)")
     parser.add_argument("--workers", type=int, default=1, help="processes loading and converting scenes")
@@ -73,7 +80,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sr3d", action="append", default=[], metavar="CSV",
                         help="ScanNet/Pointcept: an Sr3D or Sr3D+ CSV")
     parser.add_argument("--max-scenes-per-shard", type=int, default=256)
-    parser.add_argument("--compression", default="lzf", help="h5py filter: lzf, gzip or none")
+    parser.add_argument("--compression", default="none",
+                        help="none (default: contiguous tables, the fastest reads), lzf, gzip, or lz4 / blosc "
+                             "(smaller; need the hdf5plugin package)")
     parser.add_argument("--force", action="store_true", help="convert everything even if the output is up to date")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any problem is found")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -101,6 +110,12 @@ def run(args) -> int:
     from sparsegps.data.scene import SceneFormatError
     from sparsegps.importers import format_summary, pack
 
+    if args.upgrade:
+        return upgrade(args)
+    missing = [f"--{name}" for name in ("format", "src", "out") if not getattr(args, name)]
+    if missing:
+        print(f"error: {', '.join(missing)} required (or --upgrade SHARDS)", file=sys.stderr)
+        return 1
     cfg = PackConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PackConfig)})
     if cfg.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
@@ -126,4 +141,20 @@ def run(args) -> int:
     if cfg.strict and report.problems:
         print(f"error: {sum(report.problems.values())} problem(s) found (--strict)", file=sys.stderr)
         return 1
+    return 0
+
+
+def upgrade(args) -> int:
+    """`--upgrade`: rewrite older-schema shards in place (atomically, checksums checked)."""
+    from sparsegps.data.scene import SceneFormatError
+    from sparsegps.data.store import SCHEMA_VERSION, upgrade_shards
+
+    try:
+        rewritten = upgrade_shards(args.upgrade, compression=None if args.compression == "none" else args.compression,
+                                   progress=sys.stderr.isatty())
+    except (FileNotFoundError, SceneFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"upgraded {len(rewritten)} shard(s) to schema version {SCHEMA_VERSION}"
+          + "".join(f"\n  {p}" for p in rewritten))
     return 0

@@ -4,7 +4,8 @@ The scene and store APIs import only numpy and h5py; the torch-facing parts (dat
 load on first use, so packing and inspecting start fast and spawn cheap workers."""
 from .scene import (IGNORE_LABEL, NO_INSTANCE, TEXT_KINDS, Scene, SceneFormatError, SceneObject, SceneText,
                     boxes_from_points)
-from .store import SCHEMA_VERSION, SceneStore, ShardError, inspect_store, resolve_shards, write_scenes
+from .store import (SCHEMA_VERSION, SceneStore, ShardError, inspect_store, resolve_shards, upgrade_shards,
+                    write_scenes)
 from .transforms import GridSample, TransformConfig, build_transforms
 
 _LAZY = {"collate_scenes": ".collate", "move_batch": ".collate", "ScenesDataset": ".dataset"}
@@ -13,7 +14,7 @@ __all__ = [
     "IGNORE_LABEL", "NO_INSTANCE", "SCHEMA_VERSION", "TEXT_KINDS", "GridSample", "Scene", "SceneFormatError",
     "SceneObject", "SceneStore", "SceneText", "ScenesDataset", "ShardError", "TransformConfig",
     "boxes_from_points", "build_transforms", "collate_scenes", "inspect_store", "move_batch", "resolve_shards",
-    "write_scenes",
+    "upgrade_shards", "write_scenes",
 ]
 
 

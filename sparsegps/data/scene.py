@@ -51,16 +51,26 @@ class SceneObject:
 @dataclass
 class SceneText:
     """A text about a scene. `target_id` is the instance described (-1 for scene captions);
-    `distractor_ids` are same-class instances a referral must be told apart from."""
+    `distractor_ids` are same-class instances a referral must be told apart from.
+
+    Where the text comes from, for benchmarks and statistics ("" where unknown): `source` is the
+    benchmark or file it was read from (`scanrefer`, `nr3d`, `sr3d`, a SceneVerse file name such as
+    `ssg_ref_chain_gpt`, `synth`); `item_id` is its id there (ScanRefer's `ann_id`, the Nr3D/Sr3D
+    CSV row, SceneVerse's `item_id`); `shape` is a referral's shape (see docs/FORMAT.md).
+    """
 
     kind: str
     text: str
     target_id: int = NO_INSTANCE
     distractor_ids: tuple[int, ...] = ()
+    source: str = ""
+    item_id: str = ""
+    shape: str = ""
 
     def __post_init__(self):
         self.target_id = int(self.target_id)
         self.distractor_ids = tuple(int(i) for i in self.distractor_ids)
+        self.source, self.item_id, self.shape = str(self.source), str(self.item_id), str(self.shape)
 
 
 @dataclass
@@ -163,6 +173,8 @@ class Scene:
             h.update(o.size.tobytes())
         for t in self.texts:
             h.update(f"{t.kind}|{t.target_id}|{t.distractor_ids}|{t.text}".encode())
+            if t.source or t.item_id or t.shape:  # texts without them hash as before these fields existed
+                h.update(f"|{t.source}|{t.item_id}|{t.shape}".encode())
         return h.hexdigest()
 
     def __eq__(self, other):

@@ -1,21 +1,33 @@
-"""HDF5 scene shards: many scenes per file in concatenated datasets with int64 offset indexes.
+"""HDF5 scene shards: many scenes per file in concatenated tables with int64 offset indexes.
 
 Layout of one shard (schema version `SCHEMA_VERSION`, documented in docs/FORMAT.md):
 
     /points/xyz        float32 [P, 3]     /objects/instance_id  int32   [O]
-    /points/rgb        uint8   [P, 3]     /objects/label        utf-8   [O]
-    /points/instance   int32   [P]        /objects/label_id     int16   [O]   (-1: not in vocabulary)
-    /points/semantic   int16   [P]        /objects/center       float32 [O, 3]
-    /scenes/id         utf-8   [S]        /objects/size         float32 [O, 3]
-    /scenes/checksum   ascii   [S]        /texts/kind           uint8   [T]   (index into TEXT_KINDS)
-    /scenes/point_offset  int64 [S+1]     /texts/text           utf-8   [T]
-    /scenes/object_offset int64 [S+1]     /texts/target_id      int32   [T]
-    /scenes/text_offset   int64 [S+1]     /texts/distractor_offset int64 [T+1]
+    /points/rgb        uint8   [P, 3]     /objects/label        uint8   [bytes]  utf-8, split by label_offset
+    /points/instance   int32   [P]        /objects/label_offset int64   [O+1]
+    /points/semantic   int16   [P]        /objects/label_id     int16   [O]   (-1: not in vocabulary)
+    /scenes/id         utf-8   [S]        /objects/center       float32 [O, 3]
+    /scenes/checksum   ascii   [S]        /objects/size         float32 [O, 3]
+    /scenes/point_offset  int64 [S+1]     /texts/kind           uint8   [T]   (index into TEXT_KINDS)
+    /scenes/object_offset int64 [S+1]     /texts/text, /texts/text_offset          utf-8 bytes, int64 [T+1]
+    /scenes/text_offset   int64 [S+1]     /texts/target_id      int32   [T]
+                                          /texts/distractor_offset int64 [T+1]
                                           /texts/distractor_ids    int32 [D]
+                                          /texts/source         uint16  [T]   (index into attr text_sources)
+                                          /texts/shape          uint8   [T]   (index into attr text_shapes)
+                                          /texts/item_id, /texts/item_id_offset    utf-8 bytes, int64 [T+1]
 
-Scene s owns rows `offset[s]:offset[s+1]` of each table. Shards are written to `<name>.tmp`,
-fsynced and renamed, so a final-named shard is always complete; `index.json` beside them lists the
-shards, their scene ids and the label vocabulary.
+Scene s owns rows `offset[s]:offset[s+1]` of each table. Strings are one utf-8 byte table per
+column with an offset table, so a scene's strings are one read, not one object per row.
+
+Reading is built for throughput: uncompressed tables (the default) are stored contiguously and read
+with one `preadv` per table and scene straight into the result array, past HDF5's per-call
+overhead; compressed tables go through h5py. Every offset table of a shard is read once per process.
+
+Shards are written to `<name>.tmp`, fsynced and renamed, so a final-named shard is always complete;
+`index.json` beside them lists the shards, their scene ids and the label vocabulary. Version-1
+shards (strings as HDF5 variable-length strings, no source/item id/shape) still read, with those
+fields empty; `upgrade_shards` rewrites them as the current version.
 """
 from __future__ import annotations
 
@@ -33,12 +45,22 @@ import numpy as np
 from .scene import TEXT_KINDS, Scene, SceneFormatError, SceneObject, SceneText
 from sparsegps.files import atomic_write_text, fsync_dir
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FORMAT_NAME = "sparsegps-scenes"
 INDEX_NAME = "index.json"
 POINT_CHUNK = 1 << 16
 ROW_CHUNK = 4096
+DEFAULT_COMPRESSION: str | None = None
 _STR = h5py.string_dtype("utf-8")
+# Per-row tables a scene read touches, and which offset table (by scene or by text) indexes them.
+_POINT_TABLES = ("points/xyz", "points/rgb", "points/instance", "points/semantic")
+_OBJECT_TABLES = ("objects/instance_id", "objects/label_id", "objects/center", "objects/size")
+_TEXT_TABLES = ("texts/kind", "texts/target_id", "texts/source", "texts/shape")
+_TEXT_STRINGS = ("texts/text", "texts/item_id")
+# Attributes the writer sets itself; rewriting a shard carries any others over.
+WRITER_ATTRS = {"format", "schema_version", "source", "tool", "created", "label_vocabulary", "num_scenes",
+                "text_sources", "text_shapes", "compression"}
 
 
 class ShardError(SceneFormatError):
@@ -52,12 +74,54 @@ def _tool_version() -> str:
 
 # ----------------------------------------------------------------------------------------- writing
 
+# Codecs of the hdf5plugin package, by the name `write_scenes` takes (byte-shuffled Blosc-LZ4 for blosc).
+PLUGIN_CODECS = ("lz4", "blosc")
+
+
+def _use_plugins(compression: str | None) -> None:
+    """Import hdf5plugin (which registers its codecs with HDF5) when `compression` needs it."""
+    if compression in PLUGIN_CODECS:
+        try:
+            import hdf5plugin  # noqa: F401
+        except ImportError:
+            raise SceneFormatError(f"compression {compression!r} needs the hdf5plugin package "
+                                   "(pip install hdf5plugin)", field="compression") from None
+
+
+def _filter(compression: str | None) -> dict:
+    """h5py dataset keywords of a compression name."""
+    if compression is None:
+        return {}
+    if compression in PLUGIN_CODECS:
+        _use_plugins(compression)
+        import hdf5plugin
+
+        return dict(hdf5plugin.LZ4() if compression == "lz4" else hdf5plugin.Blosc(cname="lz4", clevel=5))
+    return {"compression": compression}
+
+
 def _dataset(group: h5py.Group, name: str, data: np.ndarray, compression: str | None, chunk_rows: int):
+    """A per-row table: contiguous when uncompressed (one read per scene), chunked when compressed."""
     data = np.asarray(data)
     kwargs = {}
-    if data.shape[0] > 0:
-        kwargs = dict(chunks=(min(chunk_rows, data.shape[0]),) + data.shape[1:], compression=compression)
+    if data.shape[0] > 0 and compression is not None:
+        kwargs = dict(chunks=(min(chunk_rows, data.shape[0]),) + data.shape[1:], **_filter(compression))
     group.create_dataset(name, data=data, **kwargs)
+
+
+def _string_table(group: h5py.Group, name: str, values: Sequence[str], compression: str | None) -> None:
+    """Strings as one utf-8 byte table `name` and an int64 offset table `name_offset` [len+1]."""
+    encoded = [v.encode("utf-8") for v in values]
+    offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
+    _dataset(group, name, np.frombuffer(b"".join(encoded), dtype=np.uint8), compression, 1 << 16)
+    group.create_dataset(f"{name}_offset", data=offsets)
+
+
+def _vocabulary_index(values: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """The distinct values ("" first) and each value's index among them."""
+    names = [""] + sorted(set(values) - {""})
+    index = {v: i for i, v in enumerate(names)}
+    return names, np.array([index[v] for v in values], dtype=np.int64)
 
 
 def _write_shard(path: Path, scenes: Sequence[Scene], vocabulary: Sequence[str], source: str,
@@ -70,22 +134,30 @@ def _write_shard(path: Path, scenes: Sequence[Scene], vocabulary: Sequence[str],
     objects = [o for s in scenes for o in s.objects]
     texts = [t for s in scenes for t in s.texts]
     dist_off = np.cumsum([0] + [len(t.distractor_ids) for t in texts], dtype=np.int64)
+    sources, source_index = _vocabulary_index([t.source for t in texts])
+    shapes, shape_index = _vocabulary_index([t.shape for t in texts])
+    if len(sources) > 1 << 16 or len(shapes) > 1 << 8:
+        raise SceneFormatError(f"too many distinct text sources ({len(sources)}) or shapes ({len(shapes)})",
+                               file=str(path), field="texts")
 
+    _use_plugins(compression)
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w", libver="latest") as f:
         f.attrs.update({
             "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "source": source,
             "tool": f"sparsegps {_tool_version()}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "label_vocabulary": json.dumps(list(vocabulary)), "num_scenes": len(scenes),
+            "text_sources": json.dumps(sources), "text_shapes": json.dumps(shapes),
+            "compression": compression or "none",
         })
         if attrs:
-            f.attrs.update(attrs)
+            f.attrs.update({k: v for k, v in attrs.items() if k not in WRITER_ATTRS})
         pts = f.create_group("points")
-        cat = (lambda name: np.concatenate([getattr(s, name) for s in scenes])) if scenes else None
-        _dataset(pts, "xyz", cat("xyz") if scenes else np.zeros((0, 3), np.float32), compression, POINT_CHUNK)
-        _dataset(pts, "rgb", cat("rgb") if scenes else np.zeros((0, 3), np.uint8), compression, POINT_CHUNK)
-        _dataset(pts, "instance", cat("instance") if scenes else np.zeros(0, np.int32), compression, POINT_CHUNK)
-        _dataset(pts, "semantic", cat("semantic") if scenes else np.zeros(0, np.int16), compression, POINT_CHUNK)
+        for name, dtype, width in (("xyz", np.float32, 3), ("rgb", np.uint8, 3), ("instance", np.int32, 0),
+                                   ("semantic", np.int16, 0)):
+            empty = np.zeros((0, width) if width else 0, dtype)
+            _dataset(pts, name, np.concatenate([getattr(s, name) for s in scenes]) if scenes else empty,
+                     compression, POINT_CHUNK)
         sc = f.create_group("scenes")
         sc.create_dataset("id", data=np.array([s.scene_id for s in scenes], dtype=object), dtype=_STR)
         sc.create_dataset("checksum", data=np.array([s.checksum() for s in scenes], dtype="S32"))
@@ -94,7 +166,7 @@ def _write_shard(path: Path, scenes: Sequence[Scene], vocabulary: Sequence[str],
         sc.create_dataset("text_offset", data=text_off)
         ob = f.create_group("objects")
         _dataset(ob, "instance_id", np.array([o.instance_id for o in objects], np.int32), compression, ROW_CHUNK)
-        ob.create_dataset("label", data=np.array([o.label for o in objects], dtype=object), dtype=_STR)
+        _string_table(ob, "label", [o.label for o in objects], compression)
         _dataset(ob, "label_id", np.array([label_index.get(o.label, -1) for o in objects], np.int16),
                  compression, ROW_CHUNK)
         _dataset(ob, "center", np.array([o.center for o in objects], np.float32).reshape(-1, 3), compression,
@@ -102,24 +174,30 @@ def _write_shard(path: Path, scenes: Sequence[Scene], vocabulary: Sequence[str],
         _dataset(ob, "size", np.array([o.size for o in objects], np.float32).reshape(-1, 3), compression, ROW_CHUNK)
         tx = f.create_group("texts")
         _dataset(tx, "kind", np.array([TEXT_KINDS.index(t.kind) for t in texts], np.uint8), compression, ROW_CHUNK)
-        tx.create_dataset("text", data=np.array([t.text for t in texts], dtype=object), dtype=_STR)
+        _string_table(tx, "text", [t.text for t in texts], compression)
         _dataset(tx, "target_id", np.array([t.target_id for t in texts], np.int32), compression, ROW_CHUNK)
         tx.create_dataset("distractor_offset", data=dist_off)
         _dataset(tx, "distractor_ids", np.array([d for t in texts for d in t.distractor_ids], np.int32),
                  compression, ROW_CHUNK)
+        _dataset(tx, "source", source_index.astype(np.uint16), compression, ROW_CHUNK)
+        _dataset(tx, "shape", shape_index.astype(np.uint8), compression, ROW_CHUNK)
+        _string_table(tx, "item_id", [t.item_id for t in texts], compression)
         f.flush()
         os.fsync(f.id.get_vfd_handle())
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
 
-def _shard_matches(path: Path, checksums: list[str], vocabulary: Sequence[str]) -> bool:
-    """True when `path` is a complete, readable shard holding exactly these scenes."""
+def _shard_matches(path: Path, checksums: list[str], vocabulary: Sequence[str], compression: str | None) -> bool:
+    """True when `path` is a complete, readable current-version shard holding exactly these scenes,
+    compressed as asked."""
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("schema_version") != SCHEMA_VERSION:
                 return False
             if json.loads(f.attrs["label_vocabulary"]) != list(vocabulary):
+                return False
+            if f.attrs.get("compression") != (compression or "none"):
                 return False
             return [c.decode() for c in f["scenes/checksum"][()]] == checksums
     except (OSError, KeyError, ValueError):
@@ -128,15 +206,16 @@ def _shard_matches(path: Path, checksums: list[str], vocabulary: Sequence[str]) 
 
 def write_scenes(scenes: Iterable[Scene], out_dir: str | os.PathLike, *, vocabulary: Sequence[str],
                  source: str = "", max_scenes_per_shard: int = 256, max_bytes_per_shard: int = 256 << 20,
-                 compression: str | None = "lzf", prefix: str = "shard", progress: bool = True,
+                 compression: str | None = DEFAULT_COMPRESSION, prefix: str = "shard", progress: bool = True,
                  total: int | None = None) -> list[Path]:
     """Validate and write scenes into shards under `out_dir`; returns the shard paths.
 
     A shard is cut when it holds `max_scenes_per_shard` scenes or its raw arrays reach
     `max_bytes_per_shard`. Writing is atomic per shard and resumable: a final-named shard that
-    already holds exactly the scenes it would receive is kept as it is. `compression` is an h5py
-    filter name ("lzf", "gzip", or an hdf5plugin codec once hdf5plugin is imported) or None.
-    The index (`index.json`) is written last.
+    already holds exactly the scenes it would receive is kept as it is. `compression` is None (the
+    default: contiguous tables, the fastest reads; see benchmarks/RESULTS.md), an h5py filter name
+    ("lzf", "gzip"), or an hdf5plugin codec ("lz4", "blosc"; needs hdf5plugin). The index
+    (`index.json`) is written last.
     """
     from tqdm.auto import tqdm
 
@@ -154,7 +233,7 @@ def write_scenes(scenes: Iterable[Scene], out_dir: str | os.PathLike, *, vocabul
         nonlocal buffer, nbytes, kept
         path = out / f"{prefix}-{len(paths):05d}.h5"
         checksums = [s.checksum() for s in buffer]
-        if _shard_matches(path, checksums, vocabulary):
+        if _shard_matches(path, checksums, vocabulary, compression):
             kept += 1
         else:
             _write_shard(path, buffer, vocabulary, source, compression)
@@ -180,11 +259,15 @@ def write_scenes(scenes: Iterable[Scene], out_dir: str | os.PathLike, *, vocabul
         stale.unlink()
     if not paths:
         raise SceneFormatError("no scenes to write", file=str(out))
-    index = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "source": source,
-             "label_vocabulary": vocabulary, "num_scenes": len(seen_ids), "shards": index_shards,
-             "shards_kept": kept}
-    atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=1))
+    _write_index(out, vocabulary, source, index_shards, kept)
     return paths
+
+
+def _write_index(out: Path, vocabulary: Sequence[str], source: str, shards: list[dict], kept: int = 0) -> None:
+    index = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "source": source,
+             "label_vocabulary": list(vocabulary), "num_scenes": sum(len(s["scenes"]) for s in shards),
+             "shards": shards, "shards_kept": kept}
+    atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=1))
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -217,6 +300,7 @@ class ShardInfo:
     vocabulary: list[str]
     source: str
     attrs: dict
+    schema_version: int = SCHEMA_VERSION
 
 
 def _open_shard(path: Path) -> h5py.File:
@@ -229,10 +313,10 @@ def _open_shard(path: Path) -> h5py.File:
     if fmt != FORMAT_NAME:
         f.close()
         raise ShardError(f"not a {FORMAT_NAME} shard (format attribute {fmt!r})", file=str(path), field="format")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         f.close()
-        raise ShardError(f"schema version {version} is not supported (this sparsegps reads {SCHEMA_VERSION})",
-                         file=str(path), field="schema_version")
+        raise ShardError(f"schema version {version} is not supported (this sparsegps reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))})", file=str(path), field="schema_version")
     return f
 
 
@@ -240,11 +324,80 @@ def _decode(values) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
 
+_HAS_PREADV = hasattr(os, "preadv")
+
+
+class _Table:
+    """One per-row table of an open shard: rows `a:b` as a fresh, writable numpy array.
+
+    A contiguous (uncompressed) table is read with one `os.preadv` into the result; a chunked one,
+    or any table where the OS has no `preadv` (macOS, Windows), through h5py."""
+
+    def __init__(self, dataset: h5py.Dataset, fd: int):
+        self.dataset, self.fd = dataset, fd
+        self.dtype, self.row_shape = dataset.dtype, dataset.shape[1:]
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
+        offset = None
+        if dataset.chunks is None and dataset.dtype.kind in "biuf" and dataset.shape[0] > 0 and _HAS_PREADV:
+            offset = dataset.id.get_offset()
+        self.offset = offset
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        a, b = int(a), int(b)
+        if self.offset is None:
+            return self.dataset[a:b]
+        out = np.empty((b - a,) + self.row_shape, dtype=self.dtype)
+        want = out.nbytes
+        got = os.preadv(self.fd, [out], self.offset + a * self.row_bytes) if want else 0
+        if got != want:
+            raise OSError(f"short read of {self.dataset.name} ({got} of {want} bytes): truncated file?")
+        return out
+
+
+class _OpenShard:
+    """What a process keeps per open shard: the h5py file, a raw descriptor, the tables and every
+    offset table, read once."""
+
+    def __init__(self, path: Path):
+        self.file = _open_shard(path)
+        _use_plugins(self.file.attrs.get("compression"))
+        self.version = int(self.file.attrs["schema_version"])
+        self.fd = os.open(path, os.O_RDONLY)
+        f = self.file
+        self.offsets = {k: f[k][()] for k in ("scenes/point_offset", "scenes/object_offset",
+                                              "scenes/text_offset", "texts/distractor_offset")}
+        self.ids = np.array(_decode(f["scenes/id"][()]), dtype=object)
+        self.checksum = f["scenes/checksum"][()]
+        names = _POINT_TABLES + _OBJECT_TABLES + ("texts/kind", "texts/target_id", "texts/distractor_ids")
+        if self.version >= 2:
+            names += ("texts/source", "texts/shape", "objects/label") + _TEXT_STRINGS
+            for name in ("objects/label",) + _TEXT_STRINGS:
+                self.offsets[f"{name}_offset"] = f[f"{name}_offset"][()]
+            self.sources = json.loads(f.attrs["text_sources"])
+            self.shapes = json.loads(f.attrs["text_shapes"])
+        self.tables = {name: _Table(f[name], self.fd) for name in names}
+
+    def strings(self, name: str, a: int, b: int) -> list[str]:
+        """Rows a:b of a string column."""
+        if self.version < 2:
+            return _decode(self.file[name][a:b])
+        off = self.offsets[f"{name}_offset"][a:b + 1]
+        blob = self.tables[name].read(off[0], off[-1]).tobytes()
+        base = int(off[0])
+        return [blob[int(i) - base:int(j) - base].decode("utf-8") for i, j in zip(off[:-1], off[1:])]
+
+    def close(self) -> None:
+        self.file.close()
+        os.close(self.fd)
+
+
 class SceneStore:
     """Random access to the scenes of one or more shards: `len(store)`, `store[i] -> Scene`.
 
     Files are opened lazily on first access in the calling process, so a store created before a
-    DataLoader forks its workers is safe: each worker opens its own handles.
+    DataLoader forks its workers is safe: each worker opens its own handles. Inside a DataLoader
+    worker, arrays handed back to the main process travel through shared memory
+    (`sparsegps.data.sharing`), not through a pipe.
     """
 
     def __init__(self, paths, verify: bool = False):
@@ -257,7 +410,7 @@ class SceneStore:
                 try:
                     n = int(f["scenes/id"].shape[0])
                     info = ShardInfo(p, n, json.loads(f.attrs["label_vocabulary"]), str(f.attrs.get("source", "")),
-                                     dict(f.attrs))
+                                     dict(f.attrs), int(f.attrs["schema_version"]))
                 except (KeyError, OSError, ValueError) as e:
                     raise ShardError(f"missing or unreadable index ({e})", file=str(p)) from None
             self.shards.append(info)
@@ -268,8 +421,7 @@ class SceneStore:
                              file=str(self.paths[-1]), field="label_vocabulary")
         self.vocabulary: list[str] = list(self.shards[0].vocabulary)
         self._starts = np.cumsum([0] + counts)
-        self._handles: dict[int, h5py.File] = {}
-        self._offsets: dict[int, dict[str, np.ndarray]] = {}
+        self._open: dict[int, _OpenShard] = {}
         self._pid = None
 
     def __len__(self) -> int:
@@ -283,67 +435,75 @@ class SceneStore:
         shard = int(np.searchsorted(self._starts, index, side="right") - 1)
         return shard, index - int(self._starts[shard])
 
-    def _file(self, shard: int) -> h5py.File:
+    def _shard(self, shard: int) -> _OpenShard:
         if self._pid != os.getpid():  # opened before a fork: start afresh in this process
-            self._handles, self._offsets, self._pid = {}, {}, os.getpid()
-        if shard not in self._handles:
-            f = _open_shard(self.paths[shard])
-            self._handles[shard] = f
-            self._offsets[shard] = {k: f[k][()] for k in ("scenes/point_offset", "scenes/object_offset",
-                                                           "scenes/text_offset", "texts/distractor_offset")}
-            self._offsets[shard]["ids"] = np.array(_decode(f["scenes/id"][()]), dtype=object)
-            self._offsets[shard]["checksum"] = f["scenes/checksum"][()]
-        return self._handles[shard]
+            self._open, self._pid = {}, os.getpid()
+            from .sharing import share_arrays_from_workers
+            share_arrays_from_workers()
+        if shard not in self._open:
+            try:
+                self._open[shard] = _OpenShard(self.paths[shard])
+            except ShardError:
+                raise
+            except (KeyError, OSError, ValueError) as e:
+                raise ShardError(f"missing or unreadable index ({e})", file=str(self.paths[shard])) from None
+        return self._open[shard]
 
     def scene_ids(self) -> list[str]:
-        return [sid for shard in range(len(self.paths)) for sid in self._shard_ids(shard)]
+        return [sid for shard in range(len(self.paths)) for sid in self._shard(shard).ids]
 
-    def _shard_ids(self, shard: int) -> list[str]:
-        self._file(shard)
-        return list(self._offsets[shard]["ids"])
+    def stored_checksum(self, index: int) -> str:
+        """The checksum the shard records for scene `index`."""
+        shard, local = self.locate(index)
+        return self._shard(shard).checksum[local].decode()
 
     def __getitem__(self, index: int) -> Scene:
         shard, local = self.locate(index)
-        f = self._file(shard)
-        off = self._offsets[shard]
+        sh = self._shard(shard)
+        off, tables = sh.offsets, sh.tables
         path = str(self.paths[shard])
-        scene_id = str(off["ids"][local])
+        scene_id = str(sh.ids[local])
         try:
             p0, p1 = off["scenes/point_offset"][local:local + 2]
             o0, o1 = off["scenes/object_offset"][local:local + 2]
             t0, t1 = off["scenes/text_offset"][local:local + 2]
-            obj_ids = f["objects/instance_id"][o0:o1]
-            labels = _decode(f["objects/label"][o0:o1])
-            centers = f["objects/center"][o0:o1]
-            sizes = f["objects/size"][o0:o1]
-            kinds = f["texts/kind"][t0:t1]
-            strings = _decode(f["texts/text"][t0:t1])
-            targets = f["texts/target_id"][t0:t1]
+            points = {name.split("/")[1]: tables[name].read(p0, p1) for name in _POINT_TABLES}
+            obj_ids, _, centers, sizes = (tables[name].read(o0, o1) for name in _OBJECT_TABLES)
+            labels = sh.strings("objects/label", o0, o1)
+            kinds = tables["texts/kind"].read(t0, t1)
+            targets = tables["texts/target_id"].read(t0, t1)
+            strings = sh.strings("texts/text", t0, t1)
             doff = off["texts/distractor_offset"][t0:t1 + 1]
-            dist = f["texts/distractor_ids"][doff[0]:doff[-1]] if t1 > t0 else np.zeros(0, np.int32)
+            dist = tables["texts/distractor_ids"].read(doff[0], doff[-1]) if t1 > t0 else np.zeros(0, np.int32)
+            if sh.version >= 2:
+                sources = [sh.sources[i] for i in tables["texts/source"].read(t0, t1)]
+                shapes = [sh.shapes[i] for i in tables["texts/shape"].read(t0, t1)]
+                item_ids = sh.strings("texts/item_id", t0, t1)
+            else:
+                sources = shapes = item_ids = [""] * int(t1 - t0)
+            dist_lists = np.split(dist, (doff[1:-1] - doff[0]).astype(np.int64)) if t1 > t0 else []
             scene = Scene(
-                scene_id=scene_id,
-                xyz=f["points/xyz"][p0:p1], rgb=f["points/rgb"][p0:p1],
-                instance=f["points/instance"][p0:p1], semantic=f["points/semantic"][p0:p1],
-                objects=[SceneObject(int(i), l, c, s) for i, l, c, s in zip(obj_ids, labels, centers, sizes)],
-                texts=[SceneText(TEXT_KINDS[k], s, int(t), tuple(dist[a - doff[0]:b - doff[0]].tolist()))
-                       for k, s, t, a, b in zip(kinds, strings, targets, doff[:-1], doff[1:])],
+                scene_id=scene_id, **points,
+                objects=[SceneObject(i, l, c, s) for i, l, c, s in zip(obj_ids.tolist(), labels, centers, sizes)],
+                texts=[SceneText(TEXT_KINDS[k], s, t, tuple(d.tolist()), src, item, shape)
+                       for k, s, t, d, src, item, shape in zip(kinds.tolist(), strings, targets.tolist(), dist_lists,
+                                                                 sources, item_ids, shapes)],
             )
         except (OSError, KeyError, ValueError, IndexError) as e:
             raise ShardError(f"cannot read scene ({e})", file=path, scene=scene_id) from None
-        if self.verify and scene.checksum() != off["checksum"][local].decode():
+        if self.verify and scene.checksum() != sh.checksum[local].decode():
             raise ShardError("checksum mismatch: the stored scene is corrupted", file=path, scene=scene_id,
                              field="scenes/checksum")
         return scene
 
     def close(self) -> None:
-        for f in self._handles.values():
-            f.close()
-        self._handles, self._offsets = {}, {}
+        for sh in self._open.values():
+            sh.close()
+        self._open = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_handles={}, _offsets={}, _pid=None)
+        state.update(_open={}, _pid=None)
         return state
 
     def __del__(self):
@@ -351,6 +511,41 @@ class SceneStore:
             self.close()
         except Exception:  # interpreter shutdown
             pass
+
+
+def upgrade_shards(paths, compression: str | None = DEFAULT_COMPRESSION, progress: bool = True) -> list[Path]:
+    """Rewrite every shard at `paths` (files or directories) that is not of the current schema
+    version, in place and atomically (temp file, fsync, rename); returns the rewritten shards.
+
+    Scenes come back with their new text fields empty, so every scene's checksum is unchanged
+    (checked before each shard is replaced). A directory's `index.json` is rewritten last.
+    """
+    from tqdm.auto import tqdm
+
+    rewritten = []
+    shards = resolve_shards(paths)
+    for path in tqdm(shards, desc="upgrading", unit="shard", disable=not progress):
+        store = SceneStore([path])
+        info = store.shards[0]
+        if info.schema_version == SCHEMA_VERSION:
+            store.close()
+            continue
+        scenes = [store[i] for i in range(len(store))]
+        for i, scene in enumerate(scenes):
+            if scene.checksum() != store.stored_checksum(i):
+                raise ShardError("checksum mismatch: the stored scene is corrupted; not upgraded", file=str(path),
+                                 scene=scene.scene_id, field="scenes/checksum")
+        store.close()
+        _write_shard(path, scenes, info.vocabulary, info.source, compression, info.attrs)
+        rewritten.append(path)
+    for folder in {Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)}:
+        index_path = folder / INDEX_NAME
+        if folder.is_dir() and index_path.exists():
+            index = json.loads(index_path.read_text())
+            if index.get("schema_version") != SCHEMA_VERSION:
+                index["schema_version"] = SCHEMA_VERSION
+                atomic_write_text(index_path, json.dumps(index, indent=1))
+    return rewritten
 
 
 # ---------------------------------------------------------------------------------------- inspect
@@ -364,20 +559,28 @@ class InspectReport:
     texts: Counter = None
     classes: Counter = None
     errors: list = None
+    sources: Counter = None  # texts per source (benchmark or file; "" for none recorded)
+    shapes: Counter = None  # referrals per shape ("" for none recorded)
+    schema_versions: Counter = None  # shards per schema version
 
     def to_dict(self) -> dict:
         return {"shards": self.shards, "scenes": self.scenes, "points": self.points, "objects": self.objects,
-                "texts": dict(self.texts), "classes": dict(self.classes.most_common()), "errors": self.errors}
+                "texts": dict(self.texts), "texts_per_source": dict(self.sources.most_common()),
+                "referrals_per_shape": dict(self.shapes.most_common()),
+                "schema_versions": {str(k): v for k, v in sorted(self.schema_versions.items())},
+                "classes": dict(self.classes.most_common()), "errors": self.errors}
 
 
 def inspect_store(paths, verify: bool = True, progress: bool = True) -> InspectReport:
-    """Count scenes, points, objects, texts per kind and classes; verify every scene's checksum.
+    """Count scenes, points, objects, texts per kind and per source, referrals per shape, and classes;
+    verify every scene's checksum.
 
     Problems are collected (not raised) so one report lists every corrupted shard and scene.
     """
     from tqdm.auto import tqdm
 
-    report = InspectReport(texts=Counter(), classes=Counter(), errors=[])
+    report = InspectReport(texts=Counter(), classes=Counter(), errors=[], sources=Counter(), shapes=Counter(),
+                           schema_versions=Counter())
     shards = resolve_shards(paths)
     for path in tqdm(shards, desc="inspecting", unit="shard", disable=not progress):
         try:
@@ -386,13 +589,13 @@ def inspect_store(paths, verify: bool = True, progress: bool = True) -> InspectR
             report.errors.append(str(e))
             continue
         report.shards += 1
+        report.schema_versions[store.shards[0].schema_version] += 1
         for i in range(len(store)):
             try:
                 scene = store[i]
                 scene.validate(file=str(path))
                 if verify:
-                    stored = store._offsets[0]["checksum"][i].decode()
-                    if scene.checksum() != stored:
+                    if scene.checksum() != store.stored_checksum(i):
                         raise ShardError("checksum mismatch: the stored scene is corrupted", file=str(path),
                                          scene=scene.scene_id, field="scenes/checksum")
             except SceneFormatError as e:
@@ -402,6 +605,8 @@ def inspect_store(paths, verify: bool = True, progress: bool = True) -> InspectR
             report.points += scene.num_points
             report.objects += len(scene.objects)
             report.texts.update(t.kind for t in scene.texts)
+            report.sources.update(t.source for t in scene.texts)
+            report.shapes.update(t.shape for t in scene.texts if t.kind == "referral")
             report.classes.update(o.label for o in scene.objects)
         store.close()
     return report

@@ -188,7 +188,69 @@ def referral_record(scene, text_index: int, predicted_id: int, proposals: np.nda
         predicted_box = None if chosen is None else np.concatenate([chosen.center, chosen.size])
     return {"scan_id": scene.scene_id, "target_id": text.target_id, "predicted_id": int(predicted_id),
             "num_distractors": len(text.distractor_ids), "utterance": text.text,
-            "target_box": np.concatenate([target.center, target.size]), "predicted_box": predicted_box}
+            "target_box": np.concatenate([target.center, target.size]), "predicted_box": predicted_box,
+            "source": text.source, "item_id": text.item_id, "shape": text.shape}
+
+
+# ------------------------------------------------------------------------------------ submissions
+
+SUBMISSION_FILES = {"scanrefer": "scanrefer_submission.json", "nr3d": "nr3d_predictions.csv",
+                    "sr3d": "sr3d_predictions.csv"}
+REFERIT3D_COLUMNS = ("item_id", "scan_id", "target_id", "predicted_id", "correct")
+
+
+def box_corners(box) -> list[list[float]]:
+    """The 8 corners of an axis-aligned [cx, cy, cz, sx, sy, sz] box (ScanRefer's `bbox`), with the
+    sign pattern of ScanRefer's `get_3d_box`; its server scores the box by its min/max corners."""
+    c, half = np.asarray(box[:3], np.float64), np.asarray(box[3:6], np.float64) / 2
+    signs = [(1, 1, 1), (1, 1, -1), (-1, 1, -1), (-1, 1, 1), (1, -1, 1), (1, -1, -1), (-1, -1, -1), (-1, -1, 1)]
+    return [[float(v) for v in c + half * np.array(sign)] for sign in signs]
+
+
+def submission_rows(records: Sequence[Mapping], benchmark: str) -> list[dict]:
+    """The rows of `benchmark`'s submission file, one per record, in record order.
+
+    ScanRefer: `scene_id`, `object_id` (the described object, a string), `ann_id` (the
+    description's id), `bbox` (8 corners of the predicted box; empty when the choice has no box)
+    and `unique_multiple` (0 unique, 1 multiple), as ScanRefer's benchmark server reads them.
+    Nr3D / Sr3D: `item_id` (the CSV row, `nr3d_000123`), `scan_id`, `target_id`, `predicted_id`,
+    `correct`. Raises ValueError when a record has no item id (shards packed before texts kept
+    them: re-pack, or `sparsegps pack --upgrade` does not invent them)."""
+    missing = [i for i, r in enumerate(records) if not r.get("item_id")]
+    if missing:
+        r = records[missing[0]]
+        raise ValueError(f"{len(missing)} referrals have no item id (first: scan {r['scan_id']!r}, "
+                         f"target {r['target_id']}); re-pack the split with this sparsegps to record them")
+    if benchmark == "scanrefer":
+        return [{"scene_id": r["scan_id"], "object_id": str(r["target_id"]), "ann_id": str(r["item_id"]),
+                 "bbox": [] if r["predicted_box"] is None else box_corners(r["predicted_box"]),
+                 "unique_multiple": int(r["num_distractors"] > 0)} for r in records]
+    if benchmark in ("nr3d", "sr3d"):
+        return [{"item_id": r["item_id"], "scan_id": r["scan_id"], "target_id": int(r["target_id"]),
+                 "predicted_id": int(r["predicted_id"]), "correct": int(r["predicted_id"] == r["target_id"])}
+                for r in records]
+    raise ValueError(f"no submission format for benchmark {benchmark!r}")
+
+
+def write_submission(records: Sequence[Mapping], benchmark: str, out_dir: str | os.PathLike) -> Path:
+    """Write `benchmark`'s submission file into `out_dir` (atomically); returns its path.
+    ScanRefer: a JSON list; Nr3D / Sr3D: a CSV with a header row."""
+    import csv
+    import io
+
+    from sparsegps.files import atomic_write_text
+
+    rows = submission_rows(records, benchmark)
+    path = Path(out_dir) / SUBMISSION_FILES[benchmark]
+    if benchmark == "scanrefer":
+        atomic_write_text(path, json.dumps(rows))
+    else:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=REFERIT3D_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, buffer.getvalue())
+    return path
 
 
 def _percent(value) -> str:

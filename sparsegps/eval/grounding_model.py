@@ -220,9 +220,11 @@ def evaluate_grounding(model, paths, benchmark: str, voxel_size: float, device, 
 
 
 def save_predictions(records: Sequence[dict], path: str | os.PathLike) -> None:
-    """One JSON line per referral: scan, text index, target, prediction, distractors, utterance (atomic write)."""
-    keys = ("scan_id", "text_index", "target_id", "predicted_id", "num_distractors", "utterance")
-    lines = [json.dumps({k: r[k] for k in keys}, ensure_ascii=False) for r in records]
+    """One JSON line per referral: scan, text index, target, prediction, distractors, utterance, the
+    text's source and item id (atomic write)."""
+    keys = ("scan_id", "text_index", "target_id", "predicted_id", "num_distractors", "utterance", "source",
+            "item_id")
+    lines = [json.dumps({k: r.get(k) for k in keys}, ensure_ascii=False) for r in records]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 

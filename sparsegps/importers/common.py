@@ -50,7 +50,9 @@ class Annotation:
 
     `target_id` is the instance id it describes (-1 for scene captions); `instance_type` is the
     class name the file gives the target ("" if none); `grouping` says how same-class distractors
-    of a referral are found (one of `CLASS_GROUPINGS`).
+    of a referral are found (one of `CLASS_GROUPINGS`). `item_id` locates the item in reports;
+    `source`, `record_id` and `shape` become the stored text's `source`, `item_id` and `shape`
+    (the benchmark, the id its submission files use, and a referral's shape).
     """
 
     kind: str
@@ -61,6 +63,9 @@ class Annotation:
     file: str
     instance_type: str = ""
     grouping: str = "raw"
+    source: str = ""
+    record_id: str = ""
+    shape: str = ""
 
 
 def assemble_scene(scene_id: str, xyz, rgb, instance, labels: dict[int, str], label_map: LabelMap,
@@ -144,7 +149,7 @@ def attach_texts(scene: Scene, annotations: list[Annotation], problems: list[Pro
 
     for a in annotations:
         if a.kind == "scene_caption":
-            scene.texts.append(SceneText("scene_caption", a.text))
+            scene.texts.append(SceneText("scene_caption", a.text, source=a.source, item_id=a.record_id))
             continue
         target = objects.get(a.target_id)
         if target is None:
@@ -159,5 +164,6 @@ def attach_texts(scene: Scene, annotations: list[Annotation], problems: list[Pro
         if a.kind == "referral":
             members = same_class(a.grouping)[class_key(target.label, a.grouping)]
             distractors = tuple(i for i in members if i != a.target_id)
-        scene.texts.append(SceneText(a.kind, a.text, a.target_id, distractors))
+        scene.texts.append(SceneText(a.kind, a.text, a.target_id, distractors, source=a.source,
+                                     item_id=a.record_id, shape=a.shape if a.kind == "referral" else ""))
     return scene

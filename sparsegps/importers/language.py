@@ -20,6 +20,33 @@ from .common import Annotation, Problem
 
 # ReferIt3D CSV values that mean false (pandas writes "False").
 _FALSE = {"false", "0", "no"}
+# The shape of a referral a person wrote freely (ScanRefer, Nr3D, SceneVerse's anno.json).
+FREE_FORM = "free"
+# SceneVerse's generated referral files are ssg_ref_<shape>_<template|gpt>.
+SCENEVERSE_SHAPES = ("rel2", "relm", "star", "chain")
+
+
+def benchmark_name(stem: str) -> str:
+    """The `SceneText.source` of a language file: the benchmark for ScanRefer / Nr3D / Sr3D / Sr3D+
+    files (whatever their file names), otherwise the file name without extension."""
+    low = stem.lower()
+    for name in ("scanrefer", "nr3d", "sr3d+", "sr3d"):
+        if low.startswith(name) or (name == "scanrefer" and "scanrefer" in low):
+            return name
+    return stem
+
+
+def referral_shape(source: str, item: dict) -> str:
+    """A referral's shape: SceneVerse's generated shapes from the file name, Sr3D's coarse reference
+    type (allocentric, vertical, horizontal, support, between), "free" for human-written ones."""
+    for shape in SCENEVERSE_SHAPES:
+        if source.startswith(f"ssg_ref_{shape}"):
+            return shape
+    if source in ("sr3d", "sr3d+"):
+        return str(item.get("coarse_reference_type") or "")
+    if source in ("scanrefer", "nr3d") or source.startswith("anno"):
+        return FREE_FORM
+    return ""
 
 
 def _int_id(value) -> int:
@@ -57,8 +84,12 @@ def _object_rows(path: Path) -> Iterator[tuple[int, dict | Problem]]:
 
 
 def _make(kind: str, path: Path, row: int, item: dict, *, scan_key: str, target_key: str, text_key: str,
-          type_key: str, grouping: str, item_id: str | None = None) -> Annotation | Problem:
+          type_key: str, grouping: str, item_id: str | None = None, record_id: str | None = None,
+          source: str | None = None) -> Annotation | Problem:
     item_id = item_id or str(item.get("item_id") or f"{path.stem}_{row:06d}")
+    source = source or benchmark_name(path.stem)
+    if record_id is None:  # ScanRefer's submission format names a description by (object, ann_id)
+        record_id = str(item["ann_id"]) if source == "scanrefer" and item.get("ann_id") is not None else item_id
     scan_id = item.get(scan_key)
     if not isinstance(scan_id, str) or not scan_id.strip():
         return Problem("bad_annotation", f"missing {scan_key!r}", item_id=item_id, file=str(path))
@@ -74,7 +105,8 @@ def _make(kind: str, path: Path, row: int, item: dict, *, scan_key: str, target_
                        file=str(path))
     instance_type = item.get(type_key) or ""
     return Annotation(kind, scan_id, text.strip(), target, item_id, str(path),
-                      str(instance_type).replace("_", " "), grouping)
+                      str(instance_type).replace("_", " "), grouping, source, record_id,
+                      referral_shape(source, item) if kind == "referral" else "")
 
 
 def read_sceneverse_items(path: str | os.PathLike, kind: str, grouping: str = "raw"
@@ -120,7 +152,8 @@ def read_scene_captions(path: str | os.PathLike) -> Iterator[Annotation | Proble
             if not isinstance(caption, str) or not caption.strip():
                 yield Problem("bad_annotation", "empty caption", scan_id=scan_id, item_id=item_id, file=str(path))
                 continue
-            yield Annotation("scene_caption", scan_id, caption.strip(), NO_INSTANCE, item_id, str(path))
+            yield Annotation("scene_caption", scan_id, caption.strip(), NO_INSTANCE, item_id, str(path),
+                             source=path.stem, record_id=item_id)
 
 
 def read_scanrefer(path: str | os.PathLike) -> Iterator[Annotation | Problem]:
@@ -140,7 +173,8 @@ def read_referit3d_csv(path: str | os.PathLike, skipped: Counter | None = None) 
     """ReferIt3D Nr3D / Sr3D / Sr3D+ CSV: `scan_id`, `target_id`, `utterance`, `instance_type`,
     `stimulus_id`, ... . Rows whose `mentions_target_class` is false are skipped (counted in
     `skipped`), as ReferIt3D does by default; scan and target come from `stimulus_id` where their
-    columns are missing."""
+    columns are missing. A row's id is `<nr3d|sr3d>_<row:06d>` after its 0-based CSV row, as
+    vil3dref names them."""
     path = Path(path)
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
@@ -155,9 +189,10 @@ def read_referit3d_csv(path: str | os.PathLike, skipped: Counter | None = None) 
                 scan_id, instance_type, _, target = stimulus.split("-", maxsplit=4)[:4]
                 item = {"scan_id": scan_id, "target_id": target,
                         "instance_type": instance_type.replace("_", " "), **{k: v for k, v in item.items() if v}}
+            source = str(item.get("dataset") or "").strip().lower() or benchmark_name(path.stem)
             yield _make("referral", path, row, item, scan_key="scan_id", target_key="target_id",
                         text_key="utterance", type_key="instance_type", grouping="raw",
-                        item_id=f"{path.stem}_{row:06d}")
+                        item_id=f"{path.stem}_{row:06d}", record_id=f"{source}_{row:06d}", source=source)
 
 
 def split_annotations(items: Iterable[Annotation | Problem], problems: list[Problem]) -> list[Annotation]:

@@ -255,7 +255,7 @@ def _complete(out: Path) -> bool:
 
 def pack(source, out_dir: str | os.PathLike, *, label_map: str = "scannet200", workers: int = 1,
          scene_ids: Iterable[str] | None = None, limit: int | None = None, force: bool = False,
-         max_scenes_per_shard: int = 256, compression: str | None = "lzf", progress: bool = True) -> PackReport:
+         max_scenes_per_shard: int = 256, compression: str | None = None, progress: bool = True) -> PackReport:
     """Pack `source` into shards under `out_dir` and write `pack_report.json` beside them.
 
     The store's vocabulary is the label map's class names. Returns the report; when no scene could

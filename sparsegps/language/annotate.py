@@ -45,7 +45,8 @@ def annotate_shards(paths, seed: int = 0, cfg: LanguageConfig | None = None, rep
         scenes = [store[i] for i in range(len(store))]
         store.close()
         with h5py.File(path, "r") as f:
-            compression = f["points/xyz"].compression
+            compression = f.attrs.get("compression", f["points/xyz"].compression)
+            compression = None if compression == "none" else compression
             extra = {k: v for k, v in f.attrs.items() if k not in _WRITER_ATTRS}
         annotated = []
         for scene in scenes:

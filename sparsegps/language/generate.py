@@ -32,6 +32,10 @@ from .templates import (_pick, article, noun, render_object_caption, render_refe
                         sentence)
 
 
+# The `SceneText.source` of every generated text.
+TEXT_SOURCE = "generated"
+
+
 @dataclass
 class LanguageConfig:
     """What to generate per scene, and the geometry thresholds of the relations."""
@@ -279,14 +283,14 @@ def generate_language(scene: Scene, rng: np.random.Generator, cfg: LanguageConfi
                 text = _structure_caption(graph, object_id, room, rng)
             else:
                 text = render_object_caption(graph, object_id, rng)
-            texts.append(SceneText("object_caption", text, object_id))
+            texts.append(SceneText("object_caption", text, object_id, source=TEXT_SOURCE))
     for _ in range(cfg.scene_captions):
         texts.append(SceneText("scene_caption", render_scene_caption(graph, room, rng, cfg.caption_relations),
-                               NO_INSTANCE))
+                               NO_INSTANCE, source=TEXT_SOURCE))
     referrals, rejected = generate_referrals(graph, rng, cfg)
     for referral in referrals:
         texts.append(SceneText("referral", render_referral(graph, referral, rng), referral.target_id,
-                               distractors(graph, referral)))
+                               distractors(graph, referral), source=TEXT_SOURCE, shape=referral.shape))
     return GeneratedLanguage(texts, referrals, rejected)
 
 
