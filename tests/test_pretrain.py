@@ -271,3 +271,4 @@ def test_gps_preset_keeps_gps_s_loss_set_and_schedule():
     assert cfg.model.referral_contrast == "gps" and cfg.model.sentence_pooling == "cls"
     assert cfg.model.text.scene_caption_max_length >= 256
     assert (cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.no_decay) == (500, 0.1, "gps")
+    assert (cfg.data.transforms.rotation, cfg.data.transforms.captions) == ("right_angles", "random")

@@ -49,13 +49,37 @@ def rotate_z(sample: Sample, angle: float) -> Sample:
 
 
 class RandomRotateZ:
-    """Rotate about z by a uniform angle in [-max_angle, max_angle] (radians)."""
+    """Rotate about z by a uniform angle in [-max_angle, max_angle] (radians), or with
+    `right_angles` by 0, 90, 180 or 270 degrees (GPS), which keeps axis-aligned boxes exact."""
 
-    def __init__(self, max_angle: float = math.pi):
-        self.max_angle = max_angle
+    def __init__(self, max_angle: float = math.pi, right_angles: bool = False):
+        self.max_angle, self.right_angles = max_angle, right_angles
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        if self.right_angles:
+            return rotate_z(sample, int(rng.integers(4)) * math.pi / 2)
         return rotate_z(sample, rng.uniform(-self.max_angle, self.max_angle))
+
+
+class SampleCaptions:
+    """Keep one scene caption per scene and one caption per object, drawn at random (GPS draws one
+    per sample), so that over epochs every stored caption is seen; other texts are kept."""
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(sample["texts"]):
+            if t.kind == "scene_caption":
+                groups.setdefault(("scene",), []).append(i)
+            elif t.kind == "object_caption":
+                groups.setdefault(("object", t.target_id), []).append(i)
+        drop = set()
+        for members in groups.values():
+            if len(members) > 1:
+                keep = members[int(rng.integers(len(members)))]
+                drop.update(i for i in members if i != keep)
+        if drop:
+            sample["texts"] = [t for i, t in enumerate(sample["texts"]) if i not in drop]
+        return sample
 
 
 class RotateZ:
@@ -207,6 +231,12 @@ class TransformConfig:
     voxel_size: float = 0.02
     rotate: bool = True
     max_angle: float = math.pi
+    # uniform: any angle in [-max_angle, max_angle] (boxes stay axis-aligned, so they grow by up to
+    # 1.41); right_angles: multiples of 90 degrees, as GPS (boxes stay exact)
+    rotation: Literal["uniform", "right_angles"] = "uniform"
+    # random: one scene caption and one caption per object drawn per sample and epoch (GPS);
+    # all: every stored caption (the model then uses the first of each)
+    captions: Literal["random", "all"] = "random"
     scale: tuple[float, float] | None = (0.9, 1.1)
     jitter_sigma: float = 0.005
     color_jitter: bool = True
@@ -251,8 +281,10 @@ class Compose:
 def build_transforms(cfg: TransformConfig) -> Compose:
     steps: list = []
     if cfg.augment:
+        if cfg.captions == "random":
+            steps.append(SampleCaptions())
         if cfg.rotate:
-            steps.append(RandomRotateZ(cfg.max_angle))
+            steps.append(RandomRotateZ(cfg.max_angle, right_angles=cfg.rotation == "right_angles"))
         if cfg.scale is not None:
             steps.append(RandomScale(*cfg.scale))
         if cfg.jitter_sigma > 0:
