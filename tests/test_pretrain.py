@@ -272,3 +272,21 @@ def test_gps_preset_keeps_gps_s_loss_set_and_schedule():
     assert cfg.model.text.scene_caption_max_length >= 256
     assert (cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.no_decay) == (500, 0.1, "gps")
     assert (cfg.data.transforms.rotation, cfg.data.transforms.captions) == ("right_angles", "random")
+
+
+def test_object_stage_then_init_from_its_export(shards, tmp_path):
+    """GPS's two stages: object classification alone, then a run that starts from its weights."""
+    train_only = {"train": [str(shards / "train")], "val": [], "transforms": {"voxel_size": 0.15, "augment": False}}
+    torch.manual_seed(0)
+    pretrain(config(shards, tmp_path / "objects", steps=2, stage="objects", data=train_only), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "objects" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_object_class"] > 0 and r["loss"] == pytest.approx(r["loss_object_class"]) for r in rows)
+    assert all(r["loss_scene_text"] == 0 and r["loss_object_text"] == 0 for r in rows)  # weight 0: not computed
+    stage1 = load_export(tmp_path / "objects" / "export.pt")["state_dict"]
+    frozen = {"lr_text_encoder": 0.0, "lr_backbone": 0.0, "lr_heads": 0.0, "warmup_steps": 0}
+    torch.manual_seed(1)  # another initialisation: the weights must come from the export
+    pretrain(config(shards, tmp_path / "all", steps=1, data=train_only, optim=frozen,
+                    init_from=str(tmp_path / "objects" / "export.pt")), progress=False)
+    after = load_export(tmp_path / "all" / "export.pt")["state_dict"]
+    changed = [k for k in stage1 if not torch.equal(stage1[k], after[k])]
+    assert all("running" in k or "num_batches" in k for k in changed), changed

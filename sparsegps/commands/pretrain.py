@@ -5,7 +5,10 @@ ZeRO-2 on 8 GPUs of one node:    torchrun --nproc_per_node 8 -m sparsegps.cli pr
                                      --config configs/pretrain/base_gpu.yaml --deepspeed configs/deepspeed/zero2.json
 Several nodes:                   deepspeed --hostfile hosts -m sparsegps.cli pretrain ... (or torchrun per node)
 
-Any config key can be overridden: --set steps=200 --set data.train=[runs/data/train]."""
+Any config key can be overridden: --set steps=200 --set data.train=[runs/data/train].
+
+GPS's two stages: `--stage objects` trains object classification of the pooled tokens alone; a second
+run with `--set init_from=STAGE1/export.pt` trains everything from those weights."""
 from __future__ import annotations
 
 import json
@@ -15,11 +18,15 @@ from .training import add_training_arguments, load_training_config
 
 def add_arguments(parser):
     add_training_arguments(parser, "YAML config (configs/pretrain/*.yaml)", pretrained=False)
+    parser.add_argument("--stage", choices=["all", "objects"], help="objects: object classification alone (GPS's "
+                        "first stage); default: the config's stage (all)")
 
 
 def run(args) -> int:
     from sparsegps.train.pretrain import PretrainConfig, pretrain
 
+    if args.stage:
+        args.set = [*args.set, f"stage={args.stage}"]
     cfg = load_training_config(PretrainConfig, args)
     print(json.dumps(pretrain(cfg, resume=args.resume, progress=True), indent=1))
     return 0

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch.distributed as dist
 
@@ -19,7 +20,7 @@ from sparsegps.config import from_dict, to_dict
 from sparsegps.data import ScenesDataset, TransformConfig
 from sparsegps.errors import UsageError
 from sparsegps.files import atomic_write_text
-from sparsegps.models.gps import GPSModel, ModelConfig
+from sparsegps.models.gps import LOSS_NAMES, GPSModel, LossWeights, ModelConfig
 
 from .checkpoint import export_state_dict, load_export, load_weights
 from .engine import OptimConfig, zero_stage
@@ -40,6 +41,14 @@ class PretrainConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # all: every loss of model.loss. objects: GPS's first stage, object classification of the pooled
+    # tokens against the class-name texts alone (model.loss is replaced by object_class=1); a second
+    # run with `init_from: STAGE1/export.pt` then trains everything from those weights.
+    stage: Literal["all", "objects"] = "all"
+    init_from: str | None = None  # a pre-training export whose weights start this run
+
+
+OBJECT_STAGE_LOSS = LossWeights(**{**{name: 0.0 for name in LOSS_NAMES}, "object_class": 1.0})
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -50,8 +59,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
         raise UsageError("data.train names no shards")
     train_set = ScenesDataset(cfg.data.train, cfg.data.transforms, seed=cfg.seed)
     cfg = with_class_names(cfg, train_set.vocabulary)
+    if cfg.stage == "objects":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss=OBJECT_STAGE_LOSS))
+    init = load_export(cfg.init_from) if cfg.init_from and not resume else None
     run = setup_run(cfg, resume)
     model = GPSModel(cfg.model)
+    if init is not None:
+        load_weights(model, init["state_dict"], cfg.init_from)
     engine, ds_config = build_engine(run, model, model.parameter_groups(cfg.optim.no_decay), cfg.optim)
 
     def evaluate() -> dict:
