@@ -4,7 +4,9 @@
 2. `sparsegps inspect`       what the shards hold
 3. `sparsegps pretrain`      GPS pre-training (tiny_cpu) on DeepSpeed, held-out grounding accuracy
 4. `sparsegps finetune-seg`  segmentation from the pre-trained backbone, and from scratch with the
-                             same budget, both evaluated on the held-out rooms (mIoU)
+                             same budget, both evaluated on the held-out rooms (mIoU); the same on
+                             16 of the training rooms (few labels: what pre-training buys)
+5. `sparsegps eval-seg --zero-shot`  segmentation by the pre-trained model alone, naming classes
 
 Each step is the documented command, run as its own process; the results table is printed and
 written to OUT/summary.json.
@@ -20,6 +22,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
+
+from sparsegps.files import atomic_write_text
 
 
 SHOWN = ("%|", "wrote ", "scenes ", "texts ", "resumed", "Error", "error")
@@ -46,6 +52,16 @@ def _run(args: list[str], log: Path) -> None:
         if proc.wait():
             raise SystemExit(f"step failed (exit {proc.returncode}); see {log}")
     sys.stdout.write("\n")
+
+
+FEW_ROOMS = 16
+
+
+def majority_class_miou(confusion: np.ndarray) -> float:
+    """mIoU of predicting the most frequent ground-truth class everywhere: that class's IoU is its
+    share of the points, every other present class scores 0."""
+    truth = confusion.sum(axis=1)
+    return float(truth.max() / truth.sum() / (truth > 0).sum()) if truth.sum() else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,10 +101,21 @@ def main(argv: list[str] | None = None) -> int:
            "--set", f"seed={args.seed}", *sets]
     step("finetune_seg", [*seg, "--pretrained", str(out / "pretrain/export.pt"), "--output-dir", str(out / "seg")])
     step("finetune_seg_scratch", [*seg, "--output-dir", str(out / "seg_scratch")])
+    # the first 16 training rooms (a scene depends only on seed and index): few labelled scenes
+    step("synth_few", ["synth", "--preset", "demo", "--scenes", str(FEW_ROOMS), "--seed", str(args.seed),
+                       "--out", str(data / "train_few")])
+    few = [*seg, "--set", f"data.train=[{data / 'train_few'}]"]
+    step("finetune_seg_few", [*few, "--pretrained", str(out / "pretrain/export.pt"), "--output-dir",
+                              str(out / "seg_few")])
+    step("finetune_seg_few_scratch", [*few, "--output-dir", str(out / "seg_few_scratch")])
+    step("zero_shot", ["eval-seg", "--checkpoint", str(out / "pretrain/export.pt"), "--data", str(data / "val"),
+                       "--zero-shot", "--out", str(out / "zero_shot")])
 
     pre = json.loads((out / "pretrain/summary.json").read_text())
     seg_pre = json.loads((out / "seg/summary.json").read_text())
     seg_scratch = json.loads((out / "seg_scratch/summary.json").read_text())
+    few, few_scratch = (json.loads((out / name / "summary.json").read_text()) for name in ("seg_few", "seg_few_scratch"))
+    zero_shot = json.loads((out / "zero_shot/seg_report.json").read_text())
     summary = {
         "grounding_acc": pre["grounding_acc"], "grounding_chance": pre["grounding_chance"],
         "grounding_referrals": pre["grounding_referrals"], "scene_text_r1": pre.get("scene_text_r1"),
@@ -96,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain_steps": pre["pretrain_steps"], "pretrain_scenes_per_s": pre["pretrain_scenes_per_s"],
         "pretrain_voxels_per_s": pre["pretrain_voxels_per_s"], "seg_miou": seg_pre["seg_miou"],
         "seg_miou_scratch": seg_scratch["seg_miou"], "seg_accuracy": seg_pre["seg_accuracy"],
-        "seg_accuracy_scratch": seg_scratch["seg_accuracy"], "train_scenes": args.train_scenes,
+        "seg_accuracy_scratch": seg_scratch["seg_accuracy"], "seg_miou_few": few["seg_miou"],
+        "seg_miou_few_scratch": few_scratch["seg_miou"], "few_scenes": FEW_ROOMS,
+        "zero_shot_miou": zero_shot["miou"], "zero_shot_accuracy": zero_shot["accuracy"],
+        "zero_shot_baseline": majority_class_miou(np.array(zero_shot["confusion"])), "train_scenes": args.train_scenes,
         "val_scenes": args.val_scenes, "seconds": timings, "total_seconds": round(time.perf_counter() - start, 1),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     rows = [
         ("held-out grounding accuracy", f"{summary['grounding_acc']:.3f}",
          f"chance {summary['grounding_chance']:.3f} ({summary['grounding_referrals']} referrals)"),
@@ -110,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         ("segmentation mIoU, pre-trained", f"{summary['seg_miou']:.3f}", f"accuracy {summary['seg_accuracy']:.3f}"),
         ("segmentation mIoU, from scratch", f"{summary['seg_miou_scratch']:.3f}",
          f"accuracy {summary['seg_accuracy_scratch']:.3f}, same budget"),
+        (f"segmentation mIoU, {FEW_ROOMS} rooms, pre-trained", f"{summary['seg_miou_few']:.3f}",
+         f"from scratch {summary['seg_miou_few_scratch']:.3f}, same steps"),
+        ("zero-shot segmentation mIoU", f"{summary['zero_shot_miou']:.3f}",
+         f"no segmentation labels; majority class {summary['zero_shot_baseline']:.3f}"),
     ]
     width = max(len(r[0]) for r in rows)
     print("\n" + "=" * 78 + "\nsparsegps demo results (held-out rooms)\n" + "-" * 78)
