@@ -12,6 +12,9 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     parser.add_argument("--top", type=int, default=25, help="classes to list in the histogram")
+    parser.add_argument("--plot", action="store_true",
+                        help="also draw the class histogram and per-scene distributions as a PNG")
+    parser.add_argument("--plot-out", default="inspect.png", metavar="PNG", help="where --plot writes (inspect.png)")
 
 
 def run(args) -> int:
@@ -35,6 +38,12 @@ def run(args) -> int:
             top = report.classes.most_common(1)[0][1]
             for cls, n in report.classes.most_common(args.top):
                 print(f"  {cls:<{width}} {n:>7}  {'#' * max(1, round(30 * n / top))}")
+    if args.plot:
+        from sparsegps.viz.summary import per_scene_counts, plot_store_summary
+
+        plot_store_summary(report.classes, per_scene_counts(args.paths), args.plot_out,
+                           f"{', '.join(map(str, args.paths))}: {report.scenes:,} scenes", args.top)
+        print(f"wrote {args.plot_out}", file=sys.stderr if args.json else sys.stdout)
     for err in report.errors:
         print(f"error: {err}", file=sys.stderr)
     if report.errors:
