@@ -5,6 +5,8 @@
 3. `sparsegps pretrain`      GPS pre-training (tiny_cpu) on DeepSpeed, held-out grounding accuracy
 4. `sparsegps finetune-seg`  segmentation from the pre-trained backbone, and from scratch with the
                              same budget, both evaluated on the held-out rooms (mIoU)
+5. gallery                   pictures of held-out referrals (right and wrong) and of one room's
+                             segmentation, as `sparsegps show` draws them, in OUT/gallery/
 
 Each step is the documented command, run as its own process; the results table is printed and
 written to OUT/summary.json.
@@ -46,6 +48,14 @@ def _run(args: list[str], log: Path) -> None:
         if proc.wait():
             raise SystemExit(f"step failed (exit {proc.returncode}); see {log}")
     sys.stdout.write("\n")
+
+
+def _gallery(out: Path, val: Path) -> list[Path]:
+    """Pictures of held-out referrals and one segmentation (see sparsegps.viz.gallery)."""
+    from sparsegps.viz.gallery import write_gallery
+
+    print(f"\n# gallery of held-out referrals and one segmentation -> {out / 'gallery'}", flush=True)
+    return write_gallery(out / "gallery", val, out / "pretrain/export.pt", out / "seg/export.pt")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         "seg_accuracy_scratch": seg_scratch["seg_accuracy"], "train_scenes": args.train_scenes,
         "val_scenes": args.val_scenes, "seconds": timings, "total_seconds": round(time.perf_counter() - start, 1),
     }
+    t = time.perf_counter()
+    gallery = _gallery(out, data / "val")
+    summary["seconds"]["gallery"] = round(time.perf_counter() - t, 1)
+    summary["total_seconds"] = round(time.perf_counter() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     rows = [
         ("held-out grounding accuracy", f"{summary['grounding_acc']:.3f}",
@@ -116,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>18}  {note}")
     print("-" * 78 + f"\nwritten: {out / 'summary.json'}; loss curve: {out / 'pretrain/loss_curve.png'}; "
-          f"confusion matrix: {out / 'seg/confusion.png'}\ntotal {summary['total_seconds']:.0f} s")
+          f"confusion matrix: {out / 'seg/confusion.png'}\ngallery: {len(gallery)} pictures in {out / 'gallery'}"
+          f"\ntotal {summary['total_seconds']:.0f} s")
     return 0
 
 

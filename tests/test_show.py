@@ -225,3 +225,129 @@ def test_big_scan_renders(tmp_path):
     scene = make_scene(rng, "big", 150_000, 12)
     draw_scene(scene, VOCAB, tmp_path / "big.png", "instance", text_index=2)
     assert png_pixels(tmp_path / "big.png").shape[1] == 1800
+
+
+TINY_MODEL = {
+    "backbone": {"stem_channels": 8, "enc_channels": [8, 16], "dec_channels": [16, 8], "enc_blocks": [1, 1],
+                 "dec_blocks": [1, 1]},
+    "d_model": 32, "num_heads": 2, "spatial_layers": 1, "grounding_layers": 1, "ffn_dim": 64, "embed_dim": 16,
+    "dropout": 0.0, "text": {"num_layers": 1, "max_length": 16}, "object_text": "class_name",
+    "loss": {"object_text": 0.0, "scene_text": 0.0, "referral_object": 0.0, "grounding": 1.0, "mlm": 0.0},
+}
+VOXEL = 0.15
+
+
+@pytest.fixture(scope="module")
+def exports(store_dir, tmp_path_factory):
+    """A tiny GPS model overfit on the grounding loss of the stored scenes, and an untrained tiny
+    segmentation model, saved as exports."""
+    import torch
+
+    from sparsegps.config import from_dict, to_dict
+    from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes
+    from sparsegps.models.gps import GPSModel, ModelConfig
+    from sparsegps.models.seg_heads import SegmentationModel, SegModelConfig
+    from sparsegps.train.checkpoint import EXPORT_FORMAT
+
+    root = tmp_path_factory.mktemp("exports")
+    torch.manual_seed(0)
+    cfg = from_dict(ModelConfig, TINY_MODEL)
+    model = GPSModel(cfg)
+    data = ScenesDataset(store_dir, TransformConfig(voxel_size=VOXEL, augment=False))
+    batch = collate_scenes([data[i] for i in range(len(data))])
+    params = [p for n, p in model.named_parameters() if not n.startswith("text.")]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(40):
+        loss = model(batch)["loss_grounding"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    grounding = root / "ground.pt"
+    torch.save({"format": EXPORT_FORMAT, "state_dict": model.state_dict(), "model_config": to_dict(cfg),
+                "voxel_size": VOXEL, "task": "pretraining"}, grounding)
+    seg_cfg = from_dict(SegModelConfig, {"backbone": TINY_MODEL["backbone"]})
+    seg = SegmentationModel(seg_cfg, VOCAB)
+    segmentation = root / "seg.pt"
+    torch.save({"format": EXPORT_FORMAT, "state_dict": {f"model.{k}": v for k, v in seg.state_dict().items()},
+                "model_config": to_dict(seg_cfg), "voxel_size": VOXEL, "task": "segmentation",
+                "vocabulary": VOCAB}, segmentation)
+    return grounding, segmentation
+
+
+@pytest.mark.slow
+def test_checkpoint_choice_is_drawn(store_dir, exports, tmp_path, capsys):
+    """The overfit model's picks (by the evaluation code, an independent path) decide the picture:
+    for a referral it gets right, the target's box and no wrong-choice box; for a forced wrong
+    choice, the wrong-choice box."""
+    from sparsegps.eval.grounding_model import predict_referrals
+    from sparsegps.train.pretrain import load_pretrained_model
+    from sparsegps.viz.pictures import draw_scene
+
+    model, _ = load_pretrained_model(exports[0])
+    predictions = predict_referrals(model, store_dir, VOXEL, "cpu", progress=False)
+    store = SceneStore(store_dir)
+    right = [p for p in predictions if p.predicted_id == store[p.scene_index].texts[p.text_index].target_id]
+    assert len(right) >= 0.75 * len(predictions)  # it did overfit (chance: 1 in 4)
+    p = right[0]
+    out = tmp_path / "right.png"
+    assert cli.main(["show", str(store_dir), "--scene", p.scene_id, "--text", str(p.text_index), "--checkpoint",
+                     str(exports[0]), "--out", str(out), "--device", "cpu"]) == 0
+    assert "(right)" in capsys.readouterr().out
+    image = png_pixels(out)
+    assert is_color(image, TARGET).sum() > 50 and not is_color(image, WRONG_CHOICE).any()
+
+    scene = store[p.scene_index]
+    other = next(o.instance_id for o in scene.objects if o.instance_id != p.predicted_id)
+    draw_scene(scene, VOCAB, tmp_path / "wrong.png", "rgb", p.text_index, choice=other)
+    image = png_pixels(tmp_path / "wrong.png")
+    assert is_color(image, WRONG_CHOICE).sum() > 50 and is_color(image, TARGET).sum() > 50
+
+
+@pytest.mark.slow
+def test_segmentation_export_draws_truth_against_prediction(store_dir, exports, tmp_path, capsys):
+    import torch
+
+    from sparsegps.train.finetune_seg import load_segmentation_model
+    from sparsegps.viz.predict import segment_points
+
+    out = tmp_path / "seg.png"
+    assert cli.main(["show", str(store_dir), "--scene", "s2", "--checkpoint", str(exports[1]), "--out", str(out),
+                     "--device", "cpu"]) == 0
+    assert png_pixels(out).shape[1] >= 1200
+    # per-point predictions are the voxel predictions of each point's voxel
+    model, _ = load_segmentation_model(str(exports[1]))
+    scene = SceneStore(store_dir)[2]
+    points = segment_points(model, scene, VOXEL)
+    from sparsegps.data import GridSample, collate_scenes
+    from sparsegps.data.transforms import scene_to_sample
+
+    sample = GridSample(VOXEL)(scene_to_sample(scene))
+    sample["object_label_id"] = np.zeros(len(sample["objects"]), np.int64)
+    with torch.no_grad():
+        voxel_pred = model.eval()(collate_scenes([sample])).argmax(-1).numpy()
+    np.testing.assert_array_equal(points, voxel_pred[sample["inverse"]])
+
+
+@pytest.mark.slow
+def test_gallery_follows_its_rule(store_dir, exports, tmp_path):
+    """The demo's gallery step: pictures exist, and each picked referral's right/wrong matches the
+    model's choice computed through `show`'s own path (GPSModel.forward)."""
+    from sparsegps.train.pretrain import load_pretrained_model
+    from sparsegps.viz.gallery import write_gallery
+    from sparsegps.viz.predict import ground_text
+
+    paths = write_gallery(tmp_path / "gallery", store_dir, exports[0], exports[1], right=2, wrong=2,
+                          progress=False)
+    index = json.loads((tmp_path / "gallery" / "index.json").read_text())
+    assert [e["file"] for e in index["pictures"]] == [p.name for p in paths]
+    assert all(p.exists() for p in paths) and paths[-1].name == "segmentation_s0.png"
+    model, _ = load_pretrained_model(exports[0])
+    store = SceneStore(store_dir)
+    referrals = [e for e in index["pictures"] if e["kind"] == "referral"]
+    assert referrals and len({e["scene"] for e in referrals}) == len(referrals)  # one per scene
+    for e in referrals:
+        scene = store[store.scene_ids().index(e["scene"])]
+        assert scene.texts[e["text_index"]].distractor_ids
+        choice = ground_text(model, scene, e["text_index"], VOXEL)
+        assert choice == e["predicted_id"]
+        assert e["correct"] == (choice == scene.texts[e["text_index"]].target_id)
