@@ -4,10 +4,10 @@ same-class distractors) are boxed; with --checkpoint a GPS export also shows the
 picks for that text, and a segmentation export shows predicted classes against the ground truth.
 --ply writes the same colouring as a coloured point cloud, with the boxes as a line set beside it.
 
-    sparsegps show runs/demo/data/val --scene synth_000003 --list
-    sparsegps show runs/demo/data/val --scene synth_000003 --text 5 --checkpoint runs/demo/pretrain/export.pt
-    sparsegps show runs/demo/data/val --scene synth_000003 --checkpoint runs/demo/seg/export.pt
-    sparsegps show runs/demo/data/val --scene synth_000003 --color semantic --ply scene.ply"""
+    sparsegps show runs/demo/data/val --scene synth_0001_000003 --list
+    sparsegps show runs/demo/data/val --scene synth_0001_000003 --text 5 --checkpoint runs/demo/pretrain/export.pt
+    sparsegps show runs/demo/data/val --scene synth_0001_000003 --checkpoint runs/demo/seg/export.pt
+    sparsegps show runs/demo/data/val --scene synth_0001_000003 --color semantic --ply scene.ply"""
 from __future__ import annotations
 
 import difflib
@@ -20,16 +20,16 @@ def add_arguments(parser):
     from sparsegps.viz.pictures import COLOR_MODES
 
     parser.add_argument("shards", nargs="+", help="shard files or directories")
-    parser.add_argument("--scene", required=True, help="scene id")
-    parser.add_argument("--text", type=int, help="index of one of the scene's texts (see --list)")
+    parser.add_argument("--scene", required=True, metavar="ID", help="scene id")
+    parser.add_argument("--text", type=int, metavar="N", help="index of one of the scene's texts (see --list)")
     parser.add_argument("--list", action="store_true", help="list the scene's texts with their indices and stop")
     parser.add_argument("--color", choices=COLOR_MODES, default=None,
                         help="point colours: rgb (default), semantic, instance, prediction (a segmentation "
                              "export's classes; the default with one)")
-    parser.add_argument("--checkpoint", help="export of pre-training or grounding (the model's pick for --text) "
+    parser.add_argument("--checkpoint", metavar="EXPORT", help="export of pre-training or grounding (the model's pick for --text) "
                                              "or of finetune-seg (predicted classes)")
-    parser.add_argument("--out", help="PNG to write (default: SCENE.png, SCENE_textN.png or SCENE_seg.png)")
-    parser.add_argument("--ply", help="also write the coloured points as PLY here, boxes as PLY.boxes.ply")
+    parser.add_argument("--out", metavar="PNG", help="PNG to write (default: SCENE.png, SCENE_textN.png or SCENE_seg.png)")
+    parser.add_argument("--ply", metavar="PLY", help="also write the coloured points here (scene.ply), the boxes beside them (scene.boxes.ply)")
     parser.add_argument("--width", type=int, default=1800, help="picture width in pixels (default 1800)")
     parser.add_argument("--device", default="auto")
 

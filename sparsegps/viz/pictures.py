@@ -101,17 +101,17 @@ def referral_boxes(scene: Scene, text_index: int | None, choice: int | None) -> 
         return boxes, ([LegendEntry("object box", OBJECT, "line")] if boxes else [])
     target = objects[text.target_id]
     right = choice == text.target_id
+    wrong = choice is not None and not right and choice in objects
     boxes = [BoxMark(objects[d].center, objects[d].size, DISTRACTOR, f"distractor: {objects[d].label}", 2, 1.0)
-             for d in text.distractor_ids if d in objects]
+             for d in text.distractor_ids if d in objects and not (wrong and d == choice)]
     legend = [LegendEntry("target", TARGET, "line")]
-    if boxes:
+    if text.distractor_ids:
         legend.append(LegendEntry("distractor (same class)", DISTRACTOR, "line"))
-    target_label = f"target: {target.label}" + (" = model's choice \u2713" if right else "")
-    if choice is not None and not right and choice in objects:
+    if wrong:
         chosen = objects[choice]
-        boxes = [b for b in boxes if not (np.array_equal(b.center, chosen.center) and np.array_equal(b.size, chosen.size))]
         boxes.append(BoxMark(chosen.center, chosen.size, WRONG_CHOICE, f"model's choice \u2717: {chosen.label}", 2, 2.0))
         legend.append(LegendEntry("model's choice (wrong)", WRONG_CHOICE, "line"))
+    target_label = f"target: {target.label}" + (" = model's choice \u2713" if right else "")
     boxes.append(BoxMark(target.center, target.size, TARGET, target_label, 3 if right else 2, 3.0))
     return boxes, legend
 
@@ -129,13 +129,14 @@ def two_views(xyz: np.ndarray, colors: np.ndarray, oblique_mask: np.ndarray, top
 
 def draw_scene(scene: Scene, vocabulary: list[str], path: str | os.PathLike, color: ColorMode = "rgb",
                text_index: int | None = None, choice: int | None = None, predicted: np.ndarray | None = None,
-               view: ViewConfig = ViewConfig(), subtitle: str | None = None) -> Path:
+               view: ViewConfig | None = None, subtitle: str | None = None) -> Path:
     """A picture of `scene` at `path`: oblique and top-down views, boxes and labels; with
     `text_index` that text as the title and its target and distractors boxed; with `choice` the
     instance a model picked for it."""
     if text_index is not None and not 0 <= text_index < len(scene.texts):
         raise IndexError(f"scene {scene.scene_id!r} has {len(scene.texts)} texts; "
                          f"text {text_index} does not exist")
+    view = view or ViewConfig()
     colors, legend = point_colors(scene, color, vocabulary, predicted)
     boxes, box_legend = referral_boxes(scene, text_index, choice)
     text = scene.texts[text_index] if text_index is not None else None
@@ -157,9 +158,10 @@ def draw_scene(scene: Scene, vocabulary: list[str], path: str | os.PathLike, col
 
 
 def draw_segmentation(scene: Scene, class_names: list[str], truth: np.ndarray, predicted: np.ndarray,
-                      path: str | os.PathLike, view: ViewConfig = ViewConfig(), title: str | None = None) -> Path:
+                      path: str | os.PathLike, view: ViewConfig | None = None, title: str | None = None) -> Path:
     """Ground-truth classes against predicted ones (per-point indices into `class_names`, -1 for
     ignore) as two oblique panels with one legend."""
+    view = view or ViewConfig()
     truth, predicted = np.asarray(truth), np.asarray(predicted)
     labelled = truth >= 0
     accuracy = float((truth[labelled] == predicted[labelled]).mean()) if labelled.any() else float("nan")
