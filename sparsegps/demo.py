@@ -52,8 +52,14 @@ def _run(args: list[str], log: Path) -> None:
 
 def _gallery(out: Path, val: Path) -> list[Path]:
     """Pictures of held-out referrals and one segmentation (see sparsegps.viz.gallery)."""
+    import logging
+    import warnings
+
     from sparsegps.viz.gallery import write_gallery
 
+    # in this process, as `sparsegps` does for its commands: warnings nobody can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"spconv\.")
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     print(f"\n# gallery of held-out referrals and one segmentation -> {out / 'gallery'}", flush=True)
     return write_gallery(out / "gallery", val, out / "pretrain/export.pt", out / "seg/export.pt")
 
