@@ -351,3 +351,21 @@ def test_gallery_follows_its_rule(store_dir, exports, tmp_path):
         choice = ground_text(model, scene, e["text_index"], VOXEL)
         assert choice == e["predicted_id"]
         assert e["correct"] == (choice == scene.texts[e["text_index"]].target_id)
+
+
+def test_oblique_view_cuts_the_near_walls_only():
+    """Eye towards +x, -y (azimuth -60): the east and south walls are cut above 0.8 m, the west and
+    north walls are not, and a tall object on the near side is never cut."""
+    from sparsegps.viz.pictures import ViewConfig, oblique_visible
+
+    h = np.array([0.2, 1.5, 2.5])
+    walls = {"west": [(-2, 0, z) for z in h], "east": [(2, 0, z) for z in h], "south": [(0, -2, z) for z in h],
+             "north": [(0, 2, z) for z in h]}
+    xyz = np.array([p for pts in walls.values() for p in pts] + [(1.5, -1.5, 0.0), (1.5, -1.5, 2.0)], np.float32)
+    instance = np.array([k for k in range(4) for _ in h] + [4, 4], np.int32)
+    objects = [SceneObject(k, "wall", xyz[instance == k].mean(0), np.ptp(xyz[instance == k], 0)) for k in range(4)]
+    objects.append(SceneObject(4, "cabinet", (1.5, -1.5, 1.0), (0.1, 0.1, 2.0)))
+    scene = Scene("walls", xyz, np.zeros((len(xyz), 3), np.uint8), instance, np.zeros(len(xyz), np.int16), objects)
+    visible = oblique_visible(scene, ViewConfig(azimuth=-60.0))
+    assert visible.tolist() == [True] * 3 + [True, False, False] + [True, False, False] + [True] * 3 + [True, True]
+    assert oblique_visible(scene, ViewConfig(cut_height=None)).all()

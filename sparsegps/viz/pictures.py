@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from .palette import (DISTRACTOR, OBJECT, TARGET, WRONG_CHOICE, class_color, fad
 from .render import BoxMark, point_spacing, render_panel
 
 ColorMode = Literal["rgb", "semantic", "instance", "prediction"]
-COLOR_MODES = ("rgb", "semantic", "instance", "prediction")
+COLOR_MODES = get_args(ColorMode)
 STRUCTURAL = frozenset({"wall", "floor", "ceiling"})
 
 
