@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("sparsegps.commands.synth", "generate procedural rooms with language and pack them to shards"),
     "pack": ("sparsegps.commands.pack", "pack scenes (SceneVerse, ScanNet v2, per-scene .npy folders) into shards"),
     "inspect": ("sparsegps.commands.inspect", "summarise shards and verify their checksums"),
+    "show": ("sparsegps.commands.show", "draw a scene, a sentence about it and what a model makes of it"),
     "annotate": ("sparsegps.commands.annotate", "add scene-graph language to packed scenes"),
     "pretrain": ("sparsegps.commands.pretrain", "pre-train GPS on shards with DeepSpeed"),
     "export": ("sparsegps.commands.export", "write a consolidated fp32 state dict from a training checkpoint"),

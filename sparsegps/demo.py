@@ -7,6 +7,8 @@
                              same budget, both evaluated on the held-out rooms (mIoU); the same on
                              16 of the training rooms (few labels: what pre-training buys)
 5. `sparsegps eval-seg --zero-shot`  segmentation by the pre-trained model alone, naming classes
+6. gallery                   pictures of held-out referrals (right and wrong) and of one room's
+                             segmentation, as `sparsegps show` draws them, in OUT/gallery/
 
 Each step is the documented command, run as its own process; the results table is printed and
 written to OUT/summary.json.
@@ -62,6 +64,20 @@ def majority_class_miou(confusion: np.ndarray) -> float:
     share of the points, every other present class scores 0."""
     truth = confusion.sum(axis=1)
     return float(truth.max() / truth.sum() / (truth > 0).sum()) if truth.sum() else float("nan")
+
+
+def _gallery(out: Path, val: Path) -> list[Path]:
+    """Pictures of held-out referrals and one segmentation (see sparsegps.viz.gallery)."""
+    import logging
+    import warnings
+
+    from sparsegps.viz.gallery import write_gallery
+
+    # in this process, as `sparsegps` does for its commands: warnings nobody can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"spconv\.")
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    print(f"\n# gallery of held-out referrals and one segmentation -> {out / 'gallery'}", flush=True)
+    return write_gallery(out / "gallery", val, out / "pretrain/export.pt", out / "seg/export.pt")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         "zero_shot_baseline": majority_class_miou(np.array(zero_shot["confusion"])), "train_scenes": args.train_scenes,
         "val_scenes": args.val_scenes, "seconds": timings, "total_seconds": round(time.perf_counter() - start, 1),
     }
+    t = time.perf_counter()
+    gallery = _gallery(out, data / "val")
+    summary["seconds"]["gallery"] = round(time.perf_counter() - t, 1)
+    summary["total_seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     rows = [
         ("held-out grounding accuracy", f"{summary['grounding_acc']:.3f}",
@@ -150,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>18}  {note}")
     print("-" * 78 + f"\nwritten: {out / 'summary.json'}; loss curve: {out / 'pretrain/loss_curve.png'}; "
-          f"confusion matrix: {out / 'seg/confusion.png'}\ntotal {summary['total_seconds']:.0f} s")
+          f"confusion matrix: {out / 'seg/confusion.png'}\ngallery: {len(gallery)} pictures in {out / 'gallery'}"
+          f"\ntotal {summary['total_seconds']:.0f} s")
     return 0
 
 

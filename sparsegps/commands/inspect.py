@@ -13,6 +13,9 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     parser.add_argument("--top", type=int, default=25, help="classes to list in the histogram")
+    parser.add_argument("--plot", action="store_true",
+                        help="also draw the class histogram and per-scene distributions as a PNG")
+    parser.add_argument("--plot-out", default="inspect.png", metavar="PNG", help="where --plot writes (inspect.png)")
 
 
 def summarize(paths, verify: bool = True, progress: bool = False) -> dict:
@@ -49,6 +52,12 @@ def run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary, args.top))
+    if args.plot:
+        from sparsegps.viz.summary import per_scene_counts, plot_store_summary
+
+        plot_store_summary(summary["classes"], per_scene_counts(args.paths), args.plot_out,
+                           f"{', '.join(map(str, args.paths))}: {summary['scenes']:,} scenes", args.top)
+        print(f"wrote {args.plot_out}", file=sys.stderr if args.json else sys.stdout)
     for err in summary["errors"]:
         print(f"error: {err}", file=sys.stderr)
     if summary["errors"]:
