@@ -56,8 +56,9 @@ PYVER ?= $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])
 TORCH_CUDA ?= 12.6
 DEST ?= wheels
 SPLIT_MB ?= 0
-wheelhouse:
-	$(PYTHON) $(INSTALL_TOOL) wheelhouse --dest $(DEST) --python $(PYVER) --spconv "$(SPCONV)" \
+# Runs in the venv: pip reads torch-scatter's and DeepSpeed's source metadata by importing torch.
+wheelhouse: $(STAMP)
+	$(PY) $(INSTALL_TOOL) wheelhouse --dest $(DEST) --python $(PYVER) --spconv "$(SPCONV)" \
 	  --torch-cuda $(TORCH_CUDA) --split-mb $(SPLIT_MB)
 
 # On a CUDA machine: GPU tests, the kernel's compile report, GPU benchmarks and train steps, one

@@ -327,7 +327,10 @@ def build_wheelhouse(dest: Path, python_version: tuple[int, int], spconv: Spconv
         for name in SOURCE_ONLY:
             requirement = TORCH_SCATTER_REQUIREMENT if name == "torch-scatter" else next(
                 r for r in RUNTIME_REQUIREMENTS if _requirement_name(r) == name)
-            _pip(pip_python, "download", "--no-deps", "--no-binary=:all:", requirement, "-d", str(tmp))
+            # pip reads a source distribution's metadata by running its setup.py, which for these
+            # imports torch: run in an environment with torch, without build isolation.
+            _pip(pip_python, "download", "--no-deps", "--no-binary=:all:", "--no-build-isolation", requirement,
+                 "-d", str(tmp))
         for sdist in sorted(tmp.glob("*.tar.gz")):
             sources.append(sdist.name)
         source_deps = [r for s in tmp.glob("*.tar.gz") for r in _sdist_requirements(s)]
