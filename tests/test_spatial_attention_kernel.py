@@ -404,21 +404,35 @@ def test_gpu_layer_bf16_autocast_matches_reference(mode):
     assert_close(got, want, TOLERANCE[torch.bfloat16], f"layer output under bf16 autocast ({mode})")
 
 
-def test_benchmark_quick_run_reports_kernel_and_reference(tmp_path):
-    """The benchmark's smoke mode measures the kernel against the eager reference and writes its files."""
+def test_benchmark_quick_run_reports_kernel_and_baselines(tmp_path):
+    """The benchmark's smoke mode measures the kernel against eager GPS and the fp32 reference in
+    all three modes and writes its files; ratios are against eager GPS."""
     import json
 
     from sparsegps.benchmarks import bench_spatial_attention
 
-    bench_spatial_attention.main(["--quick", "--device", DEVICE, "--sizes", "1x20", "--methods", "triton",
-                                  "--no-memory", "--out", str(tmp_path)])
+    bench_spatial_attention.main(["--quick", "--device", DEVICE, "--sizes", "1x20", "--methods", "fp32", "triton",
+                                  "--no-memory", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "attention.json").read_text())
     assert (tmp_path / "attention.md").read_text().startswith("### attention")
     assert data["benchmark"] == "attention" and data["machine"]["summary"]
     rows = {(r["method"], r["mode"]): r for r in data["rows"]}
-    assert set(rows) == {(m, mode) for m in ("eager reference", "Triton kernel") for mode in ("forward", "train")}
+    methods = ("eager GPS", "eager fp32 reference", "Triton kernel")
+    assert set(rows) == {(m, mode) for m in methods for mode in ("forward", "backward", "train")}
     for (method, mode), row in rows.items():
         assert row["status"] == "ok" and row["seconds"] > 0
-        base = rows[("eager reference", mode)]
+        base = rows[("eager GPS", mode)]
         assert row["ratio_vs_baseline"] == pytest.approx(base["seconds"] / row["seconds"])
-    assert [t["name"] for t in data["targets"]] == ["Triton kernel fwd+bwd vs eager reference, L=20"] * 2
+    assert [t["name"] for t in data["targets"]] == ["Triton kernel fwd+bwd vs eager GPS, L=20"] * 2
+
+
+def test_gps_formulation_baseline_matches_reference():
+    """The benchmark's baseline computes what the reference computes (fp32 inputs: no autocast)."""
+    from sparsegps.benchmarks.bench_spatial_attention import gps_spatial_attention
+
+    for mode in ("cond", "mul"):
+        inputs = make_inputs(2, 3, 11, 16, [11, 4], mode, torch.float32, seed=21)
+        got = run_with_grads(gps_spatial_attention, inputs, mode)
+        want = run_with_grads(reference_spatial_attention, inputs, mode)
+        for name in want:
+            assert_close(got[name], want[name], 1e-5, f"{name} ({mode})")
