@@ -24,7 +24,6 @@ install: $(STAMP)
 # A venv sees the base interpreter's packages when that interpreter has torch (a GPU machine's own
 # torch and Triton stay in use).
 $(PY):
-	$(if $(WHEELHOUSE),$(PYTHON) $(INSTALL_TOOL) join $(WHEELHOUSE))
 	if $(PYTHON) -c "import torch" 2>/dev/null; then flags=--system-site-packages; fi; \
 	  $(PYTHON) -m venv $$flags $(VENV)
 	$(PIP) install -q $(PIP_FROM) --upgrade pip "setuptools>=64" wheel
@@ -34,6 +33,7 @@ $(PY):
 # torch-scatter cannot be built, pooling runs on native torch (`sparsegps doctor` says so).
 # The install ends with one sparse convolution forward and backward.
 $(STAMP): setup.py $(INSTALL_TOOL) | $(PY)
+	$(if $(WHEELHOUSE),$(PY) $(INSTALL_TOOL) join $(WHEELHOUSE))
 	$(PY) -c "import torch" 2>/dev/null || { \
 	  if [ -n "$(WHEELHOUSE)" ]; then echo "error: a wheelhouse install needs torch already importable by $(PYTHON) (wheelhouses leave torch out)" >&2; exit 1; fi; \
 	  $(PIP) install torch==2.13.0; }
