@@ -37,7 +37,7 @@ $(STAMP): setup.py $(INSTALL_TOOL) | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || { \
 	  if [ -n "$(WHEELHOUSE)" ]; then echo "error: a wheelhouse install needs torch already importable by $(PYTHON) (wheelhouses leave torch out)" >&2; exit 1; fi; \
 	  $(PIP) install torch==2.13.0; }
-	$(PIP) install -q $(PIP_FROM) ninja packaging psutil py-cpuinfo
+	$(PIP) install -q $(PIP_FROM) "setuptools>=64" wheel ninja packaging psutil py-cpuinfo
 	$(PY) -c "import torch_scatter" 2>/dev/null || $(PIP) install $(PIP_FROM) --no-build-isolation torch-scatter \
 	  || echo "warning: torch-scatter did not build; pooling will use native torch ops" >&2
 	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(PIP) install $(PIP_FROM) --no-build-isolation deepspeed

@@ -251,7 +251,7 @@ def _inverse_max_distance_kernel(Centers, Lengths, InvMaxDist, seq_len, BLOCK: t
             sq_dist = tl.where(row_mask[:, None] & col_mask[None, :], sq_dist, 0.0)
             best = tl.maximum(best, tl.max(sq_dist, axis=1))
     max_dist = tl.sqrt_rn(tl.max(best, axis=0) + _PAIR_EPS)
-    tl.store(InvMaxDist + batch, tl.where(num_objects > 0, tl.div_rn(1.0, max_dist), 1.0))
+    tl.store(InvMaxDist + batch, tl.where(num_objects > 0, 1.0 / max_dist, 1.0))
 
 
 @triton.jit

