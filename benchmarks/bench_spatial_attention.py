@@ -121,7 +121,8 @@ def gps_spatial_attention(q, k, v, centers, weights, key_lengths, mode="cond"):
     else:
         z = torch.einsum("hm,bijm->bhij", w[:, 1:], features.to(w.dtype)) + w[:, 0][None, :, None, None]
         gate = torch.relu(z)
-    logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + torch.log(torch.clamp(gate, min=GATE_FLOOR))
+    logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    logits = logits + torch.log(torch.clamp(gate, min=GATE_FLOOR))
     key_valid = valid_object_mask(key_lengths, q.shape[2])
     has_keys = key_valid.any(dim=1)
     attend = key_valid | ~has_keys[:, None]

@@ -158,7 +158,8 @@ def write_report(out: Path, done: list[Step], gpu: str, total_s: float) -> None:
     data = {"gpu": gpu, "seconds": total_s, "ok": all(s.status == "ok" for s in done),
             "steps": [asdict(s) for s in done], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _write(out / "gpu_check.json", json.dumps(data, indent=1))
-    lines = [f"## gpu-check on {gpu}", "", f"{total_s:.0f} s in all; {'every step passed' if data['ok'] else 'FAILURES'}.",
+    verdict = "every step passed" if data["ok"] else "FAILURES"
+    lines = [f"## gpu-check on {gpu}", "", f"{total_s:.0f} s in all; {verdict}.",
              "", "| step | status | seconds |", "| --- | --- | --- |"]
     lines += [f"| {s.name} | {s.status} | {s.seconds:.0f} |" for s in done]
     for s in done:

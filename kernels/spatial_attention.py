@@ -880,7 +880,8 @@ def _(centers, key_lengths):
 
 @torch.library.custom_op("sparsegps::spatial_attention_forward", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, centers: torch.Tensor, weights: torch.Tensor,
-                key_lengths: torch.Tensor, inv_max_dist: torch.Tensor, is_cond: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                key_lengths: torch.Tensor, inv_max_dist: torch.Tensor,
+                is_cond: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch_forward(q, k, v, centers, weights, key_lengths, inv_max_dist, is_cond)
 
 

@@ -60,9 +60,10 @@ DeepSpeed) and what an editable install of sparsegps needs."""
 SOURCE_ONLY = ["torch-scatter", "deepspeed"]
 """Packages a wheelhouse carries as source: torch-scatter has no wheels on PyPI; DeepSpeed's are
 built against the target's torch."""
-PROVIDED_BY_TARGET = ["torch", "triton"]
-"""Left out of a wheelhouse: the GPU machine keeps its own torch (with its CUDA libraries) and the
-Triton it was built with. Resolution uses dependency-free stand-ins for them."""
+PROVIDED_BY_TARGET = ["torch"]
+"""Left out of a wheelhouse: the GPU machine keeps its own torch, with its CUDA libraries and the
+Triton it was built with (which then satisfies sparsegps's Triton requirement; the wheelhouse's
+Triton serves machines whose torch has none). Resolution uses a dependency-free stand-in."""
 
 SUPPORTED_PYTHONS = ((3, 10), (3, 13))
 
@@ -141,11 +142,12 @@ def choose_spconv_build(python: tuple[int, int], torch_cuda: str | None,
     if override not in ("auto", "", None):
         name = override.removeprefix("spconv-")
         if name not in SPCONV_BUILDS:
-            raise InstallError(f"SPCONV={override!r} is not a known build; use one of {', '.join(SPCONV_BUILDS)} or auto")
+            raise InstallError(f"SPCONV={override!r} is not a known build; "
+                               f"use one of {', '.join(SPCONV_BUILDS)} or auto")
         build = SPCONV_BUILDS[name]
         if not build.has_python(python):
-            raise InstallError(f"spconv-{name} has no wheel for {pyname}; "
-                               f"use one of {', '.join(b.name for b in SPCONV_BUILDS.values() if b.has_python(python))}")
+            fitting = ", ".join(b.name for b in SPCONV_BUILDS.values() if b.has_python(python))
+            raise InstallError(f"spconv-{name} has no wheel for {pyname}; use one of {fitting}")
         if not build.runs_on_glibc(glibc):
             raise InstallError(f"spconv-{name}'s wheels need glibc >= 2.28 (this system has {glibc[0]}.{glibc[1]}); "
                                "use cu121 or cu118")
@@ -247,7 +249,8 @@ def _spconv_distribution() -> str:
     """'spconv-cu126 2.3.8', the installed spconv package and version."""
     from importlib import metadata
 
-    names = [d.metadata["Name"] for d in metadata.distributions() if (d.metadata["Name"] or "").lower().startswith("spconv")]
+    names = [d.metadata["Name"] for d in metadata.distributions()
+             if (d.metadata["Name"] or "").lower().startswith("spconv")]
     return ", ".join(f"{n} {metadata.version(n)}" for n in sorted(set(names))) or "(no spconv distribution found)"
 
 
@@ -360,8 +363,7 @@ def build_wheelhouse(dest: Path, python_version: tuple[int, int], spconv: Spconv
         log(f"wheelhouse: resolving {len(binary)} requirements for Python {pyver} (manylinux x86_64)")
         stand_ins = tmp / "stand-ins"
         stand_ins.mkdir()
-        versions = {"torch": torch_version, "triton": "3.5.0"}
-        pins = [_stand_in_wheel(stand_ins, name, versions[name]) for name in PROVIDED_BY_TARGET]
+        pins = [_stand_in_wheel(stand_ins, name, torch_version) for name in PROVIDED_BY_TARGET]
         constraints = tmp / "constraints.txt"
         constraints.write_text("\n".join(pins) + "\n")
         report_path = tmp / "report.json"

@@ -3,8 +3,9 @@
 Without CUDA the kernels run under the Triton interpreter: TRITON_INTERPRET=1 must be in the
 environment when the kernels are decorated (at import), so this module sets it before importing
 them. Should anything in the same run import them earlier without it (no other test module
-does), they cannot run on CPU and these tests skip, saying why. The interpreter cannot multiply bf16 tiles, so CPU runs cover fp32 and fp16; tests
-marked `gpu` add bf16 and larger scenes where CUDA is present.
+does), they cannot run on CPU and these tests skip, saying why. The interpreter cannot multiply
+bf16 tiles, so CPU runs cover fp32 and fp16; tests marked `gpu` add bf16 and larger scenes where
+CUDA is present.
 """
 import importlib
 import os

@@ -96,9 +96,10 @@ def check_torch() -> list[Finding]:
 
 
 def check_spconv() -> list[Finding]:
-    from sparsegps.install import InstallError, _spconv_distribution, choose_spconv_build, spconv_smoke_test, system_glibc
-
     import torch
+
+    from sparsegps.install import (InstallError, _spconv_distribution, choose_spconv_build, spconv_smoke_test,
+                                   system_glibc)
 
     installed = _spconv_distribution()
     try:
@@ -145,8 +146,8 @@ def check_triton() -> list[Finding]:
     try:
         detail = _kernel_compiles()
     except Exception as e:
-        return [Finding("attention kernel", "FAIL", f"triton {version}: the spatial-attention kernel failed on this GPU "
-                        f"({type(e).__name__}: {e})",
+        return [Finding("attention kernel", "FAIL",
+                        f"triton {version}: the spatial-attention kernel failed on this GPU ({type(e).__name__}: {e})",
                         "set model.attention_backend=reference to train meanwhile; report the error")]
     return [Finding("attention kernel", "ok", f"triton {version}: {detail}")]
 
