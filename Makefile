@@ -12,8 +12,12 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.sparsegps-installed
 # Runs with the bare interpreter: picks the spconv build, smoke-tests it, builds wheelhouses.
 INSTALL_TOOL := sparsegps/install.py
-# With WHEELHOUSE every package comes from that folder and nothing from the network.
-PIP_FROM := $(if $(WHEELHOUSE),--no-index --find-links $(abspath $(WHEELHOUSE)),)
+# With WHEELHOUSE every package comes from that folder and nothing from the network (set through
+# pip's environment, which the pip runs inside builds inherit).
+ifneq ($(WHEELHOUSE),)
+export PIP_NO_INDEX := 1
+export PIP_FIND_LINKS := $(abspath $(WHEELHOUSE))
+endif
 # pytest worker threads: spconv and torch share the cores.
 export OMP_NUM_THREADS ?= 2
 
@@ -26,7 +30,7 @@ install: $(STAMP)
 $(PY):
 	if $(PYTHON) -c "import torch" 2>/dev/null; then flags=--system-site-packages; fi; \
 	  $(PYTHON) -m venv $$flags $(VENV)
-	$(PIP) install -q $(PIP_FROM) --upgrade pip "setuptools>=64" wheel
+	$(PIP) install -q --upgrade pip "setuptools>=64" wheel
 
 # torch first, pinned only when none is importable (an unpinned torch pulls a multi-GB CUDA build;
 # GPU machines keep their own). torch-scatter and deepspeed build against that torch; where
@@ -37,11 +41,11 @@ $(STAMP): setup.py $(INSTALL_TOOL) | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || { \
 	  if [ -n "$(WHEELHOUSE)" ]; then echo "error: a wheelhouse install needs torch already importable by $(PYTHON) (wheelhouses leave torch out)" >&2; exit 1; fi; \
 	  $(PIP) install torch==2.13.0; }
-	$(PIP) install -q $(PIP_FROM) "setuptools>=64" wheel ninja packaging psutil py-cpuinfo
-	$(PY) -c "import torch_scatter" 2>/dev/null || $(PIP) install $(PIP_FROM) --no-build-isolation torch-scatter \
+	$(PIP) install -q "setuptools>=64" wheel ninja packaging psutil py-cpuinfo
+	$(PY) -c "import torch_scatter" 2>/dev/null || $(PIP) install --no-build-isolation torch-scatter \
 	  || echo "warning: torch-scatter did not build; pooling will use native torch ops" >&2
-	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(PIP) install $(PIP_FROM) --no-build-isolation deepspeed
-	build=$$($(PY) $(INSTALL_TOOL) choose --spconv "$(SPCONV)") && $(PIP) install $(PIP_FROM) -e ".[$$build,dev]"
+	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(PIP) install --no-build-isolation deepspeed
+	build=$$($(PY) $(INSTALL_TOOL) choose --spconv "$(SPCONV)") && $(PIP) install -e ".[$$build,dev]"
 	$(PY) $(INSTALL_TOOL) smoke
 	touch $@
 
