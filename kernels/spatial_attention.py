@@ -36,8 +36,11 @@ Caveats:
   gradient is accumulated with atomics ('mul' sums per-row partials in torch).
 * The small-L backward recomputes the pair geometry per head: holding dK and dV of several heads
   across query blocks would not fit in registers; the geometry is a small part of its work.
-* Tile sizes are chosen to stay under 255 registers on sm_90 and give Hopper's wgmma >= 64-row
-  tiles for head dims up to 128; `make gpu-check` prints registers and spills per config.
+* The head loops disable loop-invariant code motion: hoisting head-independent work out of them
+  keeps it live across heads and spilled registers on sm_90.
+* Tiles were chosen from sm_90 compiles (registers and spills, not timings): the small-L path
+  uses 32-row query blocks (below wgmma's 64 rows: 64-row blocks spill at 128 keys); the long
+  path keeps 64 rows on the M side of every dot. `make gpu-check` reports both on a real GPU.
 * Launch grids limit scenes x heads to 65535. Lengths are clamped to [0, L] inside the kernels.
 * On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1 set before this module
   is imported); the interpreter cannot multiply bf16 tiles.
@@ -286,7 +289,7 @@ def _small_forward_kernel(
     dist, elev_sin, elev_cos, azim_sin, azim_cos = _pair_features(
         cx_i[:, None], cy_i[:, None], cz_i[:, None], cx_j[None, :], cy_j[None, :], cz_j[None, :])
 
-    for h in range(HEADS_PER_PROGRAM):
+    for h in tl.range(0, HEADS_PER_PROGRAM, disable_licm=True):  # hoisting per-head work spills
         head = first_head + h
         q = _load_tile(Q + batch.to(tl.int64) * stride_qb + head * stride_qh, offs_m, offs_d, stride_ql,
                        row_mask, d_mask)
@@ -341,7 +344,7 @@ def _small_backward_kernel(
     key_store_mask = offs_n < seq_len  # padded keys get explicit zeros
     cx_j, cy_j, cz_j = _load_centers(Centers, batch, offs_n, col_mask, seq_len)
 
-    for h in range(HEADS_PER_PROGRAM):
+    for h in tl.range(0, HEADS_PER_PROGRAM, disable_licm=True):  # hoisting per-head work spills
         head = first_head + h
         k = _load_tile(K + batch.to(tl.int64) * stride_kb + head * stride_kh, offs_n, offs_d, stride_kl,
                        col_mask, d_mask)
@@ -685,34 +688,32 @@ def launch_configs(seq_len: int, head_dim: int, num_heads: int) -> LaunchConfigs
     """Tiles per problem size; fixed rather than autotuned so results are bitwise reproducible
     across processes too.
 
-    Small scenes (L <= 128) hold all keys in one tile of next_pow2(L) columns; the forward shares
-    the pair geometry across up to 4 heads, the backward takes up to 2 heads per program (more
-    programs, since it cannot share the geometry). Tiles keep >= 64 rows where a GPU's tensor cores
-    (Hopper's wgmma) want them and stay within 255 registers for head dims up to 128 (fewer rows
-    for Dh 128 and 128 keys). The interpreter gets 32-row tiles: small test scenes still span
-    several blocks.
+    Chosen from sm_90 compiles (Triton 3.9, bf16; registers and spills read from the cubins, see
+    benchmarks/RESULTS.md): small scenes (L <= 128) hold all keys in one tile of next_pow2(L)
+    columns and take 32-row query blocks with 8 warps (64-row blocks spill at 128 keys). The
+    forward shares the pair geometry across 4 heads per program, except for 128-wide heads with
+    more than 64 keys, where sharing spills; the backward, which shares nothing across heads,
+    takes one head per program (more programs). Long scenes keep the 64-row side that Hopper's
+    wgmma wants on every dot. The interpreter gets 32-row tiles and groups heads (4 forward, 2
+    backward) so that CPU tests cover both.
     """
     block_keys = max(16, triton.next_power_of_2(seq_len))
     if seq_len <= SMALL_L_MAX:
-        fwd_heads = heads_per_program(num_heads, 4)
-        bwd_heads = heads_per_program(num_heads, 2)
         if INTERPRETED:
-            fwd = TileConfig(min(32, block_keys), block_keys, 1, 1, fwd_heads)
-            bwd = TileConfig(min(32, block_keys), block_keys, 1, 1, bwd_heads)
+            fwd = TileConfig(min(32, block_keys), block_keys, 1, 1, heads_per_program(num_heads, 4))
+            bwd = TileConfig(min(32, block_keys), block_keys, 1, 1, heads_per_program(num_heads, 2))
         else:
-            wide = head_dim > 64 and block_keys > 64
-            rows = 64 if block_keys <= 64 or not wide else 32
-            warps = 4 if block_keys <= 64 else 8
-            fwd = TileConfig(rows, block_keys, warps, 1, fwd_heads)
-            bwd = TileConfig(rows, block_keys, warps, 1, bwd_heads)
+            share = 1 if head_dim > 64 and block_keys > 64 else 4
+            fwd = TileConfig(min(32, block_keys), block_keys, 8, 1, heads_per_program(num_heads, share))
+            bwd = TileConfig(min(32, block_keys), block_keys, 8, 1, 1)
         return LaunchConfigs(True, fwd, bwd, bwd)
     if INTERPRETED:
         tile = TileConfig(32, 32, 1, 1)
         return LaunchConfigs(False, tile, tile, tile)
     if head_dim <= 64:
         return LaunchConfigs(False, TileConfig(128, 64, 8, 3), TileConfig(32, 128, 8, 3), TileConfig(128, 32, 8, 2))
-    # Dh 128: 64-row tiles on the M side of every dot (keys for dK/dV, queries for dQ)
-    return LaunchConfigs(False, TileConfig(128, 32, 8, 2), TileConfig(32, 64, 8, 2), TileConfig(64, 32, 8, 2))
+    # Dh 128: 64 keys per dK/dV program and 64 queries per dQ program (the M side of their dots)
+    return LaunchConfigs(False, TileConfig(128, 32, 8, 2), TileConfig(32, 64, 4, 2), TileConfig(64, 16, 8, 2))
 
 
 _MAX_DIST_BLOCK = 32 if INTERPRETED else 64
