@@ -51,3 +51,20 @@ def test_a_step_records_status_output_and_timeout(tmp_path):
     assert [s["status"] for s in data["steps"]] == ["ok", "exit 3", slow.status]
     report = (tmp_path / "gpu_check.md").read_text()
     assert "| failing | exit 3 |" in report and "### bench" in report
+
+
+@pytest.mark.slow
+def test_kernel_registers_compiles_for_hopper_without_a_gpu():
+    """The small-L kernels compile for sm_90 on this machine; ptxas's numbers come back."""
+    import os
+
+    code = ("import json; from sparsegps.benchmarks.kernel_registers import report; "
+            "print(json.dumps(report(90, 'bf16', sizes=[(80, 64)])))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["kernel"] for r in rows] == ["small forward", "small backward"]
+    for row in rows:
+        assert 0 < row["registers"] <= 255 and row["stack_bytes"] >= 0
+    assert rows[0]["stack_bytes"] == 0  # the forward's tiles were chosen not to spill
