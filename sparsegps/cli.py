@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune-ground": ("sparsegps.commands.finetune_ground", "fine-tune grounding on Nr3D / Sr3D / ScanRefer"),
     "eval-ground": ("sparsegps.commands.eval_ground", "evaluate grounding with the benchmark's metrics"),
     "bench": ("sparsegps.commands.bench", "throughput benchmarks against GPS's pipeline"),
+    "doctor": ("sparsegps.commands.doctor", "check torch, the GPU, spconv, torch-scatter, Triton, DeepSpeed, the text encoder"),
 }
 
 

@@ -11,9 +11,11 @@ import torch
 
 from sparsegps.models.spatial_attention import (
     SpatialSelfAttention,
+    inverse_max_pair_distance,
     pairwise_features,
     reference_spatial_attention,
 )
+from sparsegps.models.spatial_transformer import SpatialTransformer
 
 EPS = 1e-10
 
@@ -267,3 +269,33 @@ def test_layer_rejects_bad_configuration():
         SpatialSelfAttention(32, 4, mode="add")
     with pytest.raises(ValueError, match="backend"):
         SpatialSelfAttention(32, 4, backend="cuda")
+
+
+def test_inverse_max_pair_distance_of_the_hand_example_and_edge_cases():
+    centers = torch.tensor(np.stack([HAND_CENTERS, HAND_CENTERS, HAND_CENTERS]), dtype=torch.float32)
+    got = inverse_max_pair_distance(centers, torch.tensor([3, 1, 0]))
+    # 13 over all three; one object: only the pair (0, 0), d = sqrt(eps); none: 1
+    assert torch.allclose(got, torch.tensor([1 / 13, 1 / math.sqrt(EPS), 1.0]), rtol=1e-6)
+
+
+def test_spatial_transformer_shares_one_max_distance_across_layers(monkeypatch):
+    """The network computes 1 / max_dist once per forward; every layer gets it and gives what it
+    would compute itself."""
+    import sparsegps.models.spatial_attention as attention_module
+
+    torch.manual_seed(2)
+    transformer = SpatialTransformer(32, 4, num_layers=3, ffn_dim=64, dropout=0.0).eval()
+    tokens, centers, sizes = torch.randn(2, 9, 32), torch.rand(2, 9, 3) * 6, torch.rand(2, 9, 3)
+    lengths = torch.tensor([9, 5])
+    calls = []
+    real = attention_module.inverse_max_pair_distance
+    monkeypatch.setattr(attention_module, "inverse_max_pair_distance", lambda *a: calls.append(1) or real(*a))
+    shared = transformer(tokens, centers, sizes, lengths)
+    assert len(calls) == 1
+    monkeypatch.setattr(attention_module, "inverse_max_pair_distance", real)
+
+    x = tokens
+    boxes = torch.cat([centers, sizes], dim=-1)
+    for layer, location in zip(transformer.layers, transformer.locations):
+        x = layer(x + location(boxes), centers, lengths)  # each layer computes its own
+    assert torch.allclose(shared, x, atol=1e-6)

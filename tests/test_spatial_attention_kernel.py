@@ -3,8 +3,9 @@
 Without CUDA the kernels run under the Triton interpreter: TRITON_INTERPRET=1 must be in the
 environment when the kernels are decorated (at import), so this module sets it before importing
 them. Should anything in the same run import them earlier without it (no other test module
-does), they cannot run on CPU and these tests skip, saying why. The interpreter cannot multiply bf16 tiles, so CPU runs cover fp32 and fp16; tests
-marked `gpu` add bf16 and larger scenes where CUDA is present.
+does), they cannot run on CPU and these tests skip, saying why. The interpreter cannot multiply
+bf16 tiles, so CPU runs cover fp32 and fp16; tests marked `gpu` add bf16 and larger scenes where
+CUDA is present.
 """
 import importlib
 import os
@@ -182,6 +183,186 @@ def test_rejects_bad_inputs():
 
 
 # ---------------------------------------------------------------------------------------------
+# The two paths (small L: one key tile, several heads per program; long L: tiled), the op
+# registration, launches and needs_input_grad
+# ---------------------------------------------------------------------------------------------
+
+SMALL_L_CASES = [
+    pytest.param(2, 4, 1, 16, [1, 0], "cond", id="L1-empty-scene"),
+    pytest.param(2, 4, 7, 16, [7, 3], "mul", id="L7-mixed"),
+    pytest.param(2, 4, 80, 64, [80, 23], "cond", id="L80-Dh64-cond"),
+    pytest.param(2, 6, 80, 16, [61, 80], "mul", id="L80-H6-mul"),
+    pytest.param(2, 3, 128, 128, [128, 70], "cond", id="L128-Dh128-H3"),
+    pytest.param(1, 4, 128, 16, [100], "mul", id="L128-mul"),
+]
+
+
+@pytest.mark.parametrize("batch, heads, length, head_dim, lengths, mode", SMALL_L_CASES)
+def test_small_l_path_matches_reference(batch, heads, length, head_dim, lengths, mode):
+    configs = kernel_module.launch_configs(length, head_dim, heads)
+    assert configs.small and configs.forward.block_n >= length
+    check_against_reference(batch, heads, length, head_dim, lengths, mode, torch.float32, seed=length)
+
+
+@pytest.mark.parametrize("heads_forward, heads_backward", [(1, 1), (2, 2), (4, 1), (4, 4)])
+def test_heads_per_program_do_not_change_results(monkeypatch, heads_forward, heads_backward):
+    """Every grouping of heads into programs gives the reference's result, bit-identical to one
+    head per program."""
+    inputs = make_inputs(2, 4, 20, 16, [20, 9], "cond", torch.float32, seed=11)
+    real = kernel_module.launch_configs
+
+    def grouped(forward, backward):
+        def configs(seq_len, head_dim, num_heads):
+            base = real(seq_len, head_dim, num_heads)
+            return kernel_module.LaunchConfigs(
+                True, kernel_module.TileConfig(16, base.forward.block_n, 1, 1, forward), base.backward_dkdv,
+                kernel_module.TileConfig(16, base.forward.block_n, 1, 1, backward))
+        return configs
+
+    monkeypatch.setattr(kernel_module, "launch_configs", grouped(1, 1))
+    single = run_with_grads(spatial_attention, inputs, "cond")
+    monkeypatch.setattr(kernel_module, "launch_configs", grouped(heads_forward, heads_backward))
+    got = run_with_grads(spatial_attention, inputs, "cond")
+    want = run_with_grads(reference_spatial_attention, inputs, "cond")
+    for name in want:
+        assert torch.equal(got[name], single[name]), name
+        assert_close(got[name], want[name], 1e-4, name)
+
+
+@pytest.mark.parametrize("mode", ["cond", "mul"])
+def test_long_path_matches_reference(mode):
+    """Past 128 objects the tiled FlashAttention-style kernels run (several key and query tiles)."""
+    assert not kernel_module.launch_configs(150, 16, 2).small
+    check_against_reference(2, 2, 150, 16, [150, 77], mode, torch.float32, seed=12)
+
+
+def test_lengths_are_clamped_in_the_kernel_for_any_integer_dtype():
+    inputs = make_inputs(3, 2, 12, 16, [12, 5, 0], "cond", torch.float32, seed=13)
+    want = run_with_grads(spatial_attention, inputs, "cond")
+    for raw in (torch.tensor([40, 5, -3], dtype=torch.int64), torch.tensor([12, 5, 0], dtype=torch.int32)):
+        got = run_with_grads(spatial_attention, dict(inputs, key_lengths=raw.to(DEVICE)), "cond")
+        for name in want:
+            assert torch.equal(got[name], want[name]), (name, raw.dtype)
+
+
+def test_cond_weights_are_read_through_their_strides():
+    """A [B, L, H, 6] view that is not contiguous (as a permute leaves it) gives the same result."""
+    inputs = make_inputs(2, 3, 10, 16, [10, 6], "cond", torch.float32, seed=14)
+    strided = inputs["weights"].permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+    assert not strided.is_contiguous() and torch.equal(strided, inputs["weights"])
+    want = run_with_grads(spatial_attention, inputs, "cond")
+    got = run_with_grads(spatial_attention, dict(inputs, weights=strided), "cond")
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_inverse_max_distance_kernel_matches_reference_and_can_be_shared():
+    from sparsegps.models.spatial_attention import inverse_max_pair_distance as reference_inverse
+
+    gen = torch.Generator().manual_seed(15)
+    centers = (torch.rand(4, 70, 3, generator=gen) * 9).to(DEVICE)
+    lengths = torch.tensor([70, 33, 1, 0], device=DEVICE)
+    got = kernel_module.inverse_max_pair_distance(centers, lengths)
+    want = reference_inverse(centers, lengths)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0), (got, want)
+    assert got[3] == 1.0  # a scene without objects
+
+    inputs = make_inputs(2, 2, 9, 16, [9, 4], "mul", torch.float32, seed=16)
+    shared = kernel_module.inverse_max_pair_distance(inputs["centers"], inputs["key_lengths"])
+    with_shared = lambda *a, **kw: spatial_attention(*a, **kw, inv_max_dist=shared)  # noqa: E731
+    for name, value in run_with_grads(with_shared, inputs, "mul").items():
+        assert torch.equal(value, run_with_grads(spatial_attention, inputs, "mul")[name]), name
+
+
+class _LaunchLog:
+    """Counts the launches of the module's kernels by name."""
+
+    NAMES = ("_inverse_max_distance_kernel", "_small_forward_kernel", "_small_backward_kernel", "_forward_kernel",
+             "_backward_preprocess_kernel", "_backward_dkdv_kernel", "_backward_dq_kernel")
+
+    def __init__(self, monkeypatch):
+        self.launches = []
+        for name in self.NAMES:
+            monkeypatch.setattr(kernel_module, name, self._counting(name, getattr(kernel_module, name)))
+
+    def _counting(self, name, kernel):
+        log = self.launches
+
+        class Counting:
+            def __getitem__(self, grid):
+                log.append(name)
+                return kernel[grid]
+        return Counting()
+
+
+def test_small_l_launches_one_kernel_per_direction(monkeypatch):
+    log = _LaunchLog(monkeypatch)
+    inputs = make_inputs(2, 4, 80, 16, [80, 31], "cond", torch.float32, seed=17)
+    shared = kernel_module.inverse_max_pair_distance(inputs["centers"], inputs["key_lengths"])
+    assert log.launches == ["_inverse_max_distance_kernel"]
+    log.launches.clear()
+    with_shared = lambda *a, **kw: spatial_attention(*a, **kw, inv_max_dist=shared)  # noqa: E731
+    run_with_grads(with_shared, inputs, "cond")
+    assert log.launches == ["_small_forward_kernel", "_small_backward_kernel"]
+
+
+def test_only_the_gradients_asked_for_are_computed(monkeypatch):
+    """ctx.needs_input_grad reaches the kernels: no dK/dV kernel when only q and weights train."""
+    inputs = make_inputs(1, 2, 140, 16, [140], "cond", torch.float32, seed=18)
+    want = run_with_grads(reference_spatial_attention, inputs, "cond")
+    log = _LaunchLog(monkeypatch)
+    q = inputs["q"].clone().requires_grad_(True)
+    weights = inputs["weights"].clone().requires_grad_(True)
+    k, v = inputs["k"].clone(), inputs["v"].clone().requires_grad_(False)
+    out = spatial_attention(q, k, v, inputs["centers"], weights, inputs["key_lengths"])
+    out.backward(inputs["grad_out"])
+    assert "_backward_dkdv_kernel" not in log.launches and "_backward_dq_kernel" in log.launches
+    assert_close(q.grad, want["grad_q"], 1e-4, "grad_q")
+    assert_close(weights.grad, want["grad_weights"], 1e-4, "grad_weights")
+
+    log.launches.clear()
+    k = inputs["k"].clone().requires_grad_(True)
+    out = spatial_attention(inputs["q"], k, inputs["v"], inputs["centers"], inputs["weights"], inputs["key_lengths"])
+    out.backward(inputs["grad_out"])
+    assert "_backward_dq_kernel" not in log.launches and "_backward_dkdv_kernel" in log.launches
+    assert_close(k.grad, want["grad_k"], 1e-4, "grad_k")
+
+
+@pytest.mark.parametrize("mode, length", [("cond", 6), ("mul", 6), pytest.param("cond", 130, marks=pytest.mark.slow)])
+def test_custom_ops_pass_opcheck(mode, length):
+    """Schema, fake (meta) implementations, autograd registration and AOT tracing of the ops; at
+    130 objects the backward runs the tiled kernels."""
+    inputs = make_inputs(2, 2 if length <= 128 else 1, length, 16, [length, 3], mode, torch.float32, seed=19)
+    q, k, v = (inputs[n].clone().requires_grad_(True) for n in ("q", "k", "v"))
+    weights = inputs["weights"].clone().requires_grad_(True)
+    centers, lengths = inputs["centers"], inputs["key_lengths"]
+    inv_max_dist = kernel_module.inverse_max_pair_distance(centers, lengths)
+    torch.library.opcheck(torch.ops.sparsegps.inverse_max_pair_distance.default, (centers, lengths))
+    torch.library.opcheck(torch.ops.sparsegps.spatial_attention_forward.default,
+                          (q, k, v, centers, weights, lengths, inv_max_dist, mode == "cond"))
+    out, lse = torch.ops.sparsegps.spatial_attention_forward(q, k, v, centers, weights, lengths, inv_max_dist,
+                                                             mode == "cond")
+    torch.library.opcheck(torch.ops.sparsegps.spatial_attention_backward.default,
+                          (inputs["grad_out"], q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), centers,
+                           weights.detach(), lengths, inv_max_dist, mode == "cond", True, True, True))
+
+
+def test_layer_compiles_as_one_graph():
+    """torch.compile captures the layer, kernels included, without graph breaks."""
+    torch.manual_seed(20)
+    layer = SpatialSelfAttention(32, 4, mode="cond", backend="triton").to(DEVICE)
+    x = torch.randn(2, 12, 32, device=DEVICE)
+    centers = torch.rand(2, 12, 3, device=DEVICE) * 5
+    lengths = torch.tensor([12, 5], device=DEVICE)
+    want = layer(x, centers, lengths)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    got = compiled(x, centers, lengths)
+    assert torch.equal(got, want)
+    got.square().sum().backward()
+    assert layer.q_proj.weight.grad is not None and torch.isfinite(layer.q_proj.weight.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
 # Native GPU runs: half precision, GPS-sized and longer scenes
 # ---------------------------------------------------------------------------------------------
 
@@ -224,21 +405,35 @@ def test_gpu_layer_bf16_autocast_matches_reference(mode):
     assert_close(got, want, TOLERANCE[torch.bfloat16], f"layer output under bf16 autocast ({mode})")
 
 
-def test_benchmark_quick_run_reports_kernel_and_reference(tmp_path):
-    """The benchmark's smoke mode measures the kernel against the eager reference and writes its files."""
+def test_benchmark_quick_run_reports_kernel_and_baselines(tmp_path):
+    """The benchmark's smoke mode measures the kernel against eager GPS and the fp32 reference in
+    all three modes and writes its files; ratios are against eager GPS."""
     import json
 
     from sparsegps.benchmarks import bench_spatial_attention
 
-    bench_spatial_attention.main(["--quick", "--device", DEVICE, "--sizes", "1x20", "--methods", "triton",
-                                  "--no-memory", "--out", str(tmp_path)])
+    bench_spatial_attention.main(["--quick", "--device", DEVICE, "--sizes", "1x20", "--methods", "fp32", "triton",
+                                  "--no-memory", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "attention.json").read_text())
     assert (tmp_path / "attention.md").read_text().startswith("### attention")
     assert data["benchmark"] == "attention" and data["machine"]["summary"]
     rows = {(r["method"], r["mode"]): r for r in data["rows"]}
-    assert set(rows) == {(m, mode) for m in ("eager reference", "Triton kernel") for mode in ("forward", "train")}
+    methods = ("eager GPS", "eager fp32 reference", "Triton kernel")
+    assert set(rows) == {(m, mode) for m in methods for mode in ("forward", "backward", "train")}
     for (method, mode), row in rows.items():
         assert row["status"] == "ok" and row["seconds"] > 0
-        base = rows[("eager reference", mode)]
+        base = rows[("eager GPS", mode)]
         assert row["ratio_vs_baseline"] == pytest.approx(base["seconds"] / row["seconds"])
-    assert [t["name"] for t in data["targets"]] == ["Triton kernel fwd+bwd vs eager reference, L=20"] * 2
+    assert [t["name"] for t in data["targets"]] == ["Triton kernel fwd+bwd vs eager GPS, L=20"] * 2
+
+
+def test_gps_formulation_baseline_matches_reference():
+    """The benchmark's baseline computes what the reference computes (fp32 inputs: no autocast)."""
+    from sparsegps.benchmarks.bench_spatial_attention import gps_spatial_attention
+
+    for mode in ("cond", "mul"):
+        inputs = make_inputs(2, 3, 11, 16, [11, 4], mode, torch.float32, seed=21)
+        got = run_with_grads(gps_spatial_attention, inputs, mode)
+        want = run_with_grads(reference_spatial_attention, inputs, mode)
+        for name in want:
+            assert_close(got[name], want[name], 1e-5, f"{name} ({mode})")

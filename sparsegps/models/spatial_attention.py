@@ -12,6 +12,7 @@ kernels without it. `SpatialSelfAttention` is the layer the spatial transformer 
 """
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Literal
 
@@ -19,17 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GateMode = Literal["cond", "mul"]
-Backend = Literal["auto", "triton", "reference"]
+from sparsegps.spatial_attention_spec import (
+    GATE_FLOOR,
+    KERNEL_MAX_HEAD_DIM,
+    NUM_GATE_WEIGHTS,
+    NUM_PAIR_FEATURES,
+    PAIR_EPS,
+    GateMode,
+    check_attention_inputs,
+)
 
-PAIR_EPS = 1e-10
-"""Added under every square root of the pairwise geometry, as GPS does (makes i == j finite)."""
-GATE_FLOOR = 1e-6
-"""The gate is clamped here before the log, so a closed gate costs log(1e-6), never -inf."""
-NUM_PAIR_FEATURES = 5
-NUM_GATE_WEIGHTS = NUM_PAIR_FEATURES + 1  # bias first, then one weight per feature
-KERNEL_MAX_HEAD_DIM = 128
-"""Widest head the fused kernel takes; wider heads use the reference under backend='auto'."""
+Backend = Literal["auto", "triton", "reference"]
 
 
 def valid_object_mask(key_lengths: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -38,24 +39,37 @@ def valid_object_mask(key_lengths: torch.Tensor, num_slots: int) -> torch.Tensor
     return torch.arange(num_slots, device=key_lengths.device)[None, :] < lengths[:, None]
 
 
-def pairwise_features(centers: torch.Tensor, key_lengths: torch.Tensor) -> torch.Tensor:
+def inverse_max_pair_distance(centers: torch.Tensor, key_lengths: torch.Tensor) -> torch.Tensor:
+    """1 / max_dist per scene, fp32 [B]: max_dist is the largest sqrt(|c_i - c_j|^2 + eps) over
+    pairs of valid objects (padding never changes it); 1 for a scene without objects.
+
+    It depends on the centers alone, so a network computes it once and shares it across layers.
+    """
+    c = centers.float()
+    offsets = c[:, :, None, :] - c[:, None, :, :]
+    dist = torch.sqrt((offsets * offsets).sum(-1) + PAIR_EPS)
+    valid = valid_object_mask(key_lengths, c.shape[1])
+    pair_valid = valid[:, :, None] & valid[:, None, :]
+    max_dist = dist.masked_fill(~pair_valid, 0.0).amax(dim=(1, 2))
+    return 1.0 / torch.where(max_dist > 0, max_dist, torch.ones_like(max_dist))
+
+
+def pairwise_features(centers: torch.Tensor, key_lengths: torch.Tensor,
+                      inv_max_dist: torch.Tensor | None = None) -> torch.Tensor:
     """The five GPS pair features f[b, i, j] = [dn, dz/d, d2/d, dy/d2, dx/d2] of D = c_i - c_j.
 
-    d = sqrt(|D|^2 + eps), d2 = sqrt(dx^2 + dy^2 + eps) and dn = d / max_dist, where max_dist is
-    the largest d over pairs of valid objects of the scene (padding never changes it). Returns
-    fp32 [B, L, L, 5].
+    d = sqrt(|D|^2 + eps), d2 = sqrt(dx^2 + dy^2 + eps) and dn = d * inv_max_dist (default:
+    `inverse_max_pair_distance`). Returns fp32 [B, L, L, 5].
     """
+    if inv_max_dist is None:
+        inv_max_dist = inverse_max_pair_distance(centers, key_lengths)
     c = centers.float()
     offsets = c[:, :, None, :] - c[:, None, :, :]
     dx, dy, dz = offsets.unbind(-1)
     dist = torch.sqrt((offsets * offsets).sum(-1) + PAIR_EPS)
     dist_xy = torch.sqrt(dx * dx + dy * dy + PAIR_EPS)
-    valid = valid_object_mask(key_lengths, c.shape[1])
-    pair_valid = valid[:, :, None] & valid[:, None, :]
-    max_dist = dist.masked_fill(~pair_valid, 0.0).amax(dim=(1, 2))
-    max_dist = torch.where(max_dist > 0, max_dist, torch.ones_like(max_dist))  # empty scenes
     return torch.stack(
-        [dist / max_dist[:, None, None], dz / dist, dist_xy / dist, dy / dist_xy, dx / dist_xy], dim=-1
+        [dist * inv_max_dist.float()[:, None, None], dz / dist, dist_xy / dist, dy / dist_xy, dx / dist_xy], dim=-1
     )
 
 
@@ -74,28 +88,6 @@ def spatial_log_gate(features: torch.Tensor, weights: torch.Tensor, mode: GateMo
     return torch.log(torch.clamp(gate, min=GATE_FLOOR))
 
 
-def check_attention_inputs(q, k, v, centers, weights, key_lengths, mode: str) -> None:
-    """Raise a ValueError that names the argument whose shape or dtype does not fit."""
-    if mode not in ("cond", "mul"):
-        raise ValueError(f"spatial attention mode must be 'cond' or 'mul', got {mode!r}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [B, H, L, Dh], got shape {tuple(q.shape)}")
-    batch, heads, length, _ = q.shape
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-    if centers.shape != (batch, length, 3):
-        raise ValueError(f"centers must be [B, L, 3] = {(batch, length, 3)}, got {tuple(centers.shape)}")
-    want = (batch, length, heads, NUM_GATE_WEIGHTS) if mode == "cond" else (heads, NUM_GATE_WEIGHTS)
-    if tuple(weights.shape) != want:
-        raise ValueError(f"weights for mode {mode!r} must have shape {want}, got {tuple(weights.shape)}")
-    if key_lengths.shape != (batch,) or key_lengths.dtype.is_floating_point:
-        raise ValueError(f"key_lengths must be an integer tensor [B] = [{batch}], "
-                         f"got {key_lengths.dtype} {tuple(key_lengths.shape)}")
-
-
 def reference_spatial_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,18 +96,20 @@ def reference_spatial_attention(
     weights: torch.Tensor,
     key_lengths: torch.Tensor,
     mode: GateMode = "cond",
+    inv_max_dist: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Spatial attention computed naively in fp32; the oracle for the Triton kernel.
 
     q, k, v: [B, H, L, Dh]; centers: [B, L, 3]; weights: [B, L, H, 6] ('cond') or [H, 6] ('mul'),
     bias first; key_lengths: [B] integers, objects 0..len-1 are real, the rest padding (lengths
     are clamped to [0, L]). Every query row, padded ones included, attends to the real objects
-    only; a scene without objects gives zeros. Returns [B, H, L, Dh] in q's dtype.
+    only; a scene without objects gives zeros. inv_max_dist [B] (`inverse_max_pair_distance`)
+    may be passed in when several layers share the centers. Returns [B, H, L, Dh] in q's dtype.
     """
-    check_attention_inputs(q, k, v, centers, weights, key_lengths, mode)
+    check_attention_inputs(q, k, v, centers, weights, key_lengths, mode, inv_max_dist)
     length, head_dim = q.shape[2], q.shape[3]
     with torch.autocast(q.device.type, enabled=False):  # fp32 throughout, even inside autocast
-        features = pairwise_features(centers, key_lengths)
+        features = pairwise_features(centers, key_lengths, inv_max_dist)
         logits = torch.einsum("bhid,bhjd->bhij", q.float(), k.float()) / math.sqrt(head_dim)
         logits = logits + spatial_log_gate(features, weights, mode)
         key_valid = valid_object_mask(key_lengths, length)
@@ -128,14 +122,20 @@ def reference_spatial_attention(
     return out.to(q.dtype)
 
 
-def _triton_spatial_attention():
-    """The fused kernel's entry point, or None where Triton is unavailable (imported lazily so
-    that importing the model never imports Triton)."""
-    try:
-        from sparsegps.kernels.spatial_attention import spatial_attention
-    except ImportError:
-        return None
-    return spatial_attention
+_kernels_module = None  # the kernels' module once imported; False when Triton is unavailable
+
+
+def _triton_kernels():
+    """The fused kernel's module, or None where Triton is unavailable. Imported lazily, so that
+    importing the model never imports Triton, and looked up once, so that torch.compile traces a
+    plain global read."""
+    global _kernels_module
+    if _kernels_module is None:
+        try:
+            _kernels_module = importlib.import_module("sparsegps.kernels.spatial_attention")
+        except ImportError:
+            _kernels_module = False
+    return _kernels_module or None
 
 
 class SpatialSelfAttention(nn.Module):
@@ -180,20 +180,33 @@ class SpatialSelfAttention(nn.Module):
             self.gate_weights = nn.Parameter(torch.empty(n_heads, NUM_GATE_WEIGHTS).uniform_(-bound, bound))
         self.dropout = nn.Dropout(dropout)
 
-    def attention_fn(self, x: torch.Tensor):
-        """The attention implementation `backend` selects for input x."""
-        kernel_fits = x.is_cuda and self.head_dim <= KERNEL_MAX_HEAD_DIM
-        if self.backend == "reference" or (self.backend == "auto" and not kernel_fits):
-            return reference_spatial_attention
-        kernel = _triton_spatial_attention()
-        if kernel is not None:
-            return kernel
+    def _uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether `backend` picks the fused kernel for input x."""
+        if self.backend == "reference":
+            return False
+        if self.backend == "auto" and not (x.is_cuda and self.head_dim <= KERNEL_MAX_HEAD_DIM):
+            return False
+        if _triton_kernels() is not None:
+            return True
         if self.backend == "triton":
             raise RuntimeError("backend='triton' needs Triton (sparsegps.kernels.spatial_attention failed to import)")
-        return reference_spatial_attention
+        return False
 
-    def forward(self, x: torch.Tensor, centers: torch.Tensor, key_lengths: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, d_model] object tokens; centers: [B, L, 3]; key_lengths: [B]. -> [B, L, d_model]."""
+    def attention_fn(self, x: torch.Tensor):
+        """The attention implementation `backend` selects for input x."""
+        return _triton_kernels().spatial_attention if self._uses_kernel(x) else reference_spatial_attention
+
+    def pair_distance_scale(self, x: torch.Tensor, centers: torch.Tensor, key_lengths: torch.Tensor) -> torch.Tensor:
+        """1 / max pair distance per scene ([B] fp32), from the implementation `attention_fn` picks;
+        layers over the same centers share it (`forward(..., inv_max_dist=...)`)."""
+        if self._uses_kernel(x):
+            return _triton_kernels().inverse_max_pair_distance(centers, key_lengths)
+        return inverse_max_pair_distance(centers, key_lengths)
+
+    def forward(self, x: torch.Tensor, centers: torch.Tensor, key_lengths: torch.Tensor,
+                inv_max_dist: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, L, d_model] object tokens; centers: [B, L, 3]; key_lengths: [B]; inv_max_dist:
+        [B] from `pair_distance_scale`, computed here when None. -> [B, L, d_model]."""
         batch, length, _ = x.shape
         heads, head_dim = self.n_heads, self.head_dim
 
@@ -205,6 +218,7 @@ class SpatialSelfAttention(nn.Module):
             weights = self.gate_proj(x).view(batch, length, heads, NUM_GATE_WEIGHTS)
         else:
             weights = self.gate_weights
-        attended = self.attention_fn(x)(q, k, v, centers, weights, key_lengths, mode=self.mode)
+        attended = self.attention_fn(x)(q, k, v, centers, weights, key_lengths, mode=self.mode,
+                                        inv_max_dist=inv_max_dist)
         attended = attended.transpose(1, 2).reshape(batch, length, self.d_model)
         return self.dropout(self.out_proj(attended))

@@ -28,8 +28,9 @@ class SpatialTransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, centers: torch.Tensor, key_lengths: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.dropout(self.attn(x, centers, key_lengths)))
+    def forward(self, x: torch.Tensor, centers: torch.Tensor, key_lengths: torch.Tensor,
+                inv_max_dist: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm1(x + self.dropout(self.attn(x, centers, key_lengths, inv_max_dist)))
         return self.norm2(x + self.dropout(self.ffn(x)))
 
 
@@ -50,10 +51,12 @@ class SpatialTransformer(nn.Module):
     def forward(self, tokens, centers, sizes, key_lengths):
         boxes = torch.cat([centers, sizes], dim=-1)
         x = tokens
+        # the distance normalisation depends on the centers alone: once for all layers
+        inv_max_dist = self.layers[0].attn.pair_distance_scale(x, centers, key_lengths) if self.layers else None
         for layer, location in zip(self.layers, self.locations):
             x = x + location(boxes)
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, centers, key_lengths, use_reentrant=False)
+                x = checkpoint(layer, x, centers, key_lengths, inv_max_dist, use_reentrant=False)
             else:
-                x = layer(x, centers, key_lengths)
+                x = layer(x, centers, key_lengths, inv_max_dist)
         return x
