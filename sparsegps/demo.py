@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     # the first 16 training rooms (a scene depends only on seed and index): few labelled scenes
     step("synth_few", ["synth", "--preset", "demo", "--scenes", str(FEW_ROOMS), "--seed", str(args.seed),
                        "--out", str(data / "train_few")])
-    few = [*seg, "--set", f"data.train=[{data / 'train_few'}]"]
+    # 16 rooms are 2 steps an epoch: no DataLoader worker to start anew every other step
+    few = [*seg, "--set", f"data.train=[{data / 'train_few'}]", "--set", "num_workers=0"]
     step("finetune_seg_few", [*few, "--pretrained", str(out / "pretrain/export.pt"), "--output-dir",
                               str(out / "seg_few")])
     step("finetune_seg_few_scratch", [*few, "--output-dir", str(out / "seg_few_scratch")])
