@@ -218,7 +218,8 @@ def run(args: argparse.Namespace) -> dict:
     from sparsegps.models.gps import GPSModel
     from sparsegps.train.engine import build_optimizer
     from sparsegps.train.loop import resolve_precision
-    from sparsegps.train.pretrain import PretrainConfig
+    from sparsegps.synth import SYNTH_VOCABULARY
+    from sparsegps.train.pretrain import PretrainConfig, with_class_names
 
     resolve_common(args, repeats=5, warmup=1)
     device = torch.device(args.device)
@@ -235,6 +236,7 @@ def run(args: argparse.Namespace) -> dict:
         cfg = load_config(PretrainConfig, config_path, list(args.set) + [f"device={device.type}", "precision=auto"])
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+    cfg = with_class_names(cfg, SYNTH_VOCABULARY)  # the label ids of the benchmark's scenes
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal gradients slow spconv on CPU tenfold

@@ -243,7 +243,8 @@ def run(args: argparse.Namespace) -> dict:
     from sparsegps.data import ScenesDataset
     from sparsegps.train.engine import init_distributed
     from sparsegps.train.loop import resolve_precision
-    from sparsegps.train.pretrain import PretrainConfig
+    from sparsegps.synth import SYNTH_VOCABULARY
+    from sparsegps.train.pretrain import PretrainConfig, with_class_names
 
     resolve_common(args, repeats=5, warmup=1)
     device = torch.device(args.device)
@@ -257,6 +258,7 @@ def run(args: argparse.Namespace) -> dict:
         cfg = load_config(PretrainConfig, config_path, overrides)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
+    cfg = with_class_names(cfg, SYNTH_VOCABULARY)  # the label ids of the benchmark's shards
     if args.quick:
         cfg.data.transforms.voxel_size = max(cfg.data.transforms.voxel_size, QUICK_MIN_VOXEL)
     micro_batches = args.micro_batches or ([1] if args.quick else sorted({max(cfg.micro_batch // 2, 1),
