@@ -164,7 +164,7 @@ def test_finetune_exports_a_grounding_model_and_reports_the_benchmark(finetuned)
     assert blob["task"] == "grounding" and blob["vocabulary"] == VOCAB and blob["voxel_size"] == VOXEL
     assert blob["model_config"]["d_model"] == 32
     assert blob["model_config"]["loss"] == {"object_text": 0.0, "scene_text": 0.0, "referral_object": 0.5,
-                                            "grounding": 1.0, "mlm": 0.0}
+                                            "grounding": 1.0, "mlm": 0.0, "object_class": 0.0, "dense_text": 0.0}
     model, _ = load_pretrained_model(finetuned / "export.pt")
     assert isinstance(model, GPSModel)
 
