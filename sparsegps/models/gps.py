@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import hashlib
 
@@ -305,18 +305,27 @@ class GPSModel(nn.Module):
         grounding), heads. Parameters exempt from weight decay by `no_decay` (see
         `no_decay_parameter_names`) go to "<role>/no_decay" groups."""
         body = ("pooling.", "spatial.", "grounding.", "text_to_model.")
-        exempt = no_decay_parameter_names(self, no_decay)
-        groups: dict[str, list[nn.Parameter]] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            role = ("text_encoder" if name.startswith("text.") else "backbone" if name.startswith("backbone.")
+
+        def role(name: str) -> str:
+            return ("text_encoder" if name.startswith("text.") else "backbone" if name.startswith("backbone.")
                     else "transformers" if name.startswith(body) else "heads")
-            groups.setdefault(role + ("/no_decay" if name in exempt else ""), []).append(p)
-        return groups
+
+        return optimizer_groups(self, role, no_decay)
 
 
 NoDecayRule = Literal["gps", "norms_embeddings", "none"]
+
+
+def optimizer_groups(model: nn.Module, role: Callable[[str], str],
+                     no_decay: NoDecayRule = "gps") -> dict[str, list[nn.Parameter]]:
+    """The trainable parameters of `model` by `role(name)`, those exempt from weight decay (see
+    `no_decay_parameter_names`) in "<role>/no_decay" groups."""
+    exempt = no_decay_parameter_names(model, no_decay)
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(role(name) + ("/no_decay" if name in exempt else ""), []).append(p)
+    return groups
 
 
 def no_decay_parameter_names(model: nn.Module, rule: NoDecayRule = "gps") -> set[str]:

@@ -24,7 +24,7 @@ from sparsegps.files import atomic_write_text
 from sparsegps.losses import global_mean_share
 from sparsegps.data import ScenesDataset, TransformConfig
 from sparsegps.models.backbone import SpUNetConfig
-from sparsegps.models.gps import no_decay_parameter_names
+from sparsegps.models.gps import optimizer_groups
 from sparsegps.models.seg_heads import SegmentationModel, SegModelConfig
 
 from .checkpoint import export_state_dict, load_export, load_weights
@@ -108,12 +108,8 @@ def finetune_segmentation(cfg: SegConfig, pretrained: str | None = None, resume:
             raise UsageError(f"{pretrained}: its backbone does not fit ({str(e).splitlines()[-1].strip()[:200]})") from None
     model.freeze(cfg.freeze)
     wrapped = SegmentationLoss(model, remap)
-    exempt = no_decay_parameter_names(model, cfg.optim.no_decay)
-    groups: dict[str, list] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            role = "backbone" if name.startswith("backbone.") else "heads"
-            groups.setdefault(role + ("/no_decay" if name in exempt else ""), []).append(p)
+    groups = optimizer_groups(model, lambda name: "backbone" if name.startswith("backbone.") else "heads",
+                              cfg.optim.no_decay)
     engine, _ = build_engine(run, wrapped, groups, cfg.optim)
     extra = {"backbone_config": to_dict(model.cfg.backbone), "vocabulary": names, "task": "segmentation",
              "voxel_size": cfg.data.transforms.voxel_size, "model_config": to_dict(model.cfg)}
