@@ -3,9 +3,10 @@
 1. `sparsegps synth`         small procedural rooms with language, train and held-out splits
 2. `sparsegps inspect`       what the shards hold
 3. `sparsegps pretrain`      GPS pre-training (tiny_cpu) on DeepSpeed, held-out grounding accuracy
-4. `sparsegps finetune-seg`  segmentation from the pre-trained backbone, and from scratch with the
-                             same budget, both evaluated on the held-out rooms (mIoU); the same on
-                             16 of the training rooms (few labels: what pre-training buys)
+4. `sparsegps finetune-seg`  segmentation from the pre-trained model (backbone, and its zero-shot
+                             segmenter as the starting head), and from scratch (linear head) with
+                             the same budget, both evaluated on the held-out rooms (mIoU); the same
+                             on 16 of the training rooms (few labels: what pre-training buys)
 5. `sparsegps eval-seg --zero-shot`  segmentation by the pre-trained model alone, naming classes
 6. gallery                   pictures of held-out referrals (right and wrong) and of one room's
                              segmentation, as `sparsegps show` draws them, in OUT/gallery/
@@ -115,15 +116,17 @@ def main(argv: list[str] | None = None) -> int:
                       *sets])
     seg = ["finetune-seg", "--config", str(configs / "seg/synthetic_cpu.yaml"), "--set", f"steps={args.seg_steps}",
            "--set", f"seed={args.seed}", *sets]
-    step("finetune_seg", [*seg, "--pretrained", str(out / "pretrain/export.pt"), "--output-dir", str(out / "seg")])
+    # from the pre-trained export, fine-tuning starts at its zero-shot segmenter (language head)
+    pretrained = ["--pretrained", str(out / "pretrain/export.pt"), "--set", "model.head=language",
+                  "--set", "model.head_init=zero_shot"]
+    step("finetune_seg", [*seg, *pretrained, "--output-dir", str(out / "seg")])
     step("finetune_seg_scratch", [*seg, "--output-dir", str(out / "seg_scratch")])
     # the first 16 training rooms (a scene depends only on seed and index): few labelled scenes
     step("synth_few", ["synth", "--preset", "demo", "--scenes", str(FEW_ROOMS), "--seed", str(args.seed),
                        "--out", str(data / "train_few")])
     # 16 rooms are 2 steps an epoch: no DataLoader worker to start anew every other step
     few = [*seg, "--set", f"data.train=[{data / 'train_few'}]", "--set", "num_workers=0"]
-    step("finetune_seg_few", [*few, "--pretrained", str(out / "pretrain/export.pt"), "--output-dir",
-                              str(out / "seg_few")])
+    step("finetune_seg_few", [*few, *pretrained, "--output-dir", str(out / "seg_few")])
     step("finetune_seg_few_scratch", [*few, "--output-dir", str(out / "seg_few_scratch")])
     step("zero_shot", ["eval-seg", "--checkpoint", str(out / "pretrain/export.pt"), "--data", str(data / "val"),
                        "--zero-shot", "--out", str(out / "zero_shot")])

@@ -124,3 +124,51 @@ def test_pretraining_export_restores_backbone_weights_exactly(synthetic_shards, 
     seg.freeze("encoder")
     trainable = {n for n, p in seg.backbone.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("decoder.") for n in trainable)
+
+
+def test_finetuning_from_the_zero_shot_head_starts_at_the_zero_shot_segmenter(synthetic_shards, tmp_path):
+    """head_init=zero_shot: a run that changes nothing (frozen backbone, learning rate 0) exports the
+    pre-trained zero-shot segmenter, logit for logit; the export loads without a text encoder."""
+    from sparsegps.config import to_dict
+    from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes
+    from sparsegps.errors import UsageError
+    from sparsegps.models.gps import GPSModel, ModelConfig
+    from sparsegps.models.seg_heads import ZeroShotSegmenter
+    from sparsegps.synth import SYNTH_VOCABULARY
+
+    torch.manual_seed(2)
+    gps_cfg = from_dict(ModelConfig, {"backbone": TINY, "d_model": 32, "num_heads": 2, "spatial_layers": 1,
+                                      "grounding_layers": 1, "ffn_dim": 32, "embed_dim": 16,
+                                      "text": {"num_layers": 1}, "class_names": list(SYNTH_VOCABULARY),
+                                      "loss": {"dense_text": 1.0}})
+    gps = GPSModel(gps_cfg).eval()
+    with torch.no_grad():  # a temperature and projection of its own, not the initial ones
+        gps.dense_scale.log_scale.fill_(1.5)
+        gps.dense_proj[2].weight.mul_(3.0)
+    export = tmp_path / "pretrain.pt"
+    torch.save({"format": "sparsegps-export", "state_dict": gps.state_dict(), "model_config": to_dict(gps_cfg),
+                "vocabulary": list(SYNTH_VOCABULARY), "voxel_size": 0.15}, export)
+
+    model = {"backbone": TINY, "head": "language", "head_init": "zero_shot"}
+    frozen = {"warmup_steps": 0, "lr_backbone": 0.0, "lr_heads": 0.0, "weight_decay": 0.0}
+    finetune_segmentation(seg_config(synthetic_shards, tmp_path / "seg", steps=1, freeze="backbone", model=model,
+                                     optim=frozen, data={"train": [str(synthetic_shards / "train")]}),
+                          str(export), progress=False)
+    seg, _ = load_segmentation_model(tmp_path / "seg/export.pt")
+    batch = collate_scenes([ScenesDataset(synthetic_shards / "val", TransformConfig(voxel_size=0.15, augment=False))[i]
+                            for i in range(2)])
+    with torch.no_grad():
+        expected = ZeroShotSegmenter(gps, SYNTH_VOCABULARY)(batch)
+        got = seg.eval()(batch)
+    assert expected.std() > 0.3  # logits that tell classes apart, so equality means something
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(UsageError, match="model.head=language"):
+        finetune_segmentation(seg_config(synthetic_shards, tmp_path / "bad", model={**model, "head": "linear"}),
+                              str(export), progress=False)
+    plain = tmp_path / "plain.pt"
+    torch.save({**torch.load(export, weights_only=False), "model_config": to_dict(ModelConfig(**{
+        **vars(gps_cfg), "loss": from_dict(ModelConfig, {}).loss}))}, plain)
+    with pytest.raises(UsageError, match="without the dense_text loss"):
+        finetune_segmentation(seg_config(synthetic_shards, tmp_path / "bad2", model=model), str(plain),
+                              progress=False)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,17 @@ class LanguageSegHead(nn.Module):
         self.register_buffer("class_embeddings", F.normalize(class_embeddings.float(), dim=-1))
         self.scale = LogitScale(init_temperature=0.07)
 
+    @classmethod
+    @torch.no_grad()
+    def from_zero_shot(cls, gps_model: nn.Module, class_names: list[str]) -> "LanguageSegHead":
+        """The head that `ZeroShotSegmenter(gps_model, class_names)` is: the pre-trained model's dense
+        projection and temperature, and its text-space embeddings of the class names."""
+        device = next(gps_model.parameters()).device
+        head = cls(gps_model.backbone.out_channels, gps_model.class_embeddings(list(class_names), device))
+        head.proj.load_state_dict(gps_model.dense_proj.state_dict())
+        head.scale.load_state_dict(gps_model.dense_scale.state_dict())
+        return head
+
     def set_classes(self, class_embeddings: torch.Tensor) -> None:
         """Swap the vocabulary (zero-shot segmentation of classes named only now)."""
         self.class_embeddings = F.normalize(class_embeddings.float(), dim=-1).to(self.class_embeddings.device)
@@ -61,26 +73,33 @@ class LanguageSegHead(nn.Module):
 @dataclass
 class SegModelConfig:
     backbone: SpUNetConfig = field(default_factory=SpUNetConfig)
-    head: str = "linear"  # linear or language
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # language head: class-name embeddings
+    head: Literal["linear", "language"] = "linear"
+    # How the language head starts. text: the mean-pooled class-name embeddings of `text`, a fresh
+    # projection. zero_shot: the pre-trained export's zero-shot segmenter (its dense projection,
+    # temperature and class-name embeddings; needs --pretrained from a run with the dense_text
+    # loss), so fine-tuning starts where `eval-seg --zero-shot` ends.
+    head_init: Literal["text", "zero_shot"] = "text"
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # head_init text: class-name embeddings
     class_template: str = "a {}"
 
 
 class SegmentationModel(nn.Module):
     """`forward(batch) -> per-voxel logits [V, K]` (batch from `collate_scenes`)."""
 
-    def __init__(self, cfg: SegModelConfig, class_names: list[str], text_encoder: TextEncoder | None = None):
+    def __init__(self, cfg: SegModelConfig, class_names: list[str], head: nn.Module | None = None):
+        """`head`: a ready head (a loaded or zero-shot one) instead of a new one of `cfg.head`."""
         super().__init__()
         self.cfg = cfg
         self.frozen = "none"
         self.class_names = list(class_names)
         self.backbone = SpUNet(cfg.backbone)
-        if cfg.head == "linear":
+        if head is not None:
+            self.head = head
+        elif cfg.head == "linear":
             self.head = LinearSegHead(self.backbone.out_channels, len(class_names))
         elif cfg.head == "language":
-            text_encoder = text_encoder or TextEncoder(cfg.text)
             self.head = LanguageSegHead(self.backbone.out_channels,
-                                        class_name_embeddings(text_encoder, class_names, cfg.class_template))
+                                        class_name_embeddings(TextEncoder(cfg.text), class_names, cfg.class_template))
         else:
             raise ValueError(f"unknown segmentation head {cfg.head!r} (linear or language)")
 

@@ -25,7 +25,7 @@ from sparsegps.losses import global_mean_share
 from sparsegps.data import ScenesDataset, TransformConfig
 from sparsegps.models.backbone import SpUNetConfig
 from sparsegps.models.gps import optimizer_groups
-from sparsegps.models.seg_heads import SegmentationModel, SegModelConfig
+from sparsegps.models.seg_heads import LanguageSegHead, SegmentationModel, SegModelConfig
 
 from .checkpoint import export_state_dict, load_export, load_weights
 from .engine import OptimConfig
@@ -82,6 +82,21 @@ class SegmentationLoss(nn.Module):
         return {"loss": loss, "loss_ce": loss}
 
 
+def zero_shot_head(cfg: SegModelConfig, pretrained: str | None, names: list[str]) -> LanguageSegHead | None:
+    """With `head_init: zero_shot`, the language head of the export's zero-shot segmenter."""
+    if cfg.head_init != "zero_shot":
+        return None
+    if cfg.head != "language" or pretrained is None:
+        raise UsageError(f"model.head_init=zero_shot needs model.head=language (got {cfg.head}) and --pretrained")
+    from .pretrain import load_pretrained_model
+
+    gps, _ = load_pretrained_model(pretrained)
+    if gps.cfg.loss.dense_text <= 0:
+        raise UsageError(f"{pretrained}: pre-trained without the dense_text loss, so it has no zero-shot "
+                         f"segmenter to start from; use model.head_init=text")
+    return LanguageSegHead.from_zero_shot(gps, names)
+
+
 def backbone_config_of_export(blob: dict) -> SpUNetConfig:
     if "backbone_config" in blob:
         return from_dict(SpUNetConfig, blob["backbone_config"])
@@ -100,7 +115,7 @@ def finetune_segmentation(cfg: SegConfig, pretrained: str | None = None, resume:
     run = setup_run(cfg, resume)
     train_set = ScenesDataset(cfg.data.train, cfg.data.transforms, seed=cfg.seed)
     names, remap = class_names_and_remap(train_set.vocabulary, cfg.data.labels)
-    model = SegmentationModel(cfg.model, names)
+    model = SegmentationModel(cfg.model, names, head=zero_shot_head(cfg.model, pretrained, names))
     if blob is not None:
         try:
             model.load_backbone(blob["state_dict"])
@@ -141,7 +156,11 @@ def load_segmentation_model(path: str, device="cpu") -> tuple[SegmentationModel,
     if blob.get("task") != "segmentation":
         raise UsageError(f"{path}: not a segmentation export (task {blob.get('task')!r}); run `sparsegps "
                          f"finetune-seg` first and pass its RUN/export.pt")
-    model = SegmentationModel(from_dict(SegModelConfig, blob["model_config"]), blob["vocabulary"])
+    cfg = from_dict(SegModelConfig, blob["model_config"])
     state = {k.removeprefix("model."): v for k, v in blob["state_dict"].items()}
+    head = None
+    if cfg.head == "language":  # its class embeddings are in the export: no text encoder to build
+        head = LanguageSegHead(cfg.backbone.dec_channels[-1], state["head.class_embeddings"])
+    model = SegmentationModel(cfg, blob["vocabulary"], head=head)
     load_weights(model, state, path)
     return model.to(device), blob
