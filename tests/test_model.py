@@ -69,6 +69,26 @@ def test_grounding_logits_mask_padded_objects(batch_and_dataset):
         assert finite.sum() == counts[scene] and finite[: counts[scene]].all()
 
 
+def test_gps_grounding_head_is_linear_relu_layernorm_linear_by_hand():
+    """grounding_head=gps is GPS's og3d head: Linear, ReLU, LayerNorm (eps 1e-12), Dropout, Linear."""
+    from sparsegps.models.grounding import GroundingHead
+
+    torch.manual_seed(0)
+    head = GroundingHead(8, dropout=0.3, form="gps").eval()
+    first, norm, last = head.mlp[0], head.mlp[2], head.mlp[4]
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 5, 8)
+    h = torch.clamp(x @ first.weight.T + first.bias, min=0)
+    mean, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)
+    h = (h - mean) / torch.sqrt(var + 1e-12) * norm.weight + norm.bias
+    expected = (h @ last.weight.T + last.bias).squeeze(-1)
+    torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-5)
+    model = GPSModel(tiny_config(dropout=0.1, grounding_head="gps", grounding_head_dropout=0.3))
+    assert isinstance(model.grounding_head.mlp[2], torch.nn.LayerNorm) and model.grounding_head.mlp[3].p == 0.3
+
+
 @pytest.mark.parametrize("rule", ["gps", "norms_embeddings", "none"])
 def test_parameter_groups_cover_the_model_once_and_exempt_exactly_the_rule_s_set(rule):
     model = GPSModel(tiny_config())

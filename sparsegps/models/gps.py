@@ -67,6 +67,10 @@ class ModelConfig:
     # measurement and stays the projected form.
     referral_contrast: Literal["gps", "projected"] = "projected"
     sentence_pooling: str = "mean"  # mean of the tokens, or cls
+    # Grounding head. mlp: Linear-GELU-Dropout-Linear; gps: GPS's og3d head, Linear-ReLU-LayerNorm-
+    # Dropout-Linear (GPS: dropout 0.3). The default is chosen by the demo's held-out grounding.
+    grounding_head: Literal["mlp", "gps"] = "mlp"
+    grounding_head_dropout: float | None = None  # None: `dropout`
     mlm_probability: float = 0.15
     activation_checkpointing: bool = False  # transformer layers and the backbone decoder
     # Classes of the object_class and dense_text losses, as "a <class>" prompts; label ids of the
@@ -102,7 +106,7 @@ class GPSModel(nn.Module):
         self.text_to_model = nn.Sequential(nn.Linear(hidden, d), nn.LayerNorm(d))
         self.grounding = GroundingEncoder(d, cfg.num_heads, cfg.grounding_layers, cfg.ffn_dim, cfg.dropout,
                                           cfg.activation_checkpointing)
-        self.grounding_head = GroundingHead(d, cfg.dropout)
+        self.grounding_head = GroundingHead(d, cfg.grounding_head_dropout or cfg.dropout, cfg.grounding_head)
         self.mlm_head = MLMHead(d, hidden, self.text.vocab_size)
         e = cfg.embed_dim
         self.object_proj, self.scene_proj, self.fused_proj = _mlp(d, e), _mlp(d, e), _mlp(d, e)

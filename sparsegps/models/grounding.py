@@ -39,11 +39,21 @@ class GroundingEncoder(nn.Module):
 
 
 class GroundingHead(nn.Module):
-    """MLP scoring each fused object token: [R,L,D] -> [R,L]."""
+    """MLP scoring each fused object token: [R,L,D] -> [R,L].
 
-    def __init__(self, d_model: int, dropout: float = 0.1):
+    form "mlp": Linear, GELU, Dropout, Linear. form "gps": GPS's og3d head (SceneVerse
+    modules/utils.py get_mlp_head): Linear, ReLU, LayerNorm (eps 1e-12), Dropout, Linear."""
+
+    def __init__(self, d_model: int, dropout: float = 0.1, form: str = "mlp"):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, 1))
+        if form == "mlp":
+            layers = [nn.Linear(d_model, d_model), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_model, 1)]
+        elif form == "gps":
+            layers = [nn.Linear(d_model, d_model), nn.ReLU(), nn.LayerNorm(d_model, eps=1e-12), nn.Dropout(dropout),
+                      nn.Linear(d_model, 1)]
+        else:
+            raise ValueError(f"unknown grounding head {form!r} (mlp or gps)")
+        self.mlp = nn.Sequential(*layers)
 
     def forward(self, objects: torch.Tensor) -> torch.Tensor:
         return self.mlp(objects).squeeze(-1)
