@@ -159,9 +159,35 @@ def read_yaml_mapping(path: str | Path) -> dict:
     return data
 
 
+def merge_mappings(base: dict, update: dict) -> dict:
+    """`base` with `update` written over it, section by section (a list or value replaces)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = merge_mappings(merged[key], value)
+        merged[key] = value
+    return merged
+
+
+def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The YAML mapping at `path`; a top-level `base: OTHER.yaml` (relative to this file) is read
+    first and this file's keys are written over it."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: its base chain loops ({' -> '.join(str(p) for p in _seen)} -> {path})")
+    data = read_yaml_mapping(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a path to a YAML config, got {base!r}")
+    return merge_mappings(read_config_file(path.parent / base, (*_seen, path.resolve())), data)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Read YAML at `path` (or start from the defaults), apply overrides, and build `cls`."""
-    data: dict = read_yaml_mapping(path) if path is not None else {}
+    """Read YAML at `path` (with its `base` chain; or start from the defaults), apply overrides,
+    and build `cls`."""
+    data: dict = read_config_file(path) if path is not None else {}
     apply_overrides(data, overrides)
     try:
         return from_dict(cls, data)
@@ -175,5 +201,5 @@ def save_config(cfg, path: str | Path) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_config", "read_yaml_mapping", "save_config",
-           "to_dict"]
+__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_config", "merge_mappings", "read_config_file",
+           "read_yaml_mapping", "save_config", "to_dict"]

@@ -90,6 +90,23 @@ def test_config_with_unknown_key_or_wrong_type_is_rejected(tmp_path):
     assert cfg.model.d_model == 96 and cfg.data.transforms.voxel_size == 0.15
 
 
+def test_config_base_chain_merges_section_by_section_and_refuses_loops(tmp_path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets/a.yaml").write_text("steps: 10\nmodel:\n  d_model: 64\n  num_heads: 4\n"
+                                             "data:\n  train: [x, y]\n")
+    (tmp_path / "b.yaml").write_text("base: presets/a.yaml\nmodel:\n  num_heads: 2\ndata:\n  train: [z]\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\nsteps: 7\n")
+    cfg = load_config(PretrainConfig, tmp_path / "c.yaml", ["model.d_model=32"])
+    # c over b over a: lists replace, sections merge key by key, overrides come last
+    assert (cfg.steps, cfg.model.d_model, cfg.model.num_heads, cfg.data.train) == (7, 32, 2, ["z"])
+    (tmp_path / "presets/a.yaml").write_text("base: ../c.yaml\n")
+    with pytest.raises(ConfigError, match="base chain loops"):
+        load_config(PretrainConfig, tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(PretrainConfig, tmp_path / "d.yaml")
+
+
 def test_nan_loss_stops_naming_step_and_scenes(shards, tmp_path, monkeypatch):
     from sparsegps.models import gps
 
