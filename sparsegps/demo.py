@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=200)
     parser.add_argument("--seg-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the pre-training config (repeatable): measure a variant, "
+                             "e.g. --pretrain-set model.referral_contrast=gps")
     args = parser.parse_args(argv)
 
     out, configs = Path(args.out), Path(args.configs)
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = [x for p in paths for x in ("--set", p)]
     step("pretrain", ["pretrain", "--config", str(configs / "pretrain/tiny_cpu.yaml"), "--output-dir",
                       str(out / "pretrain"), "--set", f"steps={args.pretrain_steps}", "--set", f"seed={args.seed}",
-                      *sets])
+                      *sets, *(x for item in args.pretrain_set for x in ("--set", item))])
     seg = ["finetune-seg", "--config", str(configs / "seg/synthetic_cpu.yaml"), "--set", f"steps={args.seg_steps}",
            "--set", f"seed={args.seed}", *sets]
     # from the pre-trained export, fine-tuning starts at its zero-shot segmenter (language head)
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "seg_miou_few_scratch": few_scratch["seg_miou"], "few_scenes": FEW_ROOMS,
         "zero_shot_miou": zero_shot["miou"], "zero_shot_accuracy": zero_shot["accuracy"],
         "zero_shot_baseline": majority_class_miou(np.array(zero_shot["confusion"])), "train_scenes": args.train_scenes,
-        "val_scenes": args.val_scenes, "seconds": timings, "total_seconds": round(time.perf_counter() - start, 1),
+        "val_scenes": args.val_scenes, "pretrain_overrides": args.pretrain_set, "seconds": timings, "total_seconds": round(time.perf_counter() - start, 1),
     }
     t = time.perf_counter()
     gallery = _gallery(out, data / "val")
