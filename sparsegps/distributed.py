@@ -28,13 +28,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def gather_rows(x: torch.Tensor, grad: bool = True) -> tuple[torch.Tensor, int]:
     """Concatenate `x` [N_r, ...] over ranks, keeping the gradient path to every rank's rows.
 
     Returns the rows of all ranks and the index of this rank's first row. Ranks may hold different
     N_r, including none. GPS gathers with plain `all_gather`, which returns tensors that carry no
     gradient, so its scene-text loss trains nothing on several GPUs; the autograd-aware collective
-    fixes that."""
+    fixes that. `grad=False` is GPS's gather (on one rank `x` itself, as GPS skips the gather)."""
     if world_size() == 1:
         return x, 0
     from torch.distributed.nn.functional import all_gather
@@ -44,7 +44,11 @@ def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     dist.all_gather(sizes, n)
     sizes = [int(s.item()) for s in sizes]
     padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0]))
-    parts = all_gather(padded)
+    if grad:
+        parts = all_gather(padded)
+    else:
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.detach().contiguous())
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sum(sizes[: dist.get_rank()])
 
 

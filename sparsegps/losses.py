@@ -42,16 +42,21 @@ def global_mean_share(terms_sum: torch.Tensor, global_count: torch.Tensor | int)
     return terms_sum * world_size() / count
 
 
-def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, int]:
+def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                       gather_grad: bool = True) -> tuple[torch.Tensor, int]:
     """CLIP loss between paired rows of `a` and `b` [N, E], each row's partner the positive.
 
     The candidates are the rows of every rank (gathered with gradients); each rank scores its own
     rows. Returns the per-row losses [N] (mean of the a->b and b->a terms) and the number of rows
-    over all ranks. Logits are computed in fp32 (the scale reaches 100) even under autocast."""
+    over all ranks. Logits are computed in fp32 (the scale reaches 100) even under autocast.
+    `gather_grad=False` is GPS's form: on several ranks every row comes from a gather without
+    gradient (the same loss value, no gradient)."""
     with torch.autocast(a.device.type, enabled=False):
         a, b, scale = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1), scale.float()
-        all_a, offset = gather_rows(a)
-        all_b, _ = gather_rows(b)
+        all_a, offset = gather_rows(a, gather_grad)
+        all_b, _ = gather_rows(b, gather_grad)
+        if not gather_grad:  # this rank's rows as gathered (on one rank, `a` and `b` themselves)
+            a, b = all_a[offset:offset + a.shape[0]], all_b[offset:offset + b.shape[0]]
         target = torch.arange(a.shape[0], device=a.device) + offset
         loss_ab = F.cross_entropy(scale * a @ all_b.T, target, reduction="none")
         loss_ba = F.cross_entropy(scale * b @ all_a.T, target, reduction="none")

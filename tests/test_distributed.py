@@ -36,7 +36,11 @@ def _gather_worker(rank, world, port, out_dir):
     per_row, count = L.symmetric_info_nce(a, b, torch.tensor(3.0))
     loss = L.global_mean_share(per_row.sum(), count)
     loss.backward()
-    torch.save({"grad_a": a.grad, "grad_b": b.grad, "loss": loss.detach()}, Path(out_dir) / f"rank{rank}.pt")
+    # GPS's gather (scene_text_gather: gps): the same value, and nothing to differentiate
+    gps_rows, _ = L.symmetric_info_nce(a, b, torch.tensor(3.0), gather_grad=False)
+    gps_loss = L.global_mean_share(gps_rows.sum(), count)
+    torch.save({"grad_a": a.grad, "grad_b": b.grad, "loss": loss.detach(), "gps_loss": gps_loss.detach(),
+                "gps_requires_grad": gps_loss.requires_grad}, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -58,6 +62,9 @@ def test_scene_loss_sends_gradients_through_the_cross_rank_gather(tmp_path):
     (parts[0] + parts[1]).backward()
     assert got[0]["loss"].item() == pytest.approx(parts[0].item(), rel=1e-6)
     assert got[1]["loss"].item() == pytest.approx(parts[1].item(), rel=1e-6)
+    for r in range(2):
+        assert got[r]["gps_loss"].item() == pytest.approx(got[r]["loss"].item(), rel=1e-6)
+        assert not got[r]["gps_requires_grad"]
     assert torch.allclose(got[0]["grad_a"], a_all.grad[:3], atol=1e-6)
     assert torch.allclose(got[1]["grad_a"], a_all.grad[3:], atol=1e-6)
     assert torch.allclose(got[1]["grad_b"], b_all.grad[3:], atol=1e-6)

@@ -31,10 +31,15 @@ def batch_and_dataset(tmp_path_factory):
     return collate_scenes([ds[0], ds[1], ds[2]]), ds
 
 
-def test_every_trainable_parameter_gets_a_gradient(batch_and_dataset):
+GPS_FORMS = {"referral_contrast": "gps", "sentence_pooling": "cls", "grounding_head": "gps", "temperatures": "fixed",
+             "scene_text_gather": "gps", "spatial_max_dist": "gps"}
+
+
+@pytest.mark.parametrize("forms", [{}, GPS_FORMS], ids=["sparsegps", "gps-forms"])
+def test_every_trainable_parameter_gets_a_gradient(batch_and_dataset, forms):
     torch.manual_seed(0)
     batch, _ = batch_and_dataset
-    model = GPSModel(tiny_config(class_names=VOCAB, loss={"object_class": 1.0, "dense_text": 1.0}))
+    model = GPSModel(tiny_config(class_names=VOCAB, loss={"object_class": 1.0, "dense_text": 1.0}, **forms))
     out = model(batch)
     for name in ("object_text", "scene_text", "referral_object", "grounding", "mlm", "object_class", "dense_text"):
         assert torch.isfinite(out[f"loss_{name}"]) and out[f"loss_{name}"].item() > 0, name
@@ -67,6 +72,19 @@ def test_grounding_logits_mask_padded_objects(batch_and_dataset):
     for row, scene in enumerate(out["grounding_scene"].tolist()):
         finite = torch.isfinite(out["grounding_logits"][row])
         assert finite.sum() == counts[scene] and finite[: counts[scene]].all()
+
+
+def test_fixed_temperatures_stay_out_of_the_optimizer_and_keep_1_over_0_07():
+    from sparsegps.losses import LogitScale
+
+    learnable, fixed = GPSModel(tiny_config()), GPSModel(tiny_config(temperatures="fixed"))
+    names = {n for n, m in fixed.named_modules() if isinstance(m, LogitScale)}
+    assert len(names) == 5  # object, scene, referral, class, dense
+    trainable = {n for group in fixed.parameter_groups().values() for n, p in fixed.named_parameters()
+                 if any(p is q for q in group)}
+    assert not any(n.removesuffix(".log_scale") in names for n in trainable)
+    assert all(learnable.get_submodule(n).log_scale.requires_grad for n in names)
+    assert fixed.scene_scale().item() == pytest.approx(1 / 0.07)
 
 
 def test_gps_grounding_head_is_linear_relu_layernorm_linear_by_hand():

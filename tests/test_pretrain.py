@@ -289,6 +289,9 @@ def test_gps_preset_keeps_gps_s_loss_set_and_schedule():
     assert cfg.model.text.scene_caption_max_length >= 256
     assert (cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.no_decay) == (500, 0.1, "gps")
     assert (cfg.data.transforms.rotation, cfg.data.transforms.captions) == ("right_angles", "random")
+    m = cfg.model
+    assert (m.grounding_head, m.grounding_head_dropout, m.temperatures, m.scene_text_gather, m.spatial_max_dist) == \
+        ("gps", 0.3, "fixed", "gps", "gps")
 
 
 def test_object_stage_then_init_from_its_export(shards, tmp_path):

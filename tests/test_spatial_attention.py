@@ -278,6 +278,31 @@ def test_inverse_max_pair_distance_of_the_hand_example_and_edge_cases():
     assert torch.allclose(got, torch.tensor([1 / 13, 1 / math.sqrt(EPS), 1.0]), rtol=1e-6)
 
 
+def test_gps_max_distance_is_gps_s_over_eighty_zero_padded_slots():
+    """spatial_max_dist=gps against a transcription of GPS's calc_pairwise_locs normalisation: the
+    largest sqrt(|c_i - c_j|^2 + eps) over a batch padded to 80 slots with zero centers."""
+    from sparsegps.models.spatial_attention import gps_inverse_max_pair_distance
+
+    g = torch.Generator().manual_seed(3)
+    centers = torch.randn(4, 6, 3, generator=g) * 2 + torch.tensor([3.0, 1.0, 0.5])  # rooms away from the origin
+    lengths = torch.tensor([6, 3, 1, 6])
+    gps_padded = torch.zeros(4, 80, 3)
+    for b, n in enumerate(lengths.tolist()):
+        gps_padded[b, :n] = centers[b, :n]
+    gps_padded[3] = 0.0
+    gps_padded[3, :6] = centers[3] * 0.01  # a tiny scene: the origin dominates
+    centers[3] = centers[3] * 0.01
+    offsets = gps_padded[:, :, None] - gps_padded[:, None]
+    expected = torch.sqrt((offsets ** 2).sum(-1) + 1e-10).view(4, -1).max(dim=1).values
+    got = 1.0 / gps_inverse_max_pair_distance(centers, lengths)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (got >= 1.0 / inverse_max_pair_distance(centers, lengths) - 1e-6).all()
+    assert not torch.allclose(got, 1.0 / inverse_max_pair_distance(centers, lengths))  # the option matters here
+    full = torch.randn(1, 80, 3, generator=g)  # 80 objects: no padding, the two agree
+    torch.testing.assert_close(gps_inverse_max_pair_distance(full, torch.tensor([80])),
+                               inverse_max_pair_distance(full, torch.tensor([80])))
+
+
 def test_spatial_transformer_shares_one_max_distance_across_layers(monkeypatch):
     """The network computes 1 / max_dist once per forward; every layer gets it and gives what it
     would compute itself."""

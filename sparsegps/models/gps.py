@@ -70,6 +70,17 @@ class ModelConfig:
     # Grounding head. mlp: Linear-GELU-Dropout-Linear; gps: GPS's og3d head, Linear-ReLU-LayerNorm-
     # Dropout-Linear (GPS: dropout 0.3). The default is chosen by the demo's held-out grounding.
     grounding_head: Literal["mlp", "gps"] = "mlp"
+    # Contrastive temperatures. learnable: CLIP's, one per loss, clamped at 100. fixed: frozen at
+    # their initial 1/0.07, as GPS's loss modules keep theirs (they are not in its optimizer).
+    temperatures: Literal["learnable", "fixed"] = "learnable"
+    # Scene-text candidates from the other ranks. autograd: gathered with gradients. gps: GPS's
+    # plain all_gather, which carries none, so on several ranks the loss trains nothing (the value
+    # is the same); on one rank the two are identical.
+    scene_text_gather: Literal["autograd", "gps"] = "autograd"
+    # Normalisation of the pair distances of the spatial attention. valid: the largest distance
+    # between a scene's objects. gps: GPS's, the largest over its 80 zero-padded slots, so the
+    # distance of each object to the origin counts too when a scene has fewer than 80 objects.
+    spatial_max_dist: Literal["valid", "gps"] = "valid"
     grounding_head_dropout: float | None = None  # None: `dropout`
     mlm_probability: float = 0.15
     activation_checkpointing: bool = False  # transformer layers and the backbone decoder
@@ -98,7 +109,8 @@ class GPSModel(nn.Module):
         self.backbone = SpUNet(backbone_cfg)
         self.pooling = ObjectPooling(self.backbone.out_channels, d)
         self.spatial = SpatialTransformer(d, cfg.num_heads, cfg.spatial_layers, cfg.ffn_dim, cfg.dropout,
-                                          cfg.spatial_mode, cfg.attention_backend, cfg.activation_checkpointing)
+                                          cfg.spatial_mode, cfg.attention_backend, cfg.activation_checkpointing,
+                                          cfg.spatial_max_dist)
         self.text = TextEncoder(cfg.text)
         if cfg.freeze_text:
             self.text.requires_grad_(False)
@@ -109,12 +121,18 @@ class GPSModel(nn.Module):
         self.grounding_head = GroundingHead(d, cfg.grounding_head_dropout or cfg.dropout, cfg.grounding_head)
         self.mlm_head = MLMHead(d, hidden, self.text.vocab_size)
         e = cfg.embed_dim
-        self.object_proj, self.scene_proj, self.fused_proj = _mlp(d, e), _mlp(d, e), _mlp(d, e)
+        self.object_proj, self.scene_proj = _mlp(d, e), _mlp(d, e)
         self.text_proj = _mlp(hidden, e)
-        self.object_scale, self.scene_scale, self.referral_scale = L.LogitScale(), L.LogitScale(), L.LogitScale()
+        self.object_scale, self.scene_scale = L.LogitScale(), L.LogitScale()
+        if cfg.referral_contrast == "projected":  # GPS's form compares the fused tokens directly
+            self.fused_proj, self.referral_scale = _mlp(d, e), L.LogitScale()
         self.object_class_proj = _mlp(d, e)
         self.dense_proj = _mlp(self.backbone.out_channels, e)
         self.class_scale, self.dense_scale = L.LogitScale(), L.LogitScale()
+        if cfg.temperatures == "fixed":
+            for module in self.modules():
+                if isinstance(module, L.LogitScale):
+                    module.requires_grad_(False)
 
     # ------------------------------------------------------------------------------ encoders
     def encode_objects(self, batch: dict) -> dict:
@@ -297,7 +315,8 @@ class GPSModel(nn.Module):
         scene_emb = self.scene_proj(pooled[scenes])
         text = self.text_proj(self.encode_text([caption[s] for s in scenes] or [""], device,
                                                max_length=self.cfg.text.scene_caption_max_length)["sentence"])
-        per_row, global_rows = L.symmetric_info_nce(scene_emb, text[: len(scenes)], self.scene_scale())
+        per_row, global_rows = L.symmetric_info_nce(scene_emb, text[: len(scenes)], self.scene_scale(),
+                                                    gather_grad=self.cfg.scene_text_gather == "autograd")
         loss = L.global_mean_share(per_row.sum() + text.sum() * 0.0, global_rows)
         return {"loss_scene_text": loss, "caption_scene": torch.tensor(scenes, device=device, dtype=torch.int64),
                 "scene_embedding": F.normalize(scene_emb.float(), dim=-1),

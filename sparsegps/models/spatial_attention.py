@@ -33,6 +33,9 @@ from sparsegps.spatial_attention_spec import (
 Backend = Literal["auto", "triton", "reference"]
 
 
+GPS_OBJECT_SLOTS = 80  # GPS pads every scene's objects to 80 slots (max_obj_len)
+
+
 def valid_object_mask(key_lengths: torch.Tensor, num_slots: int) -> torch.Tensor:
     """[B, L] bool: slot l of scene b holds a real object (l < key_lengths[b])."""
     lengths = key_lengths.to(torch.long).clamp(0, num_slots)
@@ -52,6 +55,21 @@ def inverse_max_pair_distance(centers: torch.Tensor, key_lengths: torch.Tensor) 
     pair_valid = valid[:, :, None] & valid[:, None, :]
     max_dist = dist.masked_fill(~pair_valid, 0.0).amax(dim=(1, 2))
     return 1.0 / torch.where(max_dist > 0, max_dist, torch.ones_like(max_dist))
+
+
+def gps_inverse_max_pair_distance(centers: torch.Tensor, key_lengths: torch.Tensor,
+                                  slots: int = GPS_OBJECT_SLOTS) -> torch.Tensor:
+    """1 / max_dist per scene as GPS computes it (SceneVerse modules/utils.py calc_pairwise_locs):
+    over all `slots` slots of its padded batch, whose padding centers are zeros. A scene with fewer
+    than `slots` objects thus also counts each object's distance to the origin, sqrt(|c_i|^2 + eps)
+    (and sqrt(eps) between two padding slots)."""
+    c = centers.float()
+    valid = valid_object_mask(key_lengths, c.shape[1])
+    to_origin = torch.sqrt((c * c).sum(-1) + PAIR_EPS).masked_fill(~valid, 0.0).amax(dim=1)
+    padded = torch.maximum(to_origin, torch.full_like(to_origin, PAIR_EPS ** 0.5))
+    among = 1.0 / inverse_max_pair_distance(centers, key_lengths)
+    max_dist = torch.where(key_lengths.to(c.device) < slots, torch.maximum(among, padded), among)
+    return torch.where(valid.any(dim=1), 1.0 / max_dist, torch.ones_like(max_dist))  # no objects: 1
 
 
 def pairwise_features(centers: torch.Tensor, key_lengths: torch.Tensor,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .spatial_attention import SpatialSelfAttention
+from .spatial_attention import SpatialSelfAttention, gps_inverse_max_pair_distance
 
 
 def location_embedding(d_model: int) -> nn.Sequential:
@@ -41,8 +41,14 @@ class SpatialTransformer(nn.Module):
     only and never influence them."""
 
     def __init__(self, d_model: int, num_heads: int, num_layers: int, ffn_dim: int, dropout: float = 0.1,
-                 mode: str = "cond", backend: str = "auto", activation_checkpointing: bool = False):
+                 mode: str = "cond", backend: str = "auto", activation_checkpointing: bool = False,
+                 max_dist: str = "valid"):
+        """max_dist: "valid" (over a scene's objects) or "gps" (over GPS's 80 zero-padded slots); see
+        `inverse_max_pair_distance` and `gps_inverse_max_pair_distance`."""
         super().__init__()
+        if max_dist not in ("valid", "gps"):
+            raise ValueError(f"unknown max_dist {max_dist!r} (valid or gps)")
+        self.max_dist = max_dist
         self.layers = nn.ModuleList(SpatialTransformerLayer(d_model, num_heads, ffn_dim, dropout, mode, backend)
                                     for _ in range(num_layers))
         self.locations = nn.ModuleList(location_embedding(d_model) for _ in range(num_layers))
@@ -52,7 +58,12 @@ class SpatialTransformer(nn.Module):
         boxes = torch.cat([centers, sizes], dim=-1)
         x = tokens
         # the distance normalisation depends on the centers alone: once for all layers
-        inv_max_dist = self.layers[0].attn.pair_distance_scale(x, centers, key_lengths) if self.layers else None
+        if not self.layers:
+            inv_max_dist = None
+        elif self.max_dist == "gps":
+            inv_max_dist = gps_inverse_max_pair_distance(centers, key_lengths)
+        else:
+            inv_max_dist = self.layers[0].attn.pair_distance_scale(x, centers, key_lengths)
         for layer, location in zip(self.layers, self.locations):
             x = x + location(boxes)
             if self.activation_checkpointing and self.training:
