@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsegps.distributed import gather_rows, world_size
+from sparsegps.distributed import all_reduce_sum, gather_rows, world_size
 
 IGNORE_INDEX = -100
 
@@ -88,6 +88,19 @@ def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing
     with torch.autocast(logits.device.type, enabled=False):
         loss = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none", label_smoothing=smoothing)
     return loss * (labels >= 0)
+
+
+def class_balance_weights(labels: torch.Tensor, num_classes: int, power: float) -> torch.Tensor:
+    """Per-row weights [N] that balance classes: share_k ** -power for a row of class k, where share_k
+    is k's share of the labelled rows of all ranks (one all_reduce), scaled so that the weights of
+    all ranks' labelled rows sum to their count (a weighted mean stays a mean); 0 for unlabelled
+    rows (-1). power 0: every labelled row 1; 0.5: inverse square root of the frequency."""
+    labelled = labels >= 0
+    counts = all_reduce_sum(torch.bincount(labels[labelled], minlength=num_classes).to(torch.float64))
+    share = counts / counts.sum().clamp(min=1)
+    per_class = torch.where(counts > 0, share.clamp(min=1e-12) ** -power, torch.zeros_like(share))
+    per_class = per_class * counts.sum() / (per_class * counts).sum().clamp(min=1e-12)
+    return per_class.to(torch.float32)[labels.clamp(min=0)] * labelled
 
 
 def masked_object_cross_entropy(logits: torch.Tensor, padding_mask: torch.Tensor,

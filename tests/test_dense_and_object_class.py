@@ -3,6 +3,7 @@ against class-name texts (GPS's object-encoder stage, here end to end) and langu
 voxel features, with the zero-shot segmentation they enable."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -61,6 +62,36 @@ def test_object_class_loss_is_the_smoothed_cross_entropy_over_class_prompts(room
     expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.3)
     assert out["loss_object_class"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_class_balance_weights_hand_computed():
+    labels = torch.tensor([0, 0, 0, 1, -1, 2])
+    got = L.class_balance_weights(labels, 4, 0.5)
+    # shares 3/5, 1/5, 1/5 (class 3 absent): raw share^-0.5, scaled so the 5 labelled rows sum to 5
+    raw = torch.tensor([0.6 ** -0.5, 0.2 ** -0.5, 0.2 ** -0.5])
+    raw = raw * 5 / (3 * raw[0] + raw[1] + raw[2])
+    expected = torch.tensor([raw[0], raw[0], raw[0], raw[1], 0.0, raw[2]])
+    torch.testing.assert_close(got, expected)
+    assert got.sum().item() == pytest.approx(5.0)
+    torch.testing.assert_close(L.class_balance_weights(labels, 4, 0.0), (labels >= 0).float())
+
+
+def test_class_balanced_dense_loss_is_the_weighted_mean_by_hand(rooms):
+    torch.manual_seed(0)
+    model = GPSModel(dataclasses.replace(tiny(dense_text=1.0), dense_class_balance=0.5)).eval()
+    batch = collate_scenes([rooms[0], rooms[1]])
+    out = model(batch)
+    labels = batch["voxel_semantic"]
+    logits = model.dense_class_logits(out["objects"]["voxel_feats"], model.class_embeddings(VOCAB, "cpu"))
+    mine = labels[labels >= 0]
+    counts = torch.bincount(mine, minlength=len(VOCAB)).double()
+    weight = torch.where(counts > 0, (counts / counts.sum()) ** -0.5, 0.0)
+    weight = weight * counts.sum() / (weight * counts).sum()
+    ce = torch.nn.functional.cross_entropy(logits[labels >= 0], mine, reduction="none")
+    expected = (ce * weight.float()[mine]).sum() / len(mine)
+    assert len(mine.unique()) > 2  # several classes of different frequency
+    assert out["loss_dense_text"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["loss_dense_text"].item() != pytest.approx(ce.mean().item(), rel=1e-3)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ scene-text loss does not); a rank whose micro-batch lacks referrals, captions, t
 in step under ZeRO 0/2/3; losses are shares of global means; evaluation on two ranks equals one."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -176,13 +177,17 @@ def _loss_and_gradients(data, indices) -> tuple[torch.Tensor, dict]:
     from sparsegps.models.gps import GPSModel
 
     cfg = config(Path(data), Path(data) / "unused", data=data_config(Path(data)))
+    # the losses over voxels and objects too, with class weights from the global batch's counts
+    model_cfg = dataclasses.replace(cfg.model, class_names=list(VOCAB), dense_class_balance=0.5,
+                                    loss=dataclasses.replace(cfg.model.loss, dense_text=1.0, object_class=1.0))
     torch.manual_seed(0)
-    model = GPSModel(cfg.model).eval()
+    model = GPSModel(model_cfg).eval()
     ds = ScenesDataset(cfg.data.train, cfg.data.transforms)
     out = model(collate_scenes([ds[i] for i in indices]))
     out["loss"].backward()
     parts = torch.stack([out[k].detach() for k in ("loss", "loss_grounding", "loss_referral_object",
-                                                   "loss_object_text", "loss_scene_text")])
+                                                   "loss_object_text", "loss_scene_text", "loss_dense_text",
+                                                   "loss_object_class")])
     return parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
