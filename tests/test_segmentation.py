@@ -172,3 +172,24 @@ def test_finetuning_from_the_zero_shot_head_starts_at_the_zero_shot_segmenter(sy
     with pytest.raises(UsageError, match="without the dense_text loss"):
         finetune_segmentation(seg_config(synthetic_shards, tmp_path / "bad2", model=model), str(plain),
                               progress=False)
+
+
+def test_class_balanced_segmentation_loss_is_the_weighted_mean_by_hand():
+    from sparsegps.train.finetune_seg import SegmentationLoss
+
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.5, 0.5, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
+    stored = torch.tensor([0, 0, 1, 3, -1])  # store label 3 maps to class 2; -1 is unlabelled
+    remap = np.array([0, 1, 2, 2])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, batch):
+            return logits
+
+    loss = SegmentationLoss(Fixed(), remap, class_balance=1.0)({"voxel_semantic": stored})["loss"]
+    # classes 0, 1, 2 hold 2, 1, 1 of the 4 labelled voxels: weights 1/share, scaled to sum to 4
+    weights = torch.tensor([2.0, 4.0, 4.0]) * 4 / (2 * 2.0 + 4.0 + 4.0)
+    target = torch.tensor([0, 0, 1, 2])
+    ce = torch.nn.functional.cross_entropy(logits[:4], target, reduction="none")
+    assert loss.item() == pytest.approx((ce * weights[target]).sum().item() / 4, rel=1e-6)
+    plain = SegmentationLoss(Fixed(), remap)({"voxel_semantic": stored})["loss"]
+    assert plain.item() == pytest.approx(ce.mean().item(), rel=1e-6)

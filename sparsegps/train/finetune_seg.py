@@ -21,7 +21,7 @@ from sparsegps.config import from_dict, to_dict
 from sparsegps.distributed import all_reduce_sum
 from sparsegps.errors import UsageError
 from sparsegps.files import atomic_write_text
-from sparsegps.losses import global_mean_share
+from sparsegps.losses import class_balance_weights, global_mean_share
 from sparsegps.data import ScenesDataset, TransformConfig
 from sparsegps.models.backbone import SpUNetConfig
 from sparsegps.models.gps import optimizer_groups
@@ -49,6 +49,9 @@ class SegConfig(RunConfig):
     model: SegModelConfig = field(default_factory=SegModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr_backbone=1e-3, lr_heads=1e-3, warmup_steps=50))
     freeze: str = "none"  # none, encoder (train decoder + head), backbone (linear probe)
+    # Cross-entropy weights per class: share ** -class_balance of the global batch's labelled voxels
+    # (0: plain mean; see `losses.class_balance_weights`), as the dense_text pre-training loss.
+    class_balance: float = 0.0
 
 
 def class_names_and_remap(vocabulary: list[str], labels: str | None) -> tuple[list[str], np.ndarray]:
@@ -65,9 +68,10 @@ def class_names_and_remap(vocabulary: list[str], labels: str | None) -> tuple[li
 class SegmentationLoss(nn.Module):
     """Wraps the model for the training loop: batch -> {"loss", "loss_ce"}."""
 
-    def __init__(self, model: SegmentationModel, remap: np.ndarray):
+    def __init__(self, model: SegmentationModel, remap: np.ndarray, class_balance: float = 0.0):
         super().__init__()
         self.model = model
+        self.class_balance = class_balance
         self.register_buffer("remap", torch.from_numpy(remap), persistent=False)
 
     def forward(self, batch: dict) -> dict:
@@ -77,6 +81,8 @@ class SegmentationLoss(nn.Module):
         labels = batch["voxel_semantic"]
         target = torch.where(labels >= 0, self.remap[labels.clamp(min=0)], torch.full_like(labels, -1))
         per_voxel = F.cross_entropy(logits, target, ignore_index=-1, reduction="none")
+        if self.class_balance > 0:
+            per_voxel = per_voxel * class_balance_weights(target, logits.shape[1], self.class_balance)
         labelled = all_reduce_sum((target >= 0).sum().to(torch.float64))
         loss = global_mean_share(per_voxel.sum(), labelled)
         return {"loss": loss, "loss_ce": loss}
@@ -122,7 +128,7 @@ def finetune_segmentation(cfg: SegConfig, pretrained: str | None = None, resume:
         except RuntimeError as e:
             raise UsageError(f"{pretrained}: its backbone does not fit ({str(e).splitlines()[-1].strip()[:200]})") from None
     model.freeze(cfg.freeze)
-    wrapped = SegmentationLoss(model, remap)
+    wrapped = SegmentationLoss(model, remap, cfg.class_balance)
     groups = optimizer_groups(model, lambda name: "backbone" if name.startswith("backbone.") else "heads",
                               cfg.optim.no_decay)
     engine, _ = build_engine(run, wrapped, groups, cfg.optim)
