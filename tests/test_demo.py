@@ -21,16 +21,16 @@ def test_demo_runs_every_step_and_reports_every_field(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "sparsegps.demo", "--out", str(out), "--configs", str(ROOT / "configs"),
                            "--train-scenes", "8", "--val-scenes", "3", "--pretrain-steps", "2", "--seg-steps", "2",
-                           "--pretrain-set", "model.referral_contrast=gps", "--pretrain-set", "num_workers=0"],
+                           "--pretrain-set", "model.referral_contrast=projected", "--pretrain-set", "num_workers=0"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     for name in FIELDS:
         assert isinstance(summary[name], float) and math.isfinite(summary[name]), (name, summary[name])
     assert 0 <= summary["zero_shot_miou"] <= 1 and summary["pretrain_steps"] == 2
-    assert summary["pretrain_overrides"] == ["model.referral_contrast=gps", "num_workers=0"]
+    assert summary["pretrain_overrides"] == ["model.referral_contrast=projected", "num_workers=0"]
     used = yaml.safe_load((out / "pretrain/config.yaml").read_text())
-    assert used["model"]["referral_contrast"] == "gps" and used["num_workers"] == 0
+    assert used["model"]["referral_contrast"] == "projected" and used["num_workers"] == 0
     seg = yaml.safe_load((out / "seg/config.yaml").read_text())  # fine-tuned from the zero-shot segmenter
     assert (seg["model"]["head"], seg["model"]["head_init"]) == ("language", "zero_shot")
     assert "sparsegps demo results" in proc.stdout and list((out / "gallery").glob("*.png"))

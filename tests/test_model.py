@@ -35,7 +35,7 @@ GPS_FORMS = {"referral_contrast": "gps", "sentence_pooling": "cls", "grounding_h
              "scene_text_gather": "gps", "spatial_max_dist": "gps"}
 
 
-@pytest.mark.parametrize("forms", [{}, GPS_FORMS], ids=["sparsegps", "gps-forms"])
+@pytest.mark.parametrize("forms", [{"referral_contrast": "projected"}, GPS_FORMS], ids=["projected", "gps-forms"])
 def test_every_trainable_parameter_gets_a_gradient(batch_and_dataset, forms):
     torch.manual_seed(0)
     batch, _ = batch_and_dataset
