@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ def test_demo_runs_every_step_and_reports_every_field(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sparsegps.demo", "--out", str(out), "--configs", str(ROOT / "configs"),
                            "--train-scenes", "8", "--val-scenes", "3", "--pretrain-steps", "2", "--seg-steps", "2",
                            "--pretrain-set", "model.referral_contrast=projected", "--pretrain-set", "num_workers=0"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     for name in FIELDS:

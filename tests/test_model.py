@@ -77,9 +77,11 @@ def test_grounding_logits_mask_padded_objects(batch_and_dataset):
 def test_fixed_temperatures_stay_out_of_the_optimizer_and_keep_1_over_0_07():
     from sparsegps.losses import LogitScale
 
-    learnable, fixed = GPSModel(tiny_config()), GPSModel(tiny_config(temperatures="fixed"))
+    projected = {"referral_contrast": "projected"}  # the form with its own referral temperature
+    learnable = GPSModel(tiny_config(**projected))
+    fixed = GPSModel(tiny_config(temperatures="fixed", **projected))
     names = {n for n, m in fixed.named_modules() if isinstance(m, LogitScale)}
-    assert len(names) == 5  # object, scene, referral, class, dense
+    assert names == {"object_scale", "scene_scale", "referral_scale", "class_scale", "dense_scale"}
     trainable = {n for group in fixed.parameter_groups().values() for n, p in fixed.named_parameters()
                  if any(p is q for q in group)}
     assert not any(n.removesuffix(".log_scale") in names for n in trainable)
