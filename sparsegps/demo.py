@@ -31,6 +31,7 @@ import numpy as np
 from sparsegps.files import atomic_write_text
 
 
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SHOWN = ("%|", "wrote ", "scenes ", "texts ", "resumed", "Error", "error")
 
 
@@ -39,7 +40,9 @@ def _run(args: list[str], log: Path) -> None:
     whole output in `log`."""
     cmd = [sys.executable, "-m", "sparsegps.cli", *args]
     print(f"\n$ sparsegps {shlex.join(args)}", flush=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # each step is a world of its own: not the rendezvous of a process group this process may be in
+    inherited = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    env = {**inherited, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         pending = b""
