@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         "seg_miou_few_scratch": few_scratch["seg_miou"], "few_scenes": FEW_ROOMS,
         "zero_shot_miou": zero_shot["miou"], "zero_shot_accuracy": zero_shot["accuracy"],
         "zero_shot_baseline": majority_class_miou(np.array(zero_shot["confusion"])), "train_scenes": args.train_scenes,
-        "val_scenes": args.val_scenes, "pretrain_overrides": args.pretrain_set, "seconds": timings, "total_seconds": round(time.perf_counter() - start, 1),
+        "val_scenes": args.val_scenes, "pretrain_overrides": args.pretrain_set, "seconds": timings,
+        "total_seconds": round(time.perf_counter() - start, 1),
     }
     t = time.perf_counter()
     gallery = _gallery(out, data / "val")

@@ -70,6 +70,7 @@ class ModelConfig:
     # Grounding head. mlp: Linear-GELU-Dropout-Linear; gps: GPS's og3d head, Linear-ReLU-LayerNorm-
     # Dropout-Linear (GPS: dropout 0.3). GPS's measured no better on the demo's held-out grounding.
     grounding_head: Literal["mlp", "gps"] = "mlp"
+    grounding_head_dropout: float | None = None  # None: `dropout`
     # Contrastive temperatures. learnable: CLIP's, one per loss, clamped at 100. fixed: frozen at
     # their initial 1/0.07, as GPS's loss modules keep theirs (they are not in its optimizer).
     temperatures: Literal["learnable", "fixed"] = "learnable"
@@ -81,7 +82,6 @@ class ModelConfig:
     # between a scene's objects. gps: GPS's, the largest over its 80 zero-padded slots, so the
     # distance of each object to the origin counts too when a scene has fewer than 80 objects.
     spatial_max_dist: Literal["valid", "gps"] = "valid"
-    grounding_head_dropout: float | None = None  # None: `dropout`
     mlm_probability: float = 0.15
     activation_checkpointing: bool = False  # transformer layers and the backbone decoder
     # Classes of the object_class and dense_text losses, as "a <class>" prompts; label ids of the
@@ -122,7 +122,8 @@ class GPSModel(nn.Module):
         self.text_to_model = nn.Sequential(nn.Linear(hidden, d), nn.LayerNorm(d))
         self.grounding = GroundingEncoder(d, cfg.num_heads, cfg.grounding_layers, cfg.ffn_dim, cfg.dropout,
                                           cfg.activation_checkpointing)
-        self.grounding_head = GroundingHead(d, cfg.grounding_head_dropout or cfg.dropout, cfg.grounding_head)
+        head_dropout = cfg.dropout if cfg.grounding_head_dropout is None else cfg.grounding_head_dropout
+        self.grounding_head = GroundingHead(d, head_dropout, cfg.grounding_head)
         self.mlm_head = MLMHead(d, hidden, self.text.vocab_size)
         e = cfg.embed_dim
         self.object_proj, self.scene_proj = _mlp(d, e), _mlp(d, e)
