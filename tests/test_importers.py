@@ -367,10 +367,10 @@ def test_scannet_round_trip(tmp_path, capsys):
     assert "ScanRefer_filtered_val_000002" in summary and "sr3d_000001" in summary
     assert any("mentions_target_class" in note for note in report["notes"])
 
-    # schema v2: source, the benchmark's own item id, and the referral's shape
-    assert [(t.source, t.item_id, t.shape) for t in scene.texts] == [
-        ("scanrefer", "0", "free"), ("scanrefer", "1", "free"), ("nr3d", "nr3d_000000", "free"),
-        ("sr3d", "sr3d_000000", "horizontal")]
+    # source, the benchmark's own item id, the referral's shape and (Sr3D) its relation
+    assert [(t.source, t.item_id, t.shape, t.relation) for t in scene.texts] == [
+        ("scanrefer", "0", "free", ""), ("scanrefer", "1", "free", ""), ("nr3d", "nr3d_000000", "free", ""),
+        ("sr3d", "sr3d_000000", "horizontal", "closest")]
 
     # the stored referrals carry everything ScanRefer's metric needs: unique/multiple and boxes
     records = [referral_record(scene, k, predicted) for k, predicted in ((0, 2), (1, 1))]

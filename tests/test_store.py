@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from sparsegps.cli import main as cli_main
-from sparsegps.data import (SceneFormatError, SceneStore, ScenesDataset, SceneText, ShardError, TransformConfig,
-                            collate_scenes, write_scenes)
+from sparsegps.data import (SCHEMA_VERSION, SceneFormatError, SceneStore, ScenesDataset, SceneText, ShardError, TransformConfig,
+                            collate_scenes, upgrade_shards, write_scenes)
 from sparsegps.data.transforms import GridSample, scene_to_sample
 
 from conftest import VOCAB, make_scene
@@ -56,7 +56,7 @@ def test_shards_are_contiguous_by_default_chunked_when_compressed_and_versioned(
     write_scenes(scenes, tmp_path / "lzf", vocabulary=VOCAB, compression="lzf", progress=False)
     with h5py.File(tmp_path / "plain" / "shard-00000.h5") as f:
         assert f["points/xyz"].compression is None and f["points/xyz"].chunks is None
-        assert f.attrs["schema_version"] == 2 and json.loads(f.attrs["label_vocabulary"]) == VOCAB
+        assert f.attrs["schema_version"] == SCHEMA_VERSION and json.loads(f.attrs["label_vocabulary"]) == VOCAB
         assert f["scenes/point_offset"][-1] == f["points/xyz"].shape[0] == sum(s.num_points for s in scenes)
     with h5py.File(tmp_path / "lzf" / "shard-00000.h5") as f:
         assert f["points/xyz"].compression == "lzf" and f["points/xyz"].chunks is not None
@@ -231,20 +231,22 @@ def test_pack_killed_midway_leaves_no_partial_shard_and_rerun_completes(tmp_path
     assert not list(out.glob("*.tmp"))
 
 
-# ------------------------------------------------------------------------------------ schema v2
+# ------------------------------------------------------------------------------------ text fields
 
 def _with_text_fields(scene):
-    """The scene with schema-v2 text fields filled (unicode, empty and repeated values)."""
+    """The scene with the text fields of schema versions 2 and 3 filled (unicode, empty and repeated
+    values)."""
     import dataclasses
 
     texts = [dataclasses.replace(t, source=["scanrefer", "nr3d", "ssg_ref_chain_gpt", ""][k % 4],
                                  item_id=f"ïtem-{scene.scene_id}-{k}" if k % 3 else "",
-                                 shape=["free", "", "chain"][k % 3] if t.kind == "referral" else "")
+                                 shape=["free", "", "chain"][k % 3] if t.kind == "referral" else "",
+                                 relation=["closest", "", "color+next_to", "à"][k % 4] if t.kind == "referral" else "")
              for k, t in enumerate(scene.texts)]
     return dataclasses.replace(scene, texts=texts)
 
 
-def test_schema_v2_round_trip_keeps_source_item_id_and_shape(tmp_path, scenes, capsys):
+def test_text_fields_round_trip_source_item_id_shape_and_relation(tmp_path, scenes, capsys):
     scenes = [_with_text_fields(s) for s in scenes]
     write_scenes(scenes, tmp_path, vocabulary=VOCAB, max_scenes_per_shard=5, progress=False)
     store = SceneStore(tmp_path, verify=True)
@@ -255,7 +257,28 @@ def test_schema_v2_round_trip_keeps_source_item_id_and_shape(tmp_path, scenes, c
     texts = [t for s in scenes for t in s.texts]
     assert summary["texts_per_source"] == {k: v for k, v in Counter(t.source for t in texts).items()}
     assert summary["referrals_per_shape"] == dict(Counter(t.shape for t in texts if t.kind == "referral"))
-    assert summary["schema_versions"] == {"2": 3}
+    assert summary["schema_versions"] == {str(SCHEMA_VERSION): 3}
+    relations = {t.relation for s in scenes for t in s.texts if t.kind == "referral"}
+    assert len(relations) >= 2 and relations <= {"closest", "", "color+next_to", "à"}  # and they round-tripped
+
+
+def test_version_2_shards_read_with_empty_relations_and_upgrade(tmp_path, scenes):
+    """A version-2 shard (no texts/relation) reads with every relation empty, its checksums verify,
+    and `upgrade_shards` rewrites it as the current version with the same checksums."""
+    write_scenes(scenes, tmp_path, vocabulary=VOCAB, progress=False)
+    shard = tmp_path / "shard-00000.h5"
+    with h5py.File(shard, "a") as f:  # the version-2 layout: the same file without the relation column
+        del f["texts/relation"]
+        del f.attrs["text_relations"]
+        f.attrs["schema_version"] = 2
+        stored = f["scenes/checksum"][()]
+    store = SceneStore(tmp_path, verify=True)
+    assert [store[i] for i in range(len(store))] == scenes and store.shards[0].schema_version == 2
+    store.close()
+    assert upgrade_shards(tmp_path, progress=False) == [shard]
+    with h5py.File(shard) as f:
+        assert f.attrs["schema_version"] == SCHEMA_VERSION and np.array_equal(f["scenes/checksum"][()], stored)
+    assert [SceneStore(tmp_path, verify=True)[i] for i in range(len(scenes))] == scenes
 
 
 def write_v1_shard(path: Path, scenes, vocabulary) -> None:
@@ -293,7 +316,7 @@ def test_version_1_shards_read_and_upgrade_in_place_without_loss(tmp_path, scene
     write_v1_shard(tmp_path / "shard-00001.h5", scenes[7:], VOCAB)
     store = SceneStore(tmp_path, verify=True)  # v1 checksums verify: empty new fields hash as before
     assert [store[i] for i in range(len(store))] == scenes
-    assert all((t.source, t.item_id, t.shape) == ("", "", "") for t in store[3].texts)
+    assert all((t.source, t.item_id, t.shape, t.relation) == ("", "", "", "") for t in store[3].texts)
     assert ScenesDataset(tmp_path, NO_AUGMENT)[2]["scene_id"] == scenes[2].scene_id
     store.close()
     with h5py.File(tmp_path / "shard-00000.h5") as f:
@@ -303,11 +326,12 @@ def test_version_1_shards_read_and_upgrade_in_place_without_loss(tmp_path, scene
     assert "upgraded 2 shard(s)" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.h5", "shard-00001.h5"]  # no temp files left
     with h5py.File(tmp_path / "shard-00000.h5") as f:
-        assert f.attrs["schema_version"] == 2 and f.attrs["annotated_by"] == "kept" and f.attrs["source"] == "old"
+        assert f.attrs["schema_version"] == SCHEMA_VERSION and f.attrs["annotated_by"] == "kept" and f.attrs["source"] == "old"
         assert np.array_equal(f["scenes/checksum"][()], stored)  # points, objects and texts unchanged
         assert f["points/xyz"].chunks is None  # rewritten with the default layout
     store = SceneStore(tmp_path, verify=True)
-    assert [store[i] for i in range(len(store))] == scenes and {s.schema_version for s in store.shards} == {2}
+    assert [store[i] for i in range(len(store))] == scenes
+    assert {s.schema_version for s in store.shards} == {SCHEMA_VERSION}
     assert cli_main(["pack", "--upgrade", str(tmp_path)]) == 0  # nothing left to do
     assert "upgraded 0 shard(s)" in capsys.readouterr().out
 

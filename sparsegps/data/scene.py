@@ -56,7 +56,9 @@ class SceneText:
     Where the text comes from, for benchmarks and statistics ("" where unknown): `source` is the
     benchmark or file it was read from (`scanrefer`, `nr3d`, `sr3d`, a SceneVerse file name such as
     `ssg_ref_chain_gpt`, `synth`); `item_id` is its id there (ScanRefer's `ann_id`, the Nr3D/Sr3D
-    CSV row, SceneVerse's `item_id`); `shape` is a referral's shape (see docs/FORMAT.md).
+    CSV row, SceneVerse's `item_id`); `shape` is a referral's shape and `relation` the spatial
+    relations it uses, joined by "+" (`closest`, `color+next_to`; Sr3D's `reference_type`; see
+    docs/FORMAT.md).
     """
 
     kind: str
@@ -66,11 +68,13 @@ class SceneText:
     source: str = ""
     item_id: str = ""
     shape: str = ""
+    relation: str = ""
 
     def __post_init__(self):
         self.target_id = int(self.target_id)
         self.distractor_ids = tuple(int(i) for i in self.distractor_ids)
         self.source, self.item_id, self.shape = str(self.source), str(self.item_id), str(self.shape)
+        self.relation = str(self.relation)
 
 
 @dataclass
@@ -175,6 +179,8 @@ class Scene:
             h.update(f"{t.kind}|{t.target_id}|{t.distractor_ids}|{t.text}".encode())
             if t.source or t.item_id or t.shape:  # texts without them hash as before these fields existed
                 h.update(f"|{t.source}|{t.item_id}|{t.shape}".encode())
+            if t.relation:  # texts without one hash as before the field existed
+                h.update(f"|relation={t.relation}".encode())
         return h.hexdigest()
 
     def __eq__(self, other):

@@ -15,6 +15,7 @@ Layout of one shard (schema version `SCHEMA_VERSION`, documented in docs/FORMAT.
                                           /texts/distractor_ids    int32 [D]
                                           /texts/source         uint16  [T]   (index into attr text_sources)
                                           /texts/shape          uint8   [T]   (index into attr text_shapes)
+                                          /texts/relation       uint16  [T]   (index into attr text_relations)
                                           /texts/item_id, /texts/item_id_offset    utf-8 bytes, int64 [T+1]
 
 Scene s owns rows `offset[s]:offset[s+1]` of each table. Strings are one utf-8 byte table per
@@ -27,7 +28,8 @@ overhead; compressed tables go through h5py. Every offset table of a shard is re
 Shards are written to `<name>.tmp`, fsynced and renamed, so a final-named shard is always complete;
 `index.json` beside them lists the shards, their scene ids and the label vocabulary. Version-1
 shards (strings as HDF5 variable-length strings, no source/item id/shape) still read, with those
-fields empty; `upgrade_shards` rewrites them as the current version.
+fields empty; version-2 shards (no relation) read with an empty relation; `upgrade_shards` rewrites
+both as the current version.
 """
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ import numpy as np
 from .scene import TEXT_KINDS, Scene, SceneFormatError, SceneObject, SceneText
 from sparsegps.files import atomic_write_text, fsync_dir
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 FORMAT_NAME = "sparsegps-scenes"
 INDEX_NAME = "index.json"
 POINT_CHUNK = 1 << 16
@@ -56,11 +58,11 @@ _STR = h5py.string_dtype("utf-8")
 # Per-row tables a scene read touches, and which offset table (by scene or by text) indexes them.
 _POINT_TABLES = ("points/xyz", "points/rgb", "points/instance", "points/semantic")
 _OBJECT_TABLES = ("objects/instance_id", "objects/label_id", "objects/center", "objects/size")
-_TEXT_TABLES = ("texts/kind", "texts/target_id", "texts/source", "texts/shape")
+_TEXT_TABLES = ("texts/kind", "texts/target_id", "texts/source", "texts/shape", "texts/relation")
 _TEXT_STRINGS = ("texts/text", "texts/item_id")
 # Attributes the writer sets itself; rewriting a shard carries any others over.
 WRITER_ATTRS = {"format", "schema_version", "source", "tool", "created", "label_vocabulary", "num_scenes",
-                "text_sources", "text_shapes", "compression"}
+                "text_sources", "text_shapes", "text_relations", "compression"}
 
 
 class ShardError(SceneFormatError):
@@ -136,9 +138,10 @@ def _write_shard(path: Path, scenes: Sequence[Scene], vocabulary: Sequence[str],
     dist_off = np.cumsum([0] + [len(t.distractor_ids) for t in texts], dtype=np.int64)
     sources, source_index = _vocabulary_index([t.source for t in texts])
     shapes, shape_index = _vocabulary_index([t.shape for t in texts])
-    if len(sources) > 1 << 16 or len(shapes) > 1 << 8:
-        raise SceneFormatError(f"too many distinct text sources ({len(sources)}) or shapes ({len(shapes)})",
-                               file=str(path), field="texts")
+    relations, relation_index = _vocabulary_index([t.relation for t in texts])
+    if len(sources) > 1 << 16 or len(shapes) > 1 << 8 or len(relations) > 1 << 16:
+        raise SceneFormatError(f"too many distinct text sources ({len(sources)}), shapes ({len(shapes)}) or "
+                               f"relations ({len(relations)})", file=str(path), field="texts")
 
     _use_plugins(compression)
     tmp = path.with_name(path.name + ".tmp")
@@ -148,6 +151,7 @@ def _write_shard(path: Path, scenes: Sequence[Scene], vocabulary: Sequence[str],
             "tool": f"sparsegps {_tool_version()}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "label_vocabulary": json.dumps(list(vocabulary)), "num_scenes": len(scenes),
             "text_sources": json.dumps(sources), "text_shapes": json.dumps(shapes),
+            "text_relations": json.dumps(relations),
             "compression": compression or "none",
         })
         if attrs:
@@ -181,6 +185,7 @@ def _write_shard(path: Path, scenes: Sequence[Scene], vocabulary: Sequence[str],
                  compression, ROW_CHUNK)
         _dataset(tx, "source", source_index.astype(np.uint16), compression, ROW_CHUNK)
         _dataset(tx, "shape", shape_index.astype(np.uint8), compression, ROW_CHUNK)
+        _dataset(tx, "relation", relation_index.astype(np.uint16), compression, ROW_CHUNK)
         _string_table(tx, "item_id", [t.item_id for t in texts], compression)
         f.flush()
         os.fsync(f.id.get_vfd_handle())
@@ -375,6 +380,9 @@ class _OpenShard:
                 self.offsets[f"{name}_offset"] = f[f"{name}_offset"][()]
             self.sources = json.loads(f.attrs["text_sources"])
             self.shapes = json.loads(f.attrs["text_shapes"])
+        if self.version >= 3:
+            names += ("texts/relation",)
+            self.relations = json.loads(f.attrs["text_relations"])
         self.tables = {name: _Table(f[name], self.fd) for name in names}
 
     def strings(self, name: str, a: int, b: int) -> list[str]:
@@ -481,13 +489,18 @@ class SceneStore:
                 item_ids = sh.strings("texts/item_id", t0, t1)
             else:
                 sources = shapes = item_ids = [""] * int(t1 - t0)
+            if sh.version >= 3:
+                relations = [sh.relations[i] for i in tables["texts/relation"].read(t0, t1)]
+            else:
+                relations = [""] * int(t1 - t0)
             dist_lists = np.split(dist, (doff[1:-1] - doff[0]).astype(np.int64)) if t1 > t0 else []
             scene = Scene(
                 scene_id=scene_id, **points,
                 objects=[SceneObject(i, l, c, s) for i, l, c, s in zip(obj_ids.tolist(), labels, centers, sizes)],
-                texts=[SceneText(TEXT_KINDS[k], s, t, tuple(d.tolist()), src, item, shape)
-                       for k, s, t, d, src, item, shape in zip(kinds.tolist(), strings, targets.tolist(), dist_lists,
-                                                                 sources, item_ids, shapes)],
+                texts=[SceneText(TEXT_KINDS[k], s, t, tuple(d.tolist()), src, item, shape, relation)
+                       for k, s, t, d, src, item, shape, relation in zip(
+                           kinds.tolist(), strings, targets.tolist(), dist_lists, sources, item_ids, shapes,
+                           relations)],
             )
         except (OSError, KeyError, ValueError, IndexError) as e:
             raise ShardError(f"cannot read scene ({e})", file=path, scene=scene_id) from None

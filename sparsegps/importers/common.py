@@ -51,8 +51,9 @@ class Annotation:
     `target_id` is the instance id it describes (-1 for scene captions); `instance_type` is the
     class name the file gives the target ("" if none); `grouping` says how same-class distractors
     of a referral are found (one of `CLASS_GROUPINGS`). `item_id` locates the item in reports;
-    `source`, `record_id` and `shape` become the stored text's `source`, `item_id` and `shape`
-    (the benchmark, the id its submission files use, and a referral's shape).
+    `source`, `record_id`, `shape` and `relation` become the stored text's `source`, `item_id`,
+    `shape` and `relation` (the benchmark, the id its submission files use, a referral's shape and
+    the spatial relation it uses where the benchmark records one).
     """
 
     kind: str
@@ -66,6 +67,7 @@ class Annotation:
     source: str = ""
     record_id: str = ""
     shape: str = ""
+    relation: str = ""
 
 
 def assemble_scene(scene_id: str, xyz, rgb, instance, labels: dict[int, str], label_map: LabelMap,
@@ -165,5 +167,6 @@ def attach_texts(scene: Scene, annotations: list[Annotation], problems: list[Pro
             members = same_class(a.grouping)[class_key(target.label, a.grouping)]
             distractors = tuple(i for i in members if i != a.target_id)
         scene.texts.append(SceneText(a.kind, a.text, a.target_id, distractors, source=a.source,
-                                     item_id=a.record_id, shape=a.shape if a.kind == "referral" else ""))
+                                     item_id=a.record_id, shape=a.shape if a.kind == "referral" else "",
+                                     relation=a.relation if a.kind == "referral" else ""))
     return scene

@@ -49,6 +49,14 @@ def referral_shape(source: str, item: dict) -> str:
     return ""
 
 
+def referral_relation(source: str, item: dict) -> str:
+    """The relation a referral uses where its benchmark records it: Sr3D's `reference_type`
+    (closest, farthest, between, above, below, supported-by, supporting, ...); "" elsewhere."""
+    if source in ("sr3d", "sr3d+"):
+        return str(item.get("reference_type") or "")
+    return ""
+
+
 def _int_id(value) -> int:
     """An integer id from an int, a whole float or a decimal string; ValueError otherwise."""
     if isinstance(value, bool):
@@ -106,7 +114,8 @@ def _make(kind: str, path: Path, row: int, item: dict, *, scan_key: str, target_
     instance_type = item.get(type_key) or ""
     return Annotation(kind, scan_id, text.strip(), target, item_id, str(path),
                       str(instance_type).replace("_", " "), grouping, source, record_id,
-                      referral_shape(source, item) if kind == "referral" else "")
+                      referral_shape(source, item) if kind == "referral" else "",
+                      referral_relation(source, item) if kind == "referral" else "")
 
 
 def read_sceneverse_items(path: str | os.PathLike, kind: str, grouping: str = "raw"

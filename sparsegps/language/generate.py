@@ -270,6 +270,12 @@ def _structure_caption(graph: SceneGraph, object_id: int, room: str, rng: np.ran
     return sentence(text, rng)
 
 
+def referral_relation(referral: Referral) -> str:
+    """The relations a referral's clauses use, joined by "+" in clause order ("closest",
+    "color+next_to"); a chain's anchor is named by a clause of its own, which is not counted."""
+    return "+".join(clause.relation for clause in referral.clauses)
+
+
 def generate_language(scene: Scene, rng: np.random.Generator, cfg: LanguageConfig | None = None
                       ) -> GeneratedLanguage:
     """Object captions for every object, scene captions and checked referrals for `scene`."""
@@ -290,7 +296,8 @@ def generate_language(scene: Scene, rng: np.random.Generator, cfg: LanguageConfi
     referrals, rejected = generate_referrals(graph, rng, cfg)
     for referral in referrals:
         texts.append(SceneText("referral", render_referral(graph, referral, rng), referral.target_id,
-                               distractors(graph, referral), source=TEXT_SOURCE, shape=referral.shape))
+                               distractors(graph, referral), source=TEXT_SOURCE, shape=referral.shape,
+                               relation=referral_relation(referral)))
     return GeneratedLanguage(texts, referrals, rejected)
 
 
