@@ -16,6 +16,7 @@ so per-voxel predictions map back to every original point with `pred[inverse]`.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -37,12 +38,17 @@ def _rotation_z(angle: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
 
 
-def rotate_z(sample: Sample, angle: float) -> Sample:
-    """Rotate points about the vertical axis. Object boxes stay axis-aligned: their centres rotate
-    and their extents become the extents of the rotated box, as 3D grounding pipelines do."""
+BoxSizes = Literal["enclosing", "kept"]
+
+
+def rotate_z(sample: Sample, angle: float, box_sizes: BoxSizes = "enclosing") -> Sample:
+    """Rotate points about the vertical axis; box centres rotate with them. Box sizes: "enclosing",
+    the extents of the axis-aligned box around the rotated box, as 3D grounding pipelines do (they
+    grow by up to 1.41 at 45 degrees, so sizes depend on the angle); "kept", the object's own
+    extents, which do not."""
     rot = _rotation_z(angle)
     sample["xyz"] = sample["xyz"] @ rot.T
-    extent = np.abs(rot)
+    extent = np.abs(rot) if box_sizes == "enclosing" else np.eye(3, dtype=np.float32)
     sample["objects"] = [SceneObject(o.instance_id, o.label, rot @ o.center, extent @ o.size)
                          for o in sample["objects"]]
     return sample
@@ -52,13 +58,13 @@ class RandomRotateZ:
     """Rotate about z by a uniform angle in [-max_angle, max_angle] (radians), or with
     `right_angles` by 0, 90, 180 or 270 degrees (GPS), which keeps axis-aligned boxes exact."""
 
-    def __init__(self, max_angle: float = math.pi, right_angles: bool = False):
-        self.max_angle, self.right_angles = max_angle, right_angles
+    def __init__(self, max_angle: float = math.pi, right_angles: bool = False, box_sizes: BoxSizes = "enclosing"):
+        self.max_angle, self.right_angles, self.box_sizes = max_angle, right_angles, box_sizes
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         if self.right_angles:
-            return rotate_z(sample, int(rng.integers(4)) * math.pi / 2)
-        return rotate_z(sample, rng.uniform(-self.max_angle, self.max_angle))
+            return rotate_z(sample, int(rng.integers(4)) * math.pi / 2, self.box_sizes)
+        return rotate_z(sample, rng.uniform(-self.max_angle, self.max_angle), self.box_sizes)
 
 
 class SampleCaptions:
@@ -79,6 +85,33 @@ class SampleCaptions:
                 drop.update(i for i in members if i != keep)
         if drop:
             sample["texts"] = [t for i, t in enumerate(sample["texts"]) if i not in drop]
+        return sample
+
+
+class HoldOutClasses:
+    """Pre-training that never sees some classes' labels or names (a class hold-out for zero-shot).
+
+    Objects of the `names` classes lose their class name (so they take no class target and no
+    "a <class>" text), and every text about one of them, or that uses one of `words` (the classes'
+    nouns, synonyms and plurals: see `sparsegps.language.templates.class_words`), is dropped. Their
+    points' semantic labels are dropped by the dataset's class list (`ScenesDataset(classes=...)`).
+    The store is untouched."""
+
+    def __init__(self, names: list[str], words: list[str]):
+        self.names = frozenset(names)
+        alternatives = "|".join(re.escape(w) for w in sorted(set(words) | self.names, key=len, reverse=True) if w)
+        self.pattern = re.compile(rf"\b(?:{alternatives})\b", re.IGNORECASE) if alternatives else None
+
+    def names_a_class(self, text: str) -> bool:
+        return self.pattern is not None and self.pattern.search(text) is not None
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        if not self.names:
+            return sample
+        held = {o.instance_id for o in sample["objects"] if o.label in self.names}
+        sample["objects"] = [o if o.instance_id not in held else SceneObject(o.instance_id, "", o.center, o.size)
+                             for o in sample["objects"]]
+        sample["texts"] = [t for t in sample["texts"] if t.target_id not in held and not self.names_a_class(t.text)]
         return sample
 
 
@@ -234,6 +267,10 @@ class TransformConfig:
     # uniform: any angle in [-max_angle, max_angle] (boxes stay axis-aligned, so they grow by up to
     # 1.41); right_angles: multiples of 90 degrees, as GPS (boxes stay exact)
     rotation: Literal["uniform", "right_angles"] = "uniform"
+    # Box sizes of turned scenes (see `rotate_z`). enclosing: the axis-aligned box around the turned
+    # box, as GPS's pipeline (up to 1.41x at 45 degrees; exact at right angles); kept: the object's
+    # own extents, the same at every angle, so "largest" and "next to" mean the same in every pose.
+    box_sizes: BoxSizes = "enclosing"
     # random: one scene caption and one caption per object drawn per sample and epoch (GPS);
     # all: every stored caption (the model then uses the first of each)
     captions: Literal["random", "all"] = "random"
@@ -284,7 +321,8 @@ def build_transforms(cfg: TransformConfig) -> Compose:
         if cfg.captions == "random":
             steps.append(SampleCaptions())
         if cfg.rotate:
-            steps.append(RandomRotateZ(cfg.max_angle, right_angles=cfg.rotation == "right_angles"))
+            steps.append(RandomRotateZ(cfg.max_angle, right_angles=cfg.rotation == "right_angles",
+                                       box_sizes=cfg.box_sizes))
         if cfg.scale is not None:
             steps.append(RandomScale(*cfg.scale))
         if cfg.jitter_sigma > 0:

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .spatial_transformer import location_embedding
+from .relation_attention import RelationalLayer
+from .spatial_transformer import SpatialTransformerLayer, location_embedding
 
 
 class GroundingEncoder(nn.Module):
@@ -13,16 +14,35 @@ class GroundingEncoder(nn.Module):
 
     Inputs: text [R,T,D] with text_pad [R,T] (True = padding), objects [R,L,D] with object_pad
     [R,L] and boxes [R,L,6]. Token-type embeddings tell text from objects; the location embedding
-    is added to object tokens. Returns the fused (text, objects)."""
+    is added to object tokens. Returns the fused (text, objects).
+
+    attention "plain" (GPS): self-attention layers over [text; objects]. "spatial": after each of
+    them, the object tokens also pass a spatial transformer layer (GPS's pairwise spatial attention
+    over the scene's objects, its gates predicted from each object's token): the tokens have just
+    read the sentence, so which geometry an object attends by depends on what the sentence asks.
+    "relational": the same with `RelationalLayer`s, whose values carry the pair geometry."""
 
     def __init__(self, d_model: int, num_heads: int, num_layers: int, ffn_dim: int, dropout: float = 0.1,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, attention: str = "plain", spatial_mode: str = "cond",
+                 backend: str = "auto"):
         super().__init__()
+        if attention not in ("plain", "spatial", "relational"):
+            raise ValueError(f"unknown grounding attention {attention!r} (plain, spatial or relational)")
+        self.attention = attention
         self.token_type = nn.Parameter(torch.randn(2, d_model) * 0.02)  # text, object
         self.location = location_embedding(d_model)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(d_model, num_heads, ffn_dim, dropout, activation="gelu", batch_first=True)
             for _ in range(num_layers))
+        if attention == "spatial":
+            self.object_layers = nn.ModuleList(SpatialTransformerLayer(d_model, num_heads, ffn_dim, dropout,
+                                                                       spatial_mode, backend)
+                                               for _ in range(num_layers))
+        elif attention == "relational":
+            self.object_layers = nn.ModuleList(RelationalLayer(d_model, num_heads, ffn_dim, dropout)
+                                               for _ in range(num_layers))
+        else:
+            self.object_layers = nn.ModuleList()
         self.activation_checkpointing = activation_checkpointing
 
     def forward(self, text, text_pad, objects, object_pad, boxes):
@@ -30,12 +50,23 @@ class GroundingEncoder(nn.Module):
         objects = objects + self.token_type[1] + self.location(boxes)
         x = torch.cat([text, objects], dim=1)
         pad = torch.cat([text_pad, object_pad], dim=1)
-        for layer in self.layers:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, None, pad, use_reentrant=False)
-            else:
-                x = layer(x, src_key_padding_mask=pad)
-        return x[:, : text.shape[1]], x[:, text.shape[1]:]
+        t = text.shape[1]
+        if self.attention == "spatial":
+            centers, lengths = boxes[..., :3], (~object_pad).sum(dim=1)
+            inv_max_dist = self.object_layers[0].attn.pair_distance_scale(objects, centers, lengths)
+            object_args = (centers, lengths, inv_max_dist)
+        else:
+            object_args = (boxes, object_pad)
+        for k, layer in enumerate(self.layers):
+            x = self._run(layer, x, None, pad)
+            if self.object_layers:
+                x = torch.cat([x[:, :t], self._run(self.object_layers[k], x[:, t:], *object_args)], dim=1)
+        return x[:, :t], x[:, t:]
+
+    def _run(self, layer, *args):
+        if self.activation_checkpointing and self.training:
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
 
 
 class GroundingHead(nn.Module):
