@@ -61,3 +61,13 @@ def even_shard(count: int, rank: int, world: int) -> tuple[list[int], list[bool]
     mine = list(range(rank, count, world))
     filler = mine[:1] or [0]
     return mine + filler * (per_rank - len(mine)), [True] * len(mine) + [False] * (per_rank - len(mine))
+
+
+def gather_objects(items: list) -> list:
+    """The concatenation of every rank's list of picklable `items`, in rank order (a copy on one
+    rank). Every rank must call it, in the same order; for small evaluation records, not tensors."""
+    if world_size() == 1:
+        return list(items)
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]

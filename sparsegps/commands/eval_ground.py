@@ -4,7 +4,9 @@ multiple), with ground-truth boxes or detector proposals (--proposals). Writes
 OUT/ground_report.json, OUT/ground_report.md, OUT/ground_predictions.jsonl and the benchmark's
 submission file (ScanRefer: scanrefer_submission.json with scene_id, object_id, ann_id and the
 predicted box's corners; Nr3D / Sr3D: nr3d_predictions.csv / sr3d_predictions.csv with the row ids
-and predictions), and prints the table.
+and predictions), and prints the table. With ground-truth boxes it also writes the grounding
+diagnostics, OUT/grounding.{json,md,png}: class and within-class accuracy against the class prior
+(1 / objects of the target's class), by relation, shape, same-class count and view dependence.
 
     sparsegps eval-ground --checkpoint runs/ground/nr3d/export.pt --data runs/data/scannet/nr3d_val \\
         --benchmark nr3d
@@ -74,7 +76,13 @@ def run(args) -> int:
     report.update(checkpoint=str(args.checkpoint), task=task, step=blob.get("step"))
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_ground_{args.benchmark}"
     out.mkdir(parents=True, exist_ok=True)
+    diagnostics = report.pop("grounding_diagnostics", None)
     json_path, md_path = save_report(report, out / "ground_report.json")
+    if diagnostics is not None:
+        from sparsegps.eval.grounding_diagnostics import format_diagnostics, save_diagnostics
+
+        save_diagnostics(diagnostics, out, "grounding", f"{args.benchmark} grounding ({args.checkpoint})")
+        print(format_diagnostics(diagnostics))
     save_predictions(records, out / "ground_predictions.jsonl")
     try:
         submission = write_submission(records, args.benchmark, out)

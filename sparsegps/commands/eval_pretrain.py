@@ -1,5 +1,8 @@
-"""Held-out grounding accuracy (with its chance level) and scene/object-text retrieval recall@1 of
-a pre-trained model export."""
+"""Held-out grounding accuracy (against the class prior and uniform chance, with class and
+within-class accuracy) and scene/object-text retrieval recall@1 of a pre-trained model export.
+
+With --out, the grounding diagnostics (by relation, shape and same-class count) are written as
+OUT/grounding.{json,md,png}."""
 from __future__ import annotations
 
 import json
@@ -12,6 +15,7 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-scenes", type=int, default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", help="folder for the grounding diagnostics (grounding.json, .md, .png)")
 
 
 def run(args) -> int:
@@ -25,5 +29,11 @@ def run(args) -> int:
     voxel = args.voxel_size or blob.get("voxel_size") or 0.02
     result = evaluate_pretraining(model, args.data, TransformConfig(voxel_size=voxel, augment=False), device,
                                   batch_size=args.batch_size, max_scenes=args.max_scenes)
+    report = result.pop("grounding_diagnostics")
+    if args.out and report["referrals"]:
+        from sparsegps.eval.grounding_diagnostics import save_diagnostics
+
+        paths = save_diagnostics(report, args.out, "grounding", f"held-out grounding ({args.checkpoint})")
+        result["grounding_report"] = [str(p) for p in paths]
     print(json.dumps(result, indent=1))
     return 0

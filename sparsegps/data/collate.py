@@ -16,7 +16,7 @@ The batch is a dict:
     object_names    list[str] (O)    class names
     object_instance int64   [O]      instance id within its scene
     texts           list[dict]       kind, text, scene (b), target (global object index or -1),
-                                     distractors (global object indices)
+                                     distractors (global object indices), source, shape, relation
     scene_ids       list[str], indices list[int]
     inverse         list[int64 array] per scene: voxel (scene-local) of every original point
     point_semantic  list[int16 array] per scene: original per-point labels
@@ -78,7 +78,8 @@ def _objects_and_texts(samples: list[dict], object_offsets: np.ndarray) -> dict:
         for t in s["texts"]:
             texts.append({"kind": t.kind, "text": t.text, "scene": b,
                           "target": local.get(t.target_id, -1),
-                          "distractors": [local[d] for d in t.distractor_ids if d in local]})
+                          "distractors": [local[d] for d in t.distractor_ids if d in local],
+                          "source": t.source, "shape": t.shape, "relation": t.relation})
     return {
         "object_offsets": torch.from_numpy(object_offsets),
         "object_center": torch.from_numpy(centers),

@@ -25,6 +25,7 @@ from sparsegps.files import atomic_write_text
 from sparsegps.data.transforms import GridSample, scene_to_sample
 
 from .grounding import evaluate_referit3d, evaluate_scanrefer, load_proposal_boxes, referral_record
+from .grounding_diagnostics import grounding_diagnostics
 
 BENCHMARKS = ("nr3d", "sr3d", "scanrefer")
 PROPOSAL_LABEL = "proposal"
@@ -39,6 +40,7 @@ class ReferralPrediction(NamedTuple):
     scene_id: str
     text_index: int  # position of the referral in the scene's texts
     predicted_id: int  # instance id of the chosen object; a proposal index when grounding among proposals
+    scores: np.ndarray | None = None  # the model's score of every object of the scene, in scene order
 
 
 def assign_points_to_boxes(xyz: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -134,7 +136,7 @@ def predict_referrals(model, paths, voxel_size: float, device, batch_size: int =
         instances = batch["object_instance"].tolist()
         rows = [(b, k, text) for b, refs in enumerate(referrals) for k, text in refs]
         groundable = [row for row in rows if offsets[row[0] + 1] > offsets[row[0]]]
-        chosen: dict[tuple[int, int], int] = {}
+        chosen: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
         if groundable:
             batch = move_batch(batch, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -143,11 +145,14 @@ def predict_referrals(model, paths, voxel_size: float, device, batch_size: int =
                     chunk = groundable[start:start + referral_chunk]
                     scene_index = torch.tensor([b for b, _, _ in chunk], device=device)
                     logits = grounding_logits(model, objects, [text for _, _, text in chunk], scene_index)
-                    for (b, k, _), slot in zip(chunk, logits.float().argmax(dim=1).tolist()):
-                        chosen[b, k] = instances[offsets[b] + slot]
+                    scores = logits.float().cpu().numpy()
+                    for (b, k, _), row in zip(chunk, scores):
+                        row = row[:offsets[b + 1] - offsets[b]]
+                        chosen[b, k] = instances[offsets[b] + int(row.argmax())], row
         for b, k, _ in rows:  # a scene with no objects (no proposals) predicts nothing
-            predictions.append(ReferralPrediction(scene_indices[b], scene_ids[scene_indices[b]], k,
-                                                  chosen.get((b, k), NO_INSTANCE)))
+            predicted, scores = chosen.get((b, k), (NO_INSTANCE, None))
+            predictions.append(ReferralPrediction(scene_indices[b], scene_ids[scene_indices[b]], k, predicted,
+                                                  scores))
         bar.update(len(referrals))
     bar.close()
     model.train(was_training)
@@ -166,6 +171,26 @@ def grounding_records(store: SceneStore, predictions: Sequence[ReferralPredictio
         records.append({**referral_record(scene, p.text_index, p.predicted_id, boxes), "text_index": p.text_index})
         object_counts.append(len(scene.objects) if boxes is None else len(boxes))
     return records, object_counts
+
+
+def diagnostic_records(store: SceneStore, predictions: Sequence[ReferralPrediction]) -> list[dict]:
+    """Records for `grounding_diagnostics` (ground-truth objects only): each referral's scores over its
+    scene's objects, the target's position, the objects' classes and boxes, the referral's relation,
+    shape, source and words."""
+    records, scene, scene_index = [], None, None
+    for p in predictions:
+        if p.scores is None:
+            continue
+        if p.scene_index != scene_index:
+            scene, scene_index = store[p.scene_index], p.scene_index
+            position = {o.instance_id: k for k, o in enumerate(scene.objects)}
+            classes = [o.label for o in scene.objects]
+            boxes = np.array([np.concatenate([o.center, o.size]) for o in scene.objects]).reshape(-1, 6)
+        text = scene.texts[p.text_index]
+        records.append({"scores": p.scores, "target": position[text.target_id], "classes": classes, "boxes": boxes,
+                        "relation": text.relation, "shape": text.shape, "source": text.source,
+                        "utterance": text.text})
+    return records
 
 
 def benchmark_report(records: Sequence[dict], benchmark: str, box_source: str = "ground_truth",
@@ -194,7 +219,9 @@ def evaluate_grounding(model, paths, benchmark: str, voxel_size: float, device, 
                        num_workers: int = 0, progress: bool = True) -> tuple[dict, list[dict]]:
     """Predict every referral at `paths` and score them with `benchmark`'s metrics.
 
-    Returns the report and the records (one per referral, in store order)."""
+    Returns the report and the records (one per referral, in store order). With ground-truth boxes
+    the report holds the grounding diagnostics (`report["grounding_diagnostics"]`: class and
+    within-class accuracy against the class prior, by relation and same-class count)."""
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r} (one of {', '.join(BENCHMARKS)})")
     proposals = None
@@ -211,9 +238,14 @@ def evaluate_grounding(model, paths, benchmark: str, voxel_size: float, device, 
     predictions = predict_referrals(model, paths, voxel_size, device, batch_size, max_scenes, proposals=proposals,
                                     referral_chunk=referral_chunk, precision=precision, num_workers=num_workers,
                                     progress=progress)
-    records, object_counts = grounding_records(SceneStore(paths), predictions, proposals)
+    store = SceneStore(paths)
+    records, object_counts = grounding_records(store, predictions, proposals)
     box_source = "ground_truth" if proposals_path is None else f"proposals from {proposals_path}"
     report = benchmark_report(records, benchmark, box_source, object_counts if proposals is None else None)
+    if proposals is None and records:
+        diagnostics = grounding_diagnostics(diagnostic_records(store, predictions))
+        report["class_prior"] = diagnostics["class_prior"]
+        report["grounding_diagnostics"] = diagnostics
     report["voxel_size"] = voxel_size
     report["data"] = [str(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
     return report, records
@@ -229,5 +261,5 @@ def save_predictions(records: Sequence[dict], path: str | os.PathLike) -> None:
 
 
 __all__ = ["BENCHMARKS", "ProposalError", "ReferralPrediction", "assign_points_to_boxes", "benchmark_report",
-           "check_proposals", "evaluate_grounding", "grounding_logits", "grounding_records", "predict_referrals",
+           "check_proposals", "diagnostic_records", "evaluate_grounding", "grounding_logits", "grounding_records", "predict_referrals",
            "proposal_objects", "save_predictions"]
