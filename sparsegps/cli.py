@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-seg": ("sparsegps.commands.eval_seg", "evaluate semantic segmentation (mIoU) on shards"),
     "finetune-ground": ("sparsegps.commands.finetune_ground", "fine-tune grounding on Nr3D / Sr3D / ScanRefer"),
     "eval-ground": ("sparsegps.commands.eval_ground", "evaluate grounding with the benchmark's metrics"),
+    "probe": ("sparsegps.commands.probe", "probe one skill of a model (relations: spatial reasoning on "
+              "ground-truth objects)"),
     "bench": ("sparsegps.commands.bench", "throughput benchmarks against GPS's pipeline"),
     "doctor": ("sparsegps.commands.doctor", "check torch, the GPU, spconv, torch-scatter, Triton, DeepSpeed, the text encoder"),
 }
