@@ -53,13 +53,16 @@ def run(args) -> int:
                                          args.tta, args.batch_size, args.max_scenes)
     if args.zero_shot:
         report.update(zero_shot_split(report, seen))
+        report.update(majority_class_baseline(np.asarray(conf), seen, names))
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / ("eval_zero_shot" if args.zero_shot
                                                                            else "eval_seg")
     write_report(report, conf, names, out, f"segmentation: {', '.join(map(str, args.data))}")
     print(format_table(report))
     if args.zero_shot:
         print(f"zero-shot: mIoU over classes named in pre-training {report['miou_seen']:.3f}, over classes never "
-              f"named there {report['miou_unseen']:.3f} ({', '.join(report['unseen_classes']) or 'none'})")
+              f"named there {report['miou_unseen']:.3f} ({', '.join(report['unseen_classes']) or 'none'}); "
+              f"majority-class baseline {report['majority_miou']:.3f} (seen {report['majority_miou_seen']:.3f}, "
+              f"unseen {report['majority_miou_unseen']:.3f})")
     print(f"report: {out / 'seg_report.json'}  confusion matrix: {out / 'confusion.png'}")
     return 0
 
@@ -73,11 +76,33 @@ def zero_shot_model(path: str, classes: str | None, device):
     if gps.cfg.loss.dense_text <= 0:
         print(f"warning: {path} was pre-trained without the dense_text loss; its voxel features were never "
               f"aligned with class names", file=sys.stderr)
-    seen = list(gps.cfg.class_names or blob.get("vocabulary", []))
-    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else seen
+    seen = list(blob.get("trained_classes") or gps.cfg.class_names or blob.get("vocabulary", []))
+    # every class of the pre-training store, those held out of pre-training (`trained_classes` lacks
+    # them) included
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else list(blob.get("vocabulary") or seen)
     if not names:
         raise UsageError(f"{path}: no class names stored; pass --classes")
     return ZeroShotSegmenter(gps, names).to(device), blob, seen
+
+
+def majority_class_baseline(confusion, seen: list[str], names: list[str]) -> dict:
+    """mIoU of labelling every point with the most frequent ground-truth class, over all evaluated
+    classes and over those seen and unseen in pre-training (the baseline of zero-shot mIoU): that
+    class's IoU is its share of the points, every other present class scores 0."""
+    import numpy as np
+
+    truth = confusion.sum(axis=1)
+    present = truth > 0
+    iou = np.zeros(len(truth))
+    if truth.sum():
+        iou[int(truth.argmax())] = truth.max() / truth.sum()
+
+    def mean(mask):
+        return float(iou[mask & present].mean()) if (mask & present).any() else float("nan")
+
+    in_seen = np.array([n in seen for n in names])
+    return {"majority_miou": mean(np.ones(len(names), bool)), "majority_miou_seen": mean(in_seen),
+            "majority_miou_unseen": mean(~in_seen)}
 
 
 def zero_shot_split(report: dict, seen: list[str]) -> dict:

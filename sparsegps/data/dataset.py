@@ -18,14 +18,20 @@ class ScenesDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths, transforms: TransformConfig | Compose | None = None, seed: int = 0,
-                 verify: bool = False):
+                 verify: bool = False, classes: list[str] | None = None):
+        """`classes`: the class list that semantic labels and object label ids index (default: the
+        store's vocabulary); points and objects of other classes are labelled -1 (ignored)."""
         self.store = SceneStore(paths, verify=verify)
         if transforms is None:
             transforms = TransformConfig()
         self.transforms = build_transforms(transforms) if isinstance(transforms, TransformConfig) else transforms
         self.seed = seed
         self.epoch = 0
-        self.label_index = {name: i for i, name in enumerate(self.store.vocabulary)}
+        self.classes = list(self.store.vocabulary if classes is None else classes)
+        self.label_index = {name: i for i, name in enumerate(self.classes)}
+        # store label id -> index into `classes` (the last entry serves the ignore label -1)
+        remap = [self.label_index.get(name, -1) for name in self.store.vocabulary] + [-1]
+        self._semantic_map = None if classes is None else np.array(remap, dtype=np.int16)
 
     @property
     def vocabulary(self) -> list[str]:
@@ -39,6 +45,8 @@ class ScenesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         scene = self.store[index]
+        if self._semantic_map is not None:
+            scene.semantic = self._semantic_map[scene.semantic]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         sample = self.transforms(scene, rng)
         sample["index"] = index

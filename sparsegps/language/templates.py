@@ -318,3 +318,10 @@ def _relation_sentences(graph: SceneGraph, counts: Counter, rng: np.random.Gener
         a = _mention(graph, subject, rng)
         out.append(_pick(rng, RELATION_SENTENCES[name]).format(A=a, a=a, b=_mention(graph, obj, rng)))
     return out
+
+
+def class_words(label: str) -> list[str]:
+    """Every word our templates may name class `label` by: its nouns (synonyms) and their plurals,
+    and the label itself (for classes without nouns here, as real data names them)."""
+    nouns = set(NOUNS.get(label, ())) | {label.replace("_", " ")}
+    return sorted(nouns | {plural(n) for n in nouns})

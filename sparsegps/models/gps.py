@@ -55,6 +55,11 @@ class ModelConfig:
     spatial_mode: str = "cond"
     attention_backend: str = "auto"  # auto: the Triton kernel on CUDA, else the PyTorch reference
     grounding_layers: int = 4
+    # The grounding encoder's attention. plain: GPS's self-attention over [text; objects]. spatial:
+    # each layer also runs GPS's pairwise spatial attention over the objects, gated by their
+    # sentence-aware tokens; relational: relational attention, whose values carry the pair geometry
+    # (see GroundingEncoder, models/relation_attention.py).
+    grounding_attention: Literal["plain", "spatial", "relational"] = "plain"
     ffn_dim: int = 2048
     dropout: float = 0.1
     embed_dim: int = 256  # shared space of the contrastive losses
@@ -121,7 +126,8 @@ class GPSModel(nn.Module):
         hidden = self.text.hidden_size
         self.text_to_model = nn.Sequential(nn.Linear(hidden, d), nn.LayerNorm(d))
         self.grounding = GroundingEncoder(d, cfg.num_heads, cfg.grounding_layers, cfg.ffn_dim, cfg.dropout,
-                                          cfg.activation_checkpointing)
+                                          cfg.activation_checkpointing, cfg.grounding_attention, cfg.spatial_mode,
+                                          cfg.attention_backend)
         head_dropout = cfg.dropout if cfg.grounding_head_dropout is None else cfg.grounding_head_dropout
         self.grounding_head = GroundingHead(d, head_dropout, cfg.grounding_head)
         self.mlm_head = MLMHead(d, hidden, self.text.vocab_size)
@@ -277,7 +283,8 @@ class GPSModel(nn.Module):
 
     def _object_text_pairs(self, batch: dict, objects: dict) -> tuple[list[int], list[str]]:
         """The objects (rows of the flattened valid tokens) that have a text, and that text: their
-        first caption ("caption") or "a <class>" ("class_name")."""
+        first caption ("caption") or "a <class>" ("class_name"; objects whose class name was held
+        out have none)."""
         if self.cfg.object_text == "caption":
             caption: dict[int, str] = {}
             for t in batch["texts"]:
@@ -285,7 +292,8 @@ class GPSModel(nn.Module):
                     caption.setdefault(t["target"], t["text"])
             rows = sorted(caption)
             return rows, [caption[r] for r in rows]
-        return list(range(len(batch["object_names"]))), [f"a {name}" for name in batch["object_names"]]
+        rows = [i for i, name in enumerate(batch["object_names"]) if name]  # "": a class held out of training
+        return rows, [f"a {batch['object_names'][i]}" for i in rows]
 
     def _object_text_loss(self, objects: dict, rows: list[int], texts: list[str], global_rows: torch.Tensor,
                           device) -> torch.Tensor:
