@@ -14,8 +14,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = ("grounding_acc", "grounding_chance", "seg_miou", "seg_miou_scratch", "seg_miou_few", "seg_miou_few_scratch",
-          "zero_shot_miou", "zero_shot_baseline", "pretrain_scenes_per_s", "total_seconds")
+FIELDS = ("grounding_acc", "grounding_chance", "grounding_class_prior", "grounding_within_class_accuracy",
+          "grounding_class_accuracy", "seg_miou", "seg_miou_scratch", "seg_miou_few", "seg_miou_few_scratch",
+          "seg_miou_few_scratch_long", "zero_shot_miou", "zero_shot_miou_seen", "zero_shot_baseline",
+          "pretrain_scenes_per_s", "total_seconds")
 
 
 @pytest.mark.slow
@@ -29,8 +31,9 @@ def test_demo_runs_every_step_and_reports_every_field(tmp_path):
         group = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(held.getsockname()[1])}
         proc = subprocess.run([sys.executable, "-m", "sparsegps.demo", "--out", str(out), "--configs",
-                               str(ROOT / "configs"), "--train-scenes", "8", "--val-scenes", "3", "--pretrain-steps",
-                               "2", "--seg-steps", "2", "--pretrain-set", "model.referral_contrast=projected",
+                               str(ROOT / "configs"), "--pretrain-scenes", "8", "--finetune-scenes", "18",
+                               "--val-scenes", "3", "--test-scenes", "3", "--pretrain-steps", "2", "--seg-steps", "2",
+                               "--workers", "1", "--pretrain-set", "model.referral_contrast=projected",
                                "--pretrain-set", "num_workers=0"],
                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **group}, capture_output=True,
                               text=True, timeout=900)
@@ -39,9 +42,25 @@ def test_demo_runs_every_step_and_reports_every_field(tmp_path):
     for name in FIELDS:
         assert isinstance(summary[name], float) and math.isfinite(summary[name]), (name, summary[name])
     assert 0 <= summary["zero_shot_miou"] <= 1 and summary["pretrain_steps"] == 2
+    # five stores, every number measured on the test rooms, the held-out classes and the preset named
+    assert set(summary["stores"]) == {"pretrain", "finetune", "finetune_few", "val", "test"}
+    assert summary["measured_on"] == "test" and len(summary["holdout_classes"]) == 4
+    assert summary["preset"] == "dense" and summary["labels_consumed"] == ["texts", "object_classes", "voxel_classes"]
+    assert summary["seg_steps_scratch_long"] == 4
+    from sparsegps.synth.splits import room_fingerprints
+
+    prints = {name: room_fingerprints(path) for name, path in summary["stores"].items()}
+    assert prints["finetune_few"] <= prints["finetune"]
+    names = ["pretrain", "finetune", "val", "test"]
+    assert all(not prints[a] & prints[b] for i, a in enumerate(names) for b in names[i + 1:])
+    for name in ("seg", "seg_scratch", "seg_few", "seg_few_scratch", "seg_few_scratch_long"):
+        assert yaml.safe_load((out / name / "config.yaml").read_text())["data"]["val"] == [summary["stores"]["test"]]
+    assert (out / "pretrain/grounding.png").exists() and (out / "pretrain/loss_curve.png").exists()
     assert summary["pretrain_overrides"] == ["model.referral_contrast=projected", "num_workers=0"]
     used = yaml.safe_load((out / "pretrain/config.yaml").read_text())
     assert used["model"]["referral_contrast"] == "projected" and used["num_workers"] == 0
     seg = yaml.safe_load((out / "seg/config.yaml").read_text())  # fine-tuned from the zero-shot segmenter
     assert (seg["model"]["head"], seg["model"]["head_init"]) == ("language", "zero_shot")
+    scratch = yaml.safe_load((out / "seg_scratch/config.yaml").read_text())  # the same head type
+    assert (scratch["model"]["head"], scratch["model"]["head_init"]) == ("language", "text")
     assert "sparsegps demo results" in proc.stdout and list((out / "gallery").glob("*.png"))
