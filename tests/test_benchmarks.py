@@ -119,7 +119,8 @@ def test_bench_table_names_the_planned_modules():
         "data": "sparsegps.benchmarks.bench_data", "encoder": "sparsegps.benchmarks.bench_encoder",
         "batch-prep": "sparsegps.benchmarks.bench_batch_prep",
         "attention": "sparsegps.benchmarks.bench_spatial_attention",
-        "train-step": "sparsegps.benchmarks.bench_train_step", "scaling": "sparsegps.benchmarks.bench_scaling"}
+        "train-step": "sparsegps.benchmarks.bench_train_step", "scaling": "sparsegps.benchmarks.bench_scaling",
+        "transfer": "sparsegps.benchmarks.bench_transfer"}
 
 
 def test_benchmark_runs_as_a_script():

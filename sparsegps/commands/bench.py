@@ -1,4 +1,5 @@
-"""Throughput benchmarks against GPS's pipeline: `sparsegps bench NAME [flags]`.
+"""Benchmarks: `sparsegps bench NAME [flags]`. Throughput against GPS's pipeline, and `transfer`,
+what pre-training buys downstream.
 
 Every speed is reported as a ratio to a baseline measured in the same run on the same machine.
 `sparsegps bench list` shows the benchmarks and whether each is installed; `sparsegps bench NAME
@@ -24,6 +25,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                   "fused spatial attention kernel vs the materialised PyTorch reference"),
     "train-step": ("sparsegps.benchmarks.bench_train_step", "one pre-training step, end to end"),
     "scaling": ("sparsegps.benchmarks.bench_scaling", "throughput as batch size and scene size grow"),
+    "transfer": ("sparsegps.benchmarks.bench_transfer",
+                 "what pre-training buys: fine-tuning per preset vs scratch, seeds, test rooms (a learning benchmark)"),
 }
 
 
