@@ -11,6 +11,7 @@ contrast, grounding cross-entropy, and MLM on the fused text tokens.
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -52,8 +53,10 @@ class ModelConfig:
     d_model: int = 768
     num_heads: int = 12
     spatial_layers: int = 4
-    spatial_mode: str = "cond"
-    attention_backend: str = "auto"  # auto: the Triton kernel on CUDA, else the PyTorch reference
+    # Spatial attention's gate: cond (GPS), weights predicted per query object; mul, one table
+    spatial_mode: Literal["cond", "mul"] = "cond"
+    # auto: the Triton kernel on CUDA, else the PyTorch reference; triton or reference force one
+    attention_backend: Literal["auto", "triton", "reference"] = "auto"
     grounding_layers: int = 4
     # The grounding encoder's attention. plain: GPS's self-attention over [text; objects]. spatial:
     # each layer also runs GPS's pairwise spatial attention over the objects, gated by their
@@ -65,13 +68,13 @@ class ModelConfig:
     embed_dim: int = 256  # shared space of the contrastive losses
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     freeze_text: bool = False
-    object_text: str = "caption"  # caption: object captions; class_name: "a <class>" prompts
+    object_text: Literal["caption", "class_name"] = "caption"  # caption: object captions; class_name: "a <class>"
     # Referral-object contrast. gps: the grounding encoder's fused objects against its fused [CLS]
     # by plain cosine (GPS's TextObjWithinBatch); projected: fused objects and the unfused sentence
     # through 256-d projections with a learnable temperature. Measured no better than GPS's form on
     # the demo (README, "What differs from GPS and why"), so GPS's is the default.
     referral_contrast: Literal["gps", "projected"] = "gps"
-    sentence_pooling: str = "mean"  # mean of the tokens, or cls
+    sentence_pooling: Literal["mean", "cls"] = "mean"  # mean of the tokens, or the [CLS] token (GPS)
     # Grounding head. mlp: Linear-GELU-Dropout-Linear; gps: GPS's og3d head, Linear-ReLU-LayerNorm-
     # Dropout-Linear (GPS: dropout 0.3). GPS's measured no better on the demo's held-out grounding.
     grounding_head: Literal["mlp", "gps"] = "mlp"
@@ -101,6 +104,7 @@ class ModelConfig:
 
 
 LOSS_NAMES = tuple(f.name for f in dataclasses.fields(LossWeights))
+TEXT_CACHE_SIZE = 4096  # distinct texts whose frozen-encoder features a model keeps
 
 
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
@@ -123,6 +127,10 @@ class GPSModel(nn.Module):
         self.text = TextEncoder(cfg.text)
         if cfg.freeze_text:
             self.text.requires_grad_(False)
+            self.text.eval()
+        self._text_cache: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        # features kept from other weights would be stale
+        self.register_load_state_dict_pre_hook(lambda *args, **kwargs: self._text_cache.clear())
         hidden = self.text.hidden_size
         self.text_to_model = nn.Sequential(nn.Linear(hidden, d), nn.LayerNorm(d))
         self.grounding = GroundingEncoder(d, cfg.num_heads, cfg.grounding_layers, cfg.ffn_dim, cfg.dropout,
@@ -164,6 +172,8 @@ class GPSModel(nn.Module):
     def encode_text(self, texts: list[str], device, mask: bool = False, max_length: int | None = None) -> dict:
         """Token features of `texts` (cut at `max_length` tokens, default `text.max_length`); with
         `mask`, BERT-masked input ids and MLM labels too."""
+        if self.cfg.freeze_text and not mask:
+            return self._encode_frozen(texts, device, max_length)
         tok = self.text.tokenize(texts, device, max_length)
         ids, labels = tok["input_ids"], None
         if mask:
@@ -173,6 +183,36 @@ class GPSModel(nn.Module):
         feats = self.text(ids, tok["attention_mask"])
         pad = tok["attention_mask"] == 0
         return {"feats": feats, "pad": pad, "labels": labels, "sentence": self.sentence_embedding(feats, pad)}
+
+    def _encode_frozen(self, texts: list[str], device, max_length: int | None) -> dict:
+        """Unmasked texts through the frozen text encoder (kept in eval mode, so a text's features
+        never change): each distinct text is encoded once and its token features kept, the
+        `TEXT_CACHE_SIZE` most recently used. The encoder still runs once per call, on the texts not
+        kept yet or on one empty text, so every rank makes the same module calls (ZeRO-3)."""
+        length = max_length or self.text.max_length
+        cache = self._text_cache
+        missing = list(dict.fromkeys(t for t in texts if (t, length) not in cache))
+        tok = self.text.tokenize(missing or [""], device, max_length)
+        with torch.no_grad():
+            encoded = self.text(tok["input_ids"], tok["attention_mask"])
+        for text, feats, keep in zip(missing, encoded, tok["attention_mask"].bool()):
+            cache[text, length] = feats[keep]
+        rows = []
+        for text in texts:
+            cache.move_to_end((text, length))
+            rows.append(cache[text, length].to(device))
+        while len(cache) > TEXT_CACHE_SIZE:
+            cache.popitem(last=False)
+        feats = nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        pad = torch.arange(feats.shape[1], device=device)[None] >= torch.tensor([len(r) for r in rows], device=device)[:, None]
+        return {"feats": feats, "pad": pad, "labels": None, "sentence": self.sentence_embedding(feats, pad)}
+
+    def train(self, mode: bool = True) -> "GPSModel":
+        """A frozen text encoder stays in eval mode: a fixed feature extractor, without dropout."""
+        super().train(mode)
+        if self.cfg.freeze_text:
+            self.text.eval()
+        return self
 
     def sentence_embedding(self, feats: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         """One vector per text: the [CLS] token (GPS) or the mean of the real tokens (sentence-
