@@ -220,7 +220,8 @@ def test_finetune_from_an_export_keeps_its_architecture_and_weights(finetuned, s
                                                                      "max_referrals": 2}},
            "model": {**TINY_MODEL, "d_model": 48}, "loss": {"grounding": 1.0, "mlm": 0.25},
            "optim": {"lr_text_encoder": 0.0, "lr_backbone": 0.0, "lr_heads": 0.0, "warmup_steps": 0}}
-    finetune_grounding(from_dict(GroundConfig, raw), pretrained=str(finetuned / "export.pt"), progress=False)
+    with pytest.warns(UserWarning, match=r"replaces 1 value\(s\) of the config: model.d_model 48 -> 32"):
+        finetune_grounding(from_dict(GroundConfig, raw), pretrained=str(finetuned / "export.pt"), progress=False)
     before, after = load_export(finetuned / "export.pt"), load_export(tmp_path / "export.pt")
     assert after["model_config"]["d_model"] == 32 and after["model_config"]["loss"]["mlm"] == 0.25
     assert before["state_dict"].keys() == after["state_dict"].keys()

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch.distributed as dist
 
@@ -40,7 +41,7 @@ class GroundDataConfig:
     train: list[str] = field(default_factory=list)  # shard files or directories
     val: list[str] = field(default_factory=list)
     transforms: TransformConfig = field(default_factory=lambda: TransformConfig(max_referrals=16))
-    benchmark: str = "nr3d"  # nr3d, sr3d (ReferIt3D accuracy) or scanrefer (Acc@0.25 / Acc@0.5)
+    benchmark: Literal["nr3d", "sr3d", "scanrefer"] = "nr3d"  # ReferIt3D accuracy, or ScanRefer Acc@0.25 / 0.5
     proposals: str | None = None  # ScanRefer: detector boxes of the val scans (JSON or .npz); None: GT boxes
     eval_max_scenes: int | None = None  # val scenes of the final benchmark evaluation (None: all)
     eval_referral_chunk: int = 64  # referrals grounded per forward in evaluation
@@ -92,21 +93,35 @@ def text_kinds_for(model_cfg: ModelConfig) -> frozenset[str]:
 
 
 def grounding_model_config(cfg: GroundConfig, export: dict | None) -> ModelConfig:
-    """The model to fine-tune: the export's architecture (or `cfg.model`) with `cfg.loss` as its losses."""
+    """The model to fine-tune: the export's architecture (or `cfg.model`) with `cfg.loss` as its losses.
+    With an export, every `model` value of the config that the export replaces is named in a warning."""
     base = cfg.model
     if export is not None:
         base = from_dict(ModelConfig, export["model_config"])
         base = dataclasses.replace(base, **{name: getattr(cfg.model, name) for name in TRAINING_MODEL_FIELDS})
+        replaced = [f"model.{key} {mine!r} -> {theirs!r}" for key, mine, theirs in differences(cfg.model, base)
+                    if key.split(".")[0] not in ("loss", "class_names")]
+        if replaced:
+            warnings.warn(f"the pre-trained export's architecture replaces {len(replaced)} value(s) of the config: "
+                          + ", ".join(replaced), stacklevel=2)
     return dataclasses.replace(base, loss=LossWeights(**dataclasses.asdict(cfg.loss)))
 
 
-def check_ground_config(cfg: GroundConfig) -> None:
-    from sparsegps.eval.grounding_model import BENCHMARKS
+def differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, value in a, value in b) of every field where two configs of one class differ."""
+    out = []
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x) and dataclasses.is_dataclass(y):
+            out += differences(x, y, f"{prefix}{f.name}.")
+        elif x != y:
+            out.append((f"{prefix}{f.name}", x, y))
+    return out
 
+
+def check_ground_config(cfg: GroundConfig) -> None:
     if not cfg.data.train:
         raise ValueError("data.train names no shards")
-    if cfg.data.benchmark not in BENCHMARKS:
-        raise ValueError(f"data.benchmark {cfg.data.benchmark!r} is not one of {', '.join(BENCHMARKS)}")
     if cfg.data.proposals and cfg.data.benchmark != "scanrefer":
         raise ValueError(f"data.proposals is for ScanRefer (Acc@k of proposal boxes), not {cfg.data.benchmark}")
     if cfg.loss.grounding <= 0 and cfg.loss.referral_object <= 0:
@@ -126,6 +141,7 @@ def finetune_grounding(cfg: GroundConfig, pretrained: str | None = None, resume:
                        progress: bool = True) -> dict:
     """Fine-tune, export to `output_dir/export.pt`, and evaluate on `data.val`; returns a summary."""
     from sparsegps.eval.grounding import save_report
+    from sparsegps.eval.grounding_diagnostics import save_diagnostics
     from sparsegps.eval.grounding_model import evaluate_grounding, save_predictions
     from sparsegps.eval.pretrain import evaluate_pretraining
 
@@ -151,7 +167,8 @@ def finetune_grounding(cfg: GroundConfig, pretrained: str | None = None, resume:
     def monitor() -> dict:
         result = evaluate_pretraining(engine.module, cfg.data.val, cfg.data.transforms, run.device, run.precision,
                                       cfg.micro_batch, cfg.data.monitor_scenes, progress=False)
-        return {k: result[k] for k in ("grounding_acc", "grounding_chance", "grounding_referrals")}
+        return {k: result[k] for k in ("grounding_acc", "grounding_class_prior", "grounding_within_class_accuracy",
+                                       "grounding_chance", "grounding_referrals")}
 
     extra = {"model_config": to_dict(cfg.model), "vocabulary": train_set.vocabulary, "voxel_size": voxel_size,
              "task": "grounding"}
@@ -171,9 +188,15 @@ def finetune_grounding(cfg: GroundConfig, pretrained: str | None = None, resume:
                 proposals_path=cfg.data.proposals, batch_size=cfg.micro_batch, max_scenes=cfg.data.eval_max_scenes,
                 referral_chunk=cfg.data.eval_referral_chunk, precision=run.precision, progress=progress)
             report["checkpoint"] = str(run.out / "export.pt")
+            diagnostics = report.pop("grounding_diagnostics", None)
             json_path, _ = save_report(report, run.out / "ground_report.json")
             save_predictions(records, run.out / "ground_predictions.jsonl")
             summary.update(benchmark_headline(report), report=str(json_path))
+            if diagnostics is not None:
+                save_diagnostics(diagnostics, run.out, "grounding", f"grounding after {stats['steps']} fine-tuning steps")
+                summary.update(ground_class_prior=diagnostics["class_prior"],
+                               ground_class_accuracy=diagnostics["class_accuracy"],
+                               ground_within_class_accuracy=diagnostics["within_class_accuracy"])
         atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=1))
     if dist.is_initialized():
         dist.barrier()

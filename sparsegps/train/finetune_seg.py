@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ class SegConfig(RunConfig):
     data: SegDataConfig = field(default_factory=SegDataConfig)
     model: SegModelConfig = field(default_factory=SegModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr_backbone=1e-3, lr_heads=1e-3, warmup_steps=50))
-    freeze: str = "none"  # none, encoder (train decoder + head), backbone (linear probe)
+    freeze: Literal["none", "encoder", "backbone"] = "none"  # encoder: train decoder + head; backbone: linear probe
     # Cross-entropy weights per class: share ** -class_balance of the global batch's labelled voxels
     # (0: plain mean; see `losses.class_balance_weights`), as the dense_text pre-training loss.
     class_balance: float = 0.0
