@@ -138,7 +138,9 @@ RUN_SCRIPT = textwrap.dedent("""
             original(*a, **k)
             import time; time.sleep(3)
         loop.save_checkpoint = slow_save
-    pretrain(cfg, resume=len(sys.argv) > 2, progress=False)
+    if len(sys.argv) > 2:
+        cfg.resume = "must"
+    pretrain(cfg, progress=False)
 """)
 
 
@@ -186,7 +188,7 @@ def test_corrupt_checkpoint_falls_back_to_previous_with_warning(shards, tmp_path
     partial.mkdir()  # a checkpoint whose writer died before its manifest
     capsys.readouterr()
     with pytest.warns(UserWarning) as record:
-        pretrain(config(shards, tmp_path, steps=6), resume=True, progress=False)
+        pretrain(config(shards, tmp_path, steps=6, resume="must"), progress=False)
     messages = [str(w.message) for w in record]
     assert any("step6 is unusable: no manifest" in m for m in messages)
     assert any("step4 is unusable: failed to load" in m for m in messages)

@@ -28,5 +28,5 @@ def run(args) -> int:
     if args.stage:
         args.set = [*args.set, f"stage={args.stage}"]
     cfg = load_training_config(PretrainConfig, args)
-    print(json.dumps(pretrain(cfg, resume=args.resume, progress=True), indent=1))
+    print(json.dumps(pretrain(cfg, progress=True), indent=1))
     return 0
