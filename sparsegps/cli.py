@@ -8,7 +8,11 @@ import importlib.util
 import logging
 import os
 import sys
+import time
 import warnings
+
+# Seconds a rank other than 0 waits before exiting on an error a user can fix (rank 0 prints it).
+ERROR_GRACE_S = 3.0
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -69,18 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     from sparsegps.errors import Preempted
+    from sparsegps.launch import rank_in_environment
 
     try:
         return int(module.run(args) or 0)
     except Preempted as e:  # a signal stopped training after a complete checkpoint
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank_in_environment() == 0:
             print(str(e), file=sys.stderr)
         return e.exit_code
     except _expected_errors() as e:
         if debug:
             raise
-        if int(os.environ.get("RANK", "0")) == 0:  # on several ranks, said once
+        if rank_in_environment() == 0:  # on several ranks, said once
             print(f"error: {e}", file=sys.stderr)
+        else:  # the launcher ends every rank when the first one exits: leave rank 0 the time to say it
+            time.sleep(ERROR_GRACE_S)
         return 2
 
 

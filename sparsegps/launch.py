@@ -106,6 +106,13 @@ def _slurm_world(env: Mapping[str, str]) -> World:
     return World(rank, size, local_rank, address, port, "slurm")
 
 
+def rank_in_environment() -> int:
+    """This process's rank as the launcher's environment says (RANK, else SLURM_PROCID), before or
+    after the process group exists; 0 when neither is set or readable."""
+    value = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    return int(value) if value.isdigit() else 0
+
+
 def export_world() -> World:
     """Discover this process's world and write it into the environment as the torch.distributed
     variables, so that every later reader (DeepSpeed, the device choice, the command line's
@@ -191,4 +198,5 @@ def strip_local_rank(argv: list[str]) -> tuple[list[str], int | None]:
     return out, local_rank
 
 
-__all__ = ["World", "discover_world", "expand_nodelist", "export_world", "free_port", "strip_local_rank"]
+__all__ = ["World", "discover_world", "expand_nodelist", "export_world", "free_port", "rank_in_environment",
+           "strip_local_rank"]

@@ -174,6 +174,17 @@ def launch_output(proc, timeout: float) -> str:
         raise AssertionError(f"{' '.join(proc.args)} hung for {timeout} s") from None
 
 
+def port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def newest_checkpoint(out: Path) -> tuple[int, dict]:
     from sparsegps.train.checkpoint import complete_checkpoints
 
@@ -185,9 +196,9 @@ def newest_checkpoint(out: Path) -> tuple[int, dict]:
 @pytest.mark.slow
 def test_one_run_through_every_launcher_with_signals_and_auto_resume(run_config, tmp_path, capsys, monkeypatch):
     """One run folder, continued by each launcher in turn with `--resume auto`: the deepspeed
-    launcher's `--local_rank=0 pretrain` starts it afresh on one rank; two srun-style tasks (SLURM
-    variables, no RANK) continue it as one world of 2; two static torchrun nodes continue it until
-    SIGTERM, which leaves a complete checkpoint; two c10d-rendezvous torchrun nodes finish it."""
+    launcher's `--local_rank=0 pretrain` starts it afresh on one rank; the sbatch script's two srun tasks
+    (SLURM variables, no RANK) continue it as one world of 2; two static torchrun nodes continue it
+    until SIGTERM, which leaves a complete checkpoint; two c10d-rendezvous torchrun nodes finish it."""
     from sparsegps.launch import free_port
 
     out = tmp_path / "run"
@@ -198,17 +209,27 @@ def test_one_run_through_every_launcher_with_signals_and_auto_resume(run_config,
     assert newest_checkpoint(out)[1]["world_size"] == 1
     assert "resumed" not in capsys.readouterr().out  # an empty folder: started afresh
 
-    port = free_port()
-    slurm = [{"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "77",
-              "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": str(port)} for rank in range(2)]
-    procs = [launch([sys.executable, "-m", "sparsegps.cli", *args, "--set", "steps=4"], wait=False, env=env)
-             for env in slurm]
-    (code0, output), (code1, _) = finish_all(procs)
-    assert code0 == code1 == 0, output[-4000:]
-    assert f"2 ranks, rendezvous at localhost:{port}" in output
+    # configs/slurm/pretrain.sbatch as SLURM runs it on 2 nodes of one task (a stand-in srun on PATH gives
+    # each task SLURM's variables, no RANK): the tasks meet at the node list's first host, on a port
+    # derived from the job id, and continue the 1-rank checkpoint as one world of 2
+    job = next(j for j in range(1000, 10000) if port_is_free(15000 + j))
+    slurm = {"PATH": f"{ROOT / 'tests/fake_slurm'}:{os.environ['PATH']}", "SLURM_JOB_ID": str(job),
+             "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NODELIST": "localhost",
+             "CONFIG": str(run_config), "DEEPSPEED": str(ROOT / "configs/deepspeed/zero2.json"), "OUTPUT_DIR": str(out),
+             "PYTHON": sys.executable, "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log")}
+    sbatch = ["bash", str(ROOT / "configs/slurm/pretrain.sbatch"), "--set", "data.val=[]", "--set", "eval_every=0"]
+    code, output = launch([*sbatch, "--set", "steps=4"], env=slurm)
+    assert code == 0, output[-4000:]
+    assert f"2 ranks, rendezvous at localhost:{15000 + job}" in output
     assert "step 2, 4 samples consumed, epoch 0; written by 1 rank(s), now 2" in output
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
-    assert newest_checkpoint(out)[1]["world_size"] == 2
+    assert newest_checkpoint(out)[1]["world_size"] == 2 and not (tmp_path / "scontrol.log").exists()
+    # stopped by SIGUSR1 or SIGTERM (exit 138 / 143): the job requeues itself; any other failure is reported
+    for status, requeued in ((138, True), (143, True), (2, False)):
+        code, _ = launch(sbatch, env={**slurm, "FAKE_SRUN_EXIT": str(status)})
+        log = tmp_path / "scontrol.log"
+        assert (code, log.exists() and log.read_text() == f"requeue {job}\n") == (0 if requeued else status, requeued)
+        log.unlink(missing_ok=True)
 
     port = free_port()
     procs = [launch(two_nodes(*args, "--set", "steps=40", node_rank=r, port=port), wait=False) for r in range(2)]
