@@ -6,10 +6,11 @@ folder with its `index.json`) and measures:
 
 - store setup: `SceneStore(folder)` (from `index.json`, no shard opened) against `SceneStore` of the
   same shards named as files (each opened to count its scenes, what every setup did before);
-- one pass over every scene in a shuffled order through a DataLoader with `--workers` workers, for
-  each cap on open shards per worker (`--max-open`; 0: no cap, each worker keeps every shard it
-  touched open): the most descriptors each worker held, its peak resident memory (RSS, and USS:
-  the pages no other process shares) and the shards it kept open.
+- `--passes` epochs over every scene, each in its own shuffled order, through one DataLoader whose
+  `--workers` workers persist (as in training), for each cap on open shards per worker
+  (`--max-open`; 0: no cap, each worker keeps every shard it touched open): the most descriptors
+  each worker held, its peak resident memory (RSS, and USS: the pages no other process shares) and
+  the shards it kept open.
 
 Descriptors are counted in /proc/self/fd after every item, memory read with psutil: Linux only.
 """
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenes-per-shard", type=int, default=2)
     parser.add_argument("--points", type=int, default=2000, help="points per scene (small: the shard count matters)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 8; quick 2)")
+    parser.add_argument("--passes", type=int, default=None,
+                        help="epochs read by the same workers (default 4; quick 2): without a cap, what a worker "
+                             "holds open grows with every epoch")
     parser.add_argument("--max-open", type=int, nargs="+", default=[64, 0],
                         help="caps on open shards per worker to measure (0: none)")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -71,8 +75,10 @@ def _keep(item):
     return item
 
 
-def read_pass(folder: Path, order: list[int], workers: int, max_open: int) -> tuple[float, dict[int, dict]]:
-    """Seconds of one pass over `order`, and per worker the most it held of each probe."""
+def read_passes(folder: Path, orders: list[list[int]], workers: int, max_open: int) -> tuple[float, dict[int, dict]]:
+    """Seconds of reading every order in turn through one DataLoader with persistent workers, and per
+    worker the most it held of each probe."""
+    order = [i for o in orders for i in o]
     loader = torch.utils.data.DataLoader(ProbedScenes(folder, max_open), batch_size=None, sampler=order,
                                          num_workers=workers, collate_fn=_keep,
                                          prefetch_factor=2 if workers else None)
@@ -97,6 +103,7 @@ def run(args: argparse.Namespace) -> dict:
     resolve_common(args, repeats=1, warmup=0)
     shards = args.shards or (40 if args.quick else 1000)
     workers = args.workers if args.workers is not None else (2 if args.quick else 8)
+    passes = args.passes or (2 if args.quick else 4)
     if not Path("/proc/self/fd").is_dir():
         raise SystemExit("error: bench shards counts descriptors in /proc/self/fd (Linux)")
     import resource
@@ -107,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sparsegps-bench-shards-"))
     result = Result(NAME, command_line(NAME, getattr(args, "argv", None)), dict(vars(args)),
                     baseline="no cap on open shards (every shard a worker touched stays open)")
-    result.config.update(shards=shards, workers=workers)
+    result.config.update(shards=shards, workers=workers, passes=passes)
     try:
         folder = root / "shards"
         write_shards(folder, shards, args.scenes_per_shard, args.points, args.seed)
@@ -118,14 +125,16 @@ def run(args: argparse.Namespace) -> dict:
             store = SceneStore(paths)
             setup[name] = time.perf_counter() - start
             assert len(store) == shards * args.scenes_per_shard
-        order = np.random.default_rng(args.seed + 1).permutation(shards * args.scenes_per_shard).tolist()
+        rng = np.random.default_rng(args.seed + 1)
+        orders = [rng.permutation(shards * args.scenes_per_shard).tolist() for _ in range(passes)]
+        scenes_read = sum(map(len, orders))
         rows = []
         for max_open in tqdm(args.max_open, desc="reading", unit="cap", leave=False):
-            seconds, peaks = read_pass(folder, order, workers, max_open)
+            seconds, peaks = read_passes(folder, orders, workers, max_open)
             per_worker = [peaks[w] for w in sorted(peaks)]
             rows.append({
                 "max_open": max_open or "none", "workers": workers, "seconds": seconds,
-                "scenes_per_s": len(order) / seconds,
+                "scenes_per_s": scenes_read / seconds,
                 "descriptors_max": max(p["descriptors"] for p in per_worker),
                 "descriptors_median": float(np.median([p["descriptors"] for p in per_worker])),
                 "open_shards_max": max(p["open_shards"] for p in per_worker),
@@ -140,8 +149,9 @@ def run(args: argparse.Namespace) -> dict:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
     result.notes += [
-        f"{shards} shards of {args.scenes_per_shard} scenes ({args.points} points each), read once each in one "
-        f"shuffled order by {workers} DataLoader workers (prefetch 2), so every worker touches most shards",
+        f"{shards} shards of {args.scenes_per_shard} scenes ({args.points} points each), read {passes} times, each "
+        f"epoch in its own shuffled order, by the same {workers} DataLoader workers (prefetch 2); open_shards_max "
+        f"without a cap is how many distinct shards a worker touched",
         f"store setup: {setup['index.json'] * 1e3:.0f} ms from index.json (no shard opened) vs "
         f"{setup['shard files'] * 1e3:.0f} ms opening the {shards} shards named as files",
         "descriptors: the most open in a worker at any item (/proc/self/fd: its shards, two each, plus what the "

@@ -240,3 +240,28 @@ def test_the_open_file_limit_is_raised_to_the_hard_limit():
         assert raised == hard or (hard == resource.RLIM_INFINITY and raised >= 256)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class SignalsItself(torch.utils.data.Dataset):
+    """Each item sends SIGTERM and SIGUSR1 to the process reading it, as SLURM signals every process."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return i
+
+
+@pytest.mark.parametrize("ignore", [True, False])
+def test_dataloader_workers_outlive_a_job_wide_stop_signal(ignore):
+    from sparsegps.train.preemption import ignore_stop_signals_in_worker
+
+    loader = torch.utils.data.DataLoader(SignalsItself(), num_workers=1,
+                                         worker_init_fn=ignore_stop_signals_in_worker if ignore else None)
+    if ignore:
+        assert [int(x) for x in loader] == [0, 1, 2, 3]
+    else:  # what the training process would meet without it
+        with pytest.raises(RuntimeError, match="DataLoader worker"):
+            list(loader)

@@ -218,7 +218,7 @@ def test_one_run_through_every_launcher_with_signals_and_auto_resume(run_config,
              "CONFIG": str(run_config), "DEEPSPEED": str(ROOT / "configs/deepspeed/zero2.json"), "OUTPUT_DIR": str(out),
              "PYTHON": sys.executable, "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log")}
     sbatch = ["bash", str(ROOT / "configs/slurm/pretrain.sbatch"), "--set", "data.val=[]", "--set", "eval_every=0"]
-    code, output = launch([*sbatch, "--set", "steps=4"], env=slurm)
+    code, output = launch([*sbatch, "--set", "steps=4", "--set", "num_workers=1"], env=slurm)
     assert code == 0, output[-4000:]
     assert f"2 ranks, rendezvous at localhost:{15000 + job}" in output
     assert "step 2, 4 samples consumed, epoch 0; written by 1 rank(s), now 2" in output
@@ -232,7 +232,8 @@ def test_one_run_through_every_launcher_with_signals_and_auto_resume(run_config,
         log.unlink(missing_ok=True)
 
     port = free_port()
-    procs = [launch(two_nodes(*args, "--set", "steps=40", node_rank=r, port=port), wait=False) for r in range(2)]
+    procs = [launch(two_nodes(*args, "--set", "steps=40", "--set", "num_workers=1", node_rank=r, port=port),
+                    wait=False) for r in range(2)]
     deadline = time.time() + 300
     while time.time() < deadline and all(p.poll() is None for p in procs):
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

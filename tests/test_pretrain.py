@@ -283,6 +283,12 @@ def test_every_shipped_pretraining_config_loads(path):
     assert cfg.steps > 0 and cfg.global_batch % cfg.micro_batch == 0
 
 
+@pytest.mark.parametrize("name", ["base_gpu.yaml", "gps.yaml"])
+def test_gpu_presets_start_on_1_to_64_gpus_at_their_global_batch(name):
+    cfg = load_config(PretrainConfig, ROOT / "configs/pretrain" / name)
+    assert all(cfg.global_batch % (cfg.micro_batch * gpus) == 0 for gpus in (1, 2, 4, 8, 16, 32, 64))
+
+
 def test_gps_preset_keeps_gps_s_loss_set_and_schedule():
     cfg = load_config(PretrainConfig, ROOT / "configs/pretrain/gps.yaml")
     weights = {k: v for k, v in vars(cfg.model.loss).items() if v}

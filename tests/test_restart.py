@@ -50,8 +50,12 @@ def _worker(rank, world, port, data, runs):
         return original_forward(self, batch)
 
     def restore(run, engine, order):
+        import deepspeed
+
         position = original_restore(run, engine, order)
-        resumed.update({k: v.detach().clone() for k, v in engine.module.state_dict().items()})
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
+                                               enabled=engine.zero_optimization_stage() == 3):
+            resumed.update({k: v.detach().clone() for k, v in engine.module.state_dict().items()})
         return position
 
     ScenesDataset.__getitem__, GPSModel.forward, loop.restore = recording, forward, restore
