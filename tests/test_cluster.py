@@ -113,6 +113,20 @@ def test_stop_signals_set_a_flag_while_training_and_restore_the_handlers():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+def test_the_checkpoint_clock_is_rank_0_s_alone(monkeypatch):
+    import sparsegps.train.preemption as preemption
+
+    now = [1000.0]
+    monkeypatch.setattr(preemption.time, "monotonic", lambda: now[0])
+    clocks = [preemption.CheckpointClock(2.0, rank) for rank in (0, 1)] + [preemption.CheckpointClock(0.0, 0)]
+    now[0] += 119.0
+    assert [c.due() for c in clocks] == [False, False, False]
+    now[0] += 1.0
+    assert [c.due() for c in clocks] == [True, False, False]  # only rank 0's clock says save; 0 minutes: never
+    clocks[0].reset()
+    assert not clocks[0].due()
+
+
 def test_a_stopped_run_exits_with_128_plus_the_signal_and_one_line(monkeypatch, capsys):
     import sparsegps.train.pretrain as module
 
@@ -265,3 +279,51 @@ def test_dataloader_workers_outlive_a_job_wide_stop_signal(ignore):
     else:  # what the training process would meet without it
         with pytest.raises(RuntimeError, match="DataLoader worker"):
             list(loader)
+
+
+class BrokenEngine:
+    """What load_latest_checkpoint asks of a DeepSpeed engine; every load fails like a corrupt file."""
+
+    def __init__(self, stage: int):
+        self.stage, self._config, self.tried = stage, type("Config", (), {})(), []
+
+    def zero_optimization_stage(self) -> int:
+        return self.stage
+
+    def load_checkpoint(self, directory, tag):
+        self.tried.append((Path(directory).name, tag))
+        raise RuntimeError("PytorchStreamReader failed reading zip archive")
+
+
+def fake_checkpoint(directory: Path, step: int, world: int, stage: int | None, manifest: bool = True) -> None:
+    import json
+
+    folder = directory / f"step{step}"
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
+    if manifest:
+        (folder / "manifest.json").write_text(json.dumps({"step": step, "world_size": world, "zero_stage": stage,
+                                                          "files": {"mp_rank_00_model_states.pt": 16}}))
+
+
+def test_when_no_checkpoint_loads_the_error_says_why_for_each(tmp_path):
+    from sparsegps.train.checkpoint import load_latest_checkpoint
+
+    assert load_latest_checkpoint(BrokenEngine(2), tmp_path / "none") is None  # nothing there: start afresh
+    fake_checkpoint(tmp_path, 6, world=1, stage=2, manifest=False)  # its writer died before the manifest
+    fake_checkpoint(tmp_path, 4, world=2, stage=2)  # another world size: needs resharding, fails
+    fake_checkpoint(tmp_path, 2, world=1, stage=2)  # this world size: a corrupt file
+    engine = BrokenEngine(2)
+    with pytest.warns(UserWarning), pytest.raises(UsageError) as error:
+        load_latest_checkpoint(engine, tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"no checkpoint in {tmp_path} loads: ")
+    assert "step6: no manifest (partial checkpoint)" in message
+    assert "step4: failed to load (written by 2 ranks, this run has 1: RuntimeError: converting it to a universal " \
+           "checkpoint failed" in message
+    assert "step2: failed to load (RuntimeError: PytorchStreamReader failed reading zip archive)" in message
+    assert engine.tried == [(tmp_path.name, "step2")]  # resharding failed before DeepSpeed read anything
+    assert not (tmp_path / "step4/.tmp-universal").exists()
+    with pytest.warns(UserWarning), pytest.raises(UsageError, match="step4 was written under ZeRO stage 2 and this "
+                                                                    "run uses stage 3"):
+        load_latest_checkpoint(BrokenEngine(3), tmp_path)

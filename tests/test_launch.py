@@ -205,8 +205,10 @@ def test_one_run_through_every_launcher_with_signals_and_auto_resume(run_config,
     args = pretrain_args(run_config, out, "--resume", "auto", "--set", "data.val=[]", "--set", "eval_every=0")
     # the deepspeed launcher runs `python -u -m sparsegps.cli --local_rank=0 pretrain ...` (LOCAL_RANK set too)
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert cli.main(["--local_rank=0", *args, "--set", "steps=2"]) == 0, capsys.readouterr().err[-3000:]
-    assert newest_checkpoint(out)[1]["world_size"] == 1
+    # checkpoints by the clock too: every step, as 0.006 s have always passed since the last one
+    clock = ["--set", "checkpoint_every=100", "--set", "checkpoint_every_minutes=0.0001"]
+    assert cli.main(["--local_rank=0", *args, "--set", "steps=2", *clock]) == 0, capsys.readouterr().err[-3000:]
+    assert newest_checkpoint(out)[1]["world_size"] == 1 and (out / "checkpoints/step1/manifest.json").exists()
     assert "resumed" not in capsys.readouterr().out  # an empty folder: started afresh
 
     # configs/slurm/pretrain.sbatch as SLURM runs it on 2 nodes of one task (a stand-in srun on PATH gives

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import random
 import shutil
 import warnings
@@ -185,24 +184,26 @@ def _universal_folder(checkpoint: Checkpoint) -> Path:
     """`checkpoint` as a DeepSpeed universal checkpoint, converted on rank 0 when not done before
     (every rank calls this; all of them raise when the conversion failed)."""
     folder = checkpoint.path / UNIVERSAL
+    tmp = checkpoint.path / f".tmp-{UNIVERSAL}"
     outcome = [None]
     if _rank() == 0 and not folder.is_dir():
         try:
             from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-            tmp = checkpoint.path / f".tmp-{UNIVERSAL}"
             shutil.rmtree(tmp, ignore_errors=True)
             print(f"converting {checkpoint.path} (written by {checkpoint.world_size} ranks) to a universal "
                   f"checkpoint for {_world()} ranks", flush=True)
+            # in this process (no worker pool forked from a process that holds a process group)
             args = argparse.Namespace(input_folder=str(checkpoint.path), output_folder=str(tmp),
-                                      num_extract_workers=min(4, os.cpu_count() or 1), num_merge_workers=1,
-                                      keep_temp_folder=False, strict=True, inject_missing_state=True)
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True)
             with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints every stage and its arguments
                 ds_to_universal(args)
             (checkpoint.path / "latest_universal").unlink(missing_ok=True)  # names the temporary folder
             tmp.rename(folder)
         except Exception as e:  # noqa: BLE001 (any failure of the conversion is reported the same way)
             outcome[0] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            shutil.rmtree(tmp, ignore_errors=True)
     if dist.is_initialized():
         dist.broadcast_object_list(outcome, src=0)
     if outcome[0] is not None:
@@ -281,8 +282,8 @@ def load_latest_checkpoint(engine, directory: str | Path) -> tuple[Checkpoint, d
                       f"one", stacklevel=2)
     if problems:
         listed = "; ".join(f"{tag}: {problem}" for tag, problem in problems.items())
-        raise UsageError(f"no checkpoint in {directory} loads: {listed}; move the broken ones away to resume from an "
-                         f"older one, or start afresh in another output_dir")
+        raise UsageError(f"no checkpoint in {directory} loads: {listed}; move the broken ones out of the folder to "
+                         f"resume from an older one, or start afresh in another output_dir")
     return None
 
 
