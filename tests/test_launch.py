@@ -1,6 +1,7 @@
 """The command line as users launch it: `torchrun -m sparsegps.cli pretrain` on 2 ranks with uneven
-data and an odd held-out set, kill-and-resume on 2 ranks, and errors a user can fix printed as one
-line with exit status 2 (once, on several ranks)."""
+data and an odd held-out set, kill-and-resume on 2 ranks, one run continued by every launcher (the
+deepspeed launcher's form, the sbatch script's srun tasks, static and c10d torchrun nodes) through a
+SIGTERM, and errors a user can fix printed as one line with exit status 2 (once, on several ranks)."""
 from __future__ import annotations
 
 import json
