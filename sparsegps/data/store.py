@@ -525,10 +525,15 @@ class SceneStore:
             raise
         except (KeyError, OSError, ValueError) as e:
             raise ShardError(f"missing or unreadable index ({e})", file=str(info.path)) from None
+        stale = None
         if len(opened.ids) != info.num_scenes:
+            stale = f"holds {len(opened.ids)} scenes where index.json lists {info.num_scenes}"
+        elif json.loads(opened.file.attrs["label_vocabulary"]) != info.vocabulary:
+            stale = "has another label vocabulary than index.json"
+        if stale:
             opened.close()
-            raise ShardError(f"holds {len(opened.ids)} scenes where index.json lists {info.num_scenes}: the index "
-                             f"is stale; re-pack the folder, or delete index.json", file=str(info.path))
+            raise ShardError(f"{stale}: the index is stale; re-pack the folder, or delete index.json",
+                             file=str(info.path))
         self._open[shard] = opened
         return opened
 

@@ -61,7 +61,8 @@ def _all_ranks_succeeded(ok: bool) -> bool:
     """Whether `ok` holds on every rank (one collective), so that all ranks take the same branch."""
     if not dist.is_initialized():
         return ok
-    failed = torch.tensor([0.0 if ok else 1.0])
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    failed = torch.tensor([0.0 if ok else 1.0], device=device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(failed)
     return failed.item() == 0
 
