@@ -327,3 +327,13 @@ def test_when_no_checkpoint_loads_the_error_says_why_for_each(tmp_path):
     with pytest.warns(UserWarning), pytest.raises(UsageError, match="step4 was written under ZeRO stage 2 and this "
                                                                     "run uses stage 3"):
         load_latest_checkpoint(BrokenEngine(3), tmp_path)
+
+
+@pytest.mark.parametrize("local_rank,visible,expected", [(3, 8, 3), (3, 1, 0), (5, 2, 1)])
+def test_a_rank_takes_its_local_gpu_among_those_it_sees(monkeypatch, local_rank, visible, expected):
+    from sparsegps.device import pick_device
+
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert pick_device("cuda") == torch.device("cuda", expected)
