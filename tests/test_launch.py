@@ -239,8 +239,8 @@ def test_one_run_through_every_launcher_with_signals_and_auto_resume(run_config,
                     wait=False) for r in range(2)]
     deadline = time.time() + 300
     while time.time() < deadline and all(p.poll() is None for p in procs):
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        if rows[-1]["step"] >= 5:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        if json.loads(next(line for line in reversed(lines) if line.endswith("}")))["step"] >= 5:
             break
         time.sleep(0.1)
     for proc in procs:  # what a scheduler does before the time limit: SIGTERM to each node's launcher
