@@ -69,7 +69,8 @@ def test_bench_data_quick_through_the_cli(tmp_path, capsys):
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
 def test_bench_shards_quick_caps_what_each_worker_holds_open(tmp_path):
-    assert cli.main(["bench", "shards", "--quick", "--max-open", "4", "0", "--out", str(tmp_path)]) == 0
+    argv = ["bench", "shards", "--quick", "--passes", "1", "--max-open", "4", "0", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
     data = json.loads((tmp_path / "shards.json").read_text())
     capped, uncapped = data["rows"]
     assert (capped["max_open"], uncapped["max_open"], capped["workers"]) == (4, "none", 2)
