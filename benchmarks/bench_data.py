@@ -11,8 +11,11 @@ The same seeded scenes are written in three layouts:
   (int16) and instance.npy (int16), read with `np.load`.
 
 Each layout is read in one shuffled order through a DataLoader with 0 and 2 workers (one scene
-per item), with the OS page cache warm (after a full untimed pass) and, where the page cache can be
-dropped (root), cold. Ratios are scenes/s over the .pth layout's scenes/s in the same setting.
+per item, prefetch 2 as in training), with the OS page cache warm (after a full untimed pass) and,
+where the page cache can be dropped (root), cold. With workers, each pass either builds a new
+DataLoader (`fresh`: worker start-up is part of the pass) or reuses one whose workers persist
+(`persistent`: what training does, one loader for the whole run). Ratios are scenes/s over the .pth
+layout's scenes/s in the same setting.
 """
 from __future__ import annotations
 
@@ -136,13 +139,23 @@ def _keep(item):
     return item
 
 
-def read_all(dataset: torch.utils.data.Dataset, order: list[int], workers: int) -> None:
-    """Read every scene of `dataset` in `order` through a DataLoader."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=workers,
-                                         collate_fn=_keep, prefetch_factor=4 if workers else None)
+def make_loader(dataset: torch.utils.data.Dataset, order: list[int], workers: int,
+                persistent: bool = False) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=workers,
+                                       collate_fn=_keep, prefetch_factor=2 if workers else None,
+                                       persistent_workers=persistent)
+
+
+def read_all(loader: torch.utils.data.DataLoader) -> None:
+    """Read every scene of the loader's order."""
     n = sum(1 for _ in loader)
-    if n != len(order):
-        raise RuntimeError(f"read {n} scenes, expected {len(order)}")
+    if n != len(loader.sampler):
+        raise RuntimeError(f"read {n} scenes, expected {len(loader.sampler)}")
+
+
+def fresh_pass(dataset: torch.utils.data.Dataset, order: list[int], workers: int) -> None:
+    """A pass through a new DataLoader: its workers start (and end) within the pass."""
+    read_all(make_loader(dataset, order, workers))
 
 
 def write_layouts(scenes: Iterable[Scene], root: Path, compressions: list[str]
@@ -230,33 +243,44 @@ def run(args: argparse.Namespace) -> dict:
             result.notes.append("the page cache could not be dropped (needs root): cold reads not measured")
             if not states:
                 states = ["warm"]
-        progress = tqdm(total=len(states) * len(args.workers), desc="reading", unit="measurement", leave=False)
+        settings = [(w, mode) for w in args.workers for mode in (("fresh", "persistent") if w else ("-",))]
+        progress = tqdm(total=len(states) * len(settings), desc="reading", unit="measurement", leave=False)
         rows = []
         for state in states:
-            for workers in args.workers:
-                passes = {name: (lambda d=dataset, w=workers: read_all(d, order, w)) for name, dataset in datasets.items()}
+            for workers, mode in settings:
+                if mode == "persistent":  # one loader per layout, its workers started by an untimed pass
+                    loaders = {name: make_loader(dataset, order, workers, persistent=True)
+                               for name, dataset in datasets.items()}
+                    for loader in loaders.values():
+                        read_all(loader)
+                    passes = {name: (lambda loader=loader: read_all(loader)) for name, loader in loaders.items()}
+                else:
+                    passes = {name: (lambda d=dataset, w=workers: fresh_pass(d, order, w))
+                              for name, dataset in datasets.items()}
                 if state == "warm":
                     timings = time_interleaved(passes, repeats=args.repeats, warmup=max(args.warmup, 1), track_cpu=True)
                 else:
                     timings = time_interleaved(passes, repeats=args.repeats, warmup=0, before_each=drop_page_cache,
                                                track_cpu=True)
+                passes = loaders = None  # persistent workers end with their loaders
                 for name, timing in timings.items():
-                    rows.append({"method": name, "cache": state, "workers": workers, **timing.to_dict(),
-                                 "scenes_per_s": len(order) / timing.median,
+                    rows.append({"method": name, "cache": state, "workers": workers, "worker_start": mode,
+                                 **timing.to_dict(), "scenes_per_s": len(order) / timing.median,
                                  "mpoints_per_s": totals["points"] * 1e-6 / timing.median,
                                  "bytes_on_disk": sizes[name], "bytes_per_scene": sizes[name] / len(order)})
                 progress.update()
         progress.close()
         for row in rows:
             base = next(r for r in rows if r["method"].startswith("pth") and r["cache"] == row["cache"]
-                        and r["workers"] == row["workers"])
+                        and r["workers"] == row["workers"] and r["worker_start"] == row["worker_start"])
             row["ratio_vs_baseline"] = ratio(base["seconds"], row["seconds"])
             row["cpu_ratio_vs_baseline"] = ratio(base["cpu_seconds"], row["cpu_seconds"])
             row["size_vs_baseline"] = row["bytes_on_disk"] / base["bytes_on_disk"]
         result.rows = rows
         for row in rows:
             if row["method"].startswith("shards"):
-                result.targets.append(target(f"{row['method']} vs pth, {row['workers']} workers, {row['cache']} cache",
+                workers = f"{row['workers']} workers" + (f" ({row['worker_start']})" if row["workers"] else "")
+                result.targets.append(target(f"{row['method']} vs pth, {workers}, {row['cache']} cache",
                                              row["ratio_vs_baseline"], TARGET_VS_PTH))
     finally:
         if args.workdir is None:
@@ -269,7 +293,10 @@ def run(args: argparse.Namespace) -> dict:
         "returns the four arrays",
         "warm: after one untimed full pass, the files sit in the OS page cache; cold: page cache dropped "
         "(echo 3 > /proc/sys/vm/drop_caches) before every timed pass",
-        "a pass builds a new DataLoader, so worker start-up is included (the same for every layout)",
+        "worker_start fresh: a pass builds a new DataLoader, so worker start-up is included (the same for every "
+        "layout); persistent: the loader's workers live across passes (started before timing), as in training, "
+        "where one DataLoader serves the whole run",
+        "cpu_seconds of persistent passes count this process only: the workers are still running when it is read",
         "layouts are timed in interleaved rounds (one pass of each per round), so load from other processes "
         "changing during the run slows them alike",
         "cpu_seconds: CPU time of the pass (this process and its finished workers), which other processes "
@@ -277,7 +304,8 @@ def run(args: argparse.Namespace) -> dict:
         "shards (none) is the default of `sparsegps pack` and `write_scenes`: contiguous tables read with one "
         "preadv per table and scene",
     ]
-    return finish(result, machine, ["method", "cache", "workers", "seconds", "scenes_per_s", "mpoints_per_s",
+    return finish(result, machine, ["method", "cache", "workers", "worker_start", "seconds", "scenes_per_s",
+                                    "mpoints_per_s",
                                     "bytes_per_scene", "ratio_vs_baseline", "cpu_ratio_vs_baseline",
                                     "size_vs_baseline"],
                   args.out, plot=_plot)
@@ -285,7 +313,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _plot(data: dict, path: Path) -> None:
     rows = data["rows"]
-    bar_chart(path, [f"{r['method']}, {r['workers']}w, {r['cache']}" for r in rows],
+    bar_chart(path, [f"{r['method']}, {r['workers']}w {r.get('worker_start', '')}, {r['cache']}" for r in rows],
               [r["scenes_per_s"] for r in rows], ylabel="scenes/s (higher is better)",
               title="Reading scenes", highlight=[r["method"].startswith("shards") for r in rows])
 

@@ -8,7 +8,11 @@ import importlib.util
 import logging
 import os
 import sys
+import time
 import warnings
+
+# Seconds a rank other than 0 waits before exiting on an error a user can fix (rank 0 prints it).
+ERROR_GRACE_S = 3.0
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    # the deepspeed launcher passes --local_rank=N before the subcommand (`--module sparsegps.cli`);
+    # it sets LOCAL_RANK too, which is what the training commands read
+    from sparsegps.launch import strip_local_rank
+
+    argv, local_rank = strip_local_rank(argv)
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
     commands = _available()
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(
@@ -61,13 +72,22 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    from sparsegps.errors import Preempted
+    from sparsegps.launch import rank_in_environment
+
     try:
         return int(module.run(args) or 0)
+    except Preempted as e:  # a signal stopped training after a complete checkpoint
+        if rank_in_environment() == 0:
+            print(str(e), file=sys.stderr)
+        return e.exit_code
     except _expected_errors() as e:
         if debug:
             raise
-        if int(os.environ.get("RANK", "0")) == 0:  # on several ranks, said once
+        if rank_in_environment() == 0:  # on several ranks, said once
             print(f"error: {e}", file=sys.stderr)
+        else:  # the launcher ends every rank when the first one exits: leave rank 0 the time to say it
+            time.sleep(ERROR_GRACE_S)
         return 2
 
 

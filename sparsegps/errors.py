@@ -1,4 +1,5 @@
-"""Failures a user can fix, reported by the command line as one line and exit status 2."""
+"""Failures a user can fix, reported by the command line as one line and exit status 2, and the
+stop on a signal, reported as one line and exit status 128 + the signal's number."""
 from __future__ import annotations
 
 
@@ -7,4 +8,17 @@ class UsageError(Exception):
     with nothing to resume. The message names the file and says what to do."""
 
 
-__all__ = ["UsageError"]
+class Preempted(Exception):
+    """Training stopped on a signal (SIGTERM, SIGUSR1) after every rank finished its step and a
+    complete checkpoint was saved; the same command with `--resume auto` continues the run. The
+    command line exits with `exit_code` (128 + the signal's number, as a shell reports a process
+    the signal ended), so schedulers and torchrun see a stopped run, not a finished one."""
+
+    def __init__(self, signal_name: str, signal_number: int, step: int, checkpoint: str):
+        super().__init__(f"stopped by {signal_name} after step {step}: checkpoint {checkpoint} saved; the same "
+                         f"command with --resume auto continues the run")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        self.exit_code = 128 + signal_number
+
+
+__all__ = ["Preempted", "UsageError"]

@@ -10,7 +10,7 @@ import numpy as np
 import torch.multiprocessing as mp
 
 from sparsegps.data import Scene, write_scenes
-from sparsegps.train.loop import ResumableSampler
+from sparsegps.train.order import SampleOrder
 
 from conftest import VOCAB, make_scene
 
@@ -29,12 +29,14 @@ def without(scene: Scene, lack: str, rng: np.random.Generator) -> Scene:
 
 
 def uneven_train_set(out: Path, micro_batch: int, seed: int = 0, world: int = 2, rank_lacking: int = 1) -> int:
-    """Write len(LACKS) steps of micro-batches (one epoch) where `rank_lacking`'s micro-batch at step
-    k lacks LACKS[k]; scenes have 1-5 objects. Returns the number of scenes."""
+    """Write len(LACKS) steps of micro-batches (one epoch, global batch micro_batch x world) where
+    `rank_lacking`'s micro-batch at step k lacks LACKS[k]; scenes have 1-5 objects. Returns the
+    number of scenes."""
     n = len(LACKS) * micro_batch * world
     rng = np.random.default_rng(seed)
     scenes = [make_scene(rng, f"t{i:02d}", 300, int(rng.integers(1, 6))) for i in range(n)]
-    mine = ResumableSampler(n, rank_lacking, world, seed).indices()
+    share = SampleOrder(n, micro_batch * world, seed).rank_share(0, rank_lacking, world, micro_batch)
+    mine = [index for _, (_, index) in zip(range(n // world), share)]
     for step, lack in enumerate(LACKS):
         for i in mine[step * micro_batch:(step + 1) * micro_batch]:
             scenes[i] = without(scenes[i], lack, rng)
@@ -51,7 +53,7 @@ def odd_val_set(out: Path, count: int = 3, seed: int = 1) -> None:
 
 def spawn(fn, *args, world: int = 2) -> None:
     """Run fn(rank, world, port, *args) on `world` local processes (a gloo group each joins)."""
-    from sparsegps.train.engine import free_port
+    from sparsegps.launch import free_port
 
     mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
 

@@ -54,10 +54,10 @@ def test_bench_data_quick_through_the_cli(tmp_path, capsys):
     data = load(tmp_path, "data")
     check_schema(data, "data", lambda row, rows: next(
         r for r in rows if r["method"].startswith("pth") and r["workers"] == row["workers"]
-        and r["cache"] == row["cache"]))
+        and r["cache"] == row["cache"] and r["worker_start"] == row["worker_start"]))
     methods = {r["method"] for r in data["rows"]}
     assert methods == {"shards (lzf)", "shards (none)", "pth (GPS)", "npy (Pointcept)"}
-    assert {r["workers"] for r in data["rows"]} == {0, 2}
+    assert {(r["workers"], r["worker_start"]) for r in data["rows"]} == {(0, "-"), (2, "fresh"), (2, "persistent")}
     assert data["config"]["scenes"] == 12
     for row in data["rows"]:
         assert row["bytes_on_disk"] > 0
@@ -65,6 +65,19 @@ def test_bench_data_quick_through_the_cli(tmp_path, capsys):
         assert row["cpu_seconds"] > 0 and row["cpu_ratio_vs_baseline"] > 0
     assert "--compression lzf none" in data["command"]
     assert "| shards (lzf) |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+def test_bench_shards_quick_caps_what_each_worker_holds_open(tmp_path):
+    argv = ["bench", "shards", "--quick", "--passes", "1", "--max-open", "4", "0", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    data = json.loads((tmp_path / "shards.json").read_text())
+    capped, uncapped = data["rows"]
+    assert (capped["max_open"], uncapped["max_open"], capped["workers"]) == (4, "none", 2)
+    # 40 shards read in a shuffled order: without a cap each worker keeps most of them open
+    assert capped["open_shards_max"] == 4 and uncapped["open_shards_max"] > 15
+    assert uncapped["descriptors_max"] - capped["descriptors_max"] >= 2 * (uncapped["open_shards_max"] - 4) - 4
+    assert capped["uss_mb_max"] > 0 and set(data["details"]["setup_seconds"]) == {"index.json", "shard files"}
 
 
 def test_bench_encoder_quick(tmp_path):
@@ -120,7 +133,7 @@ def test_bench_table_names_the_planned_modules():
         "batch-prep": "sparsegps.benchmarks.bench_batch_prep",
         "attention": "sparsegps.benchmarks.bench_spatial_attention",
         "train-step": "sparsegps.benchmarks.bench_train_step", "scaling": "sparsegps.benchmarks.bench_scaling",
-        "transfer": "sparsegps.benchmarks.bench_transfer"}
+        "transfer": "sparsegps.benchmarks.bench_transfer", "shards": "sparsegps.benchmarks.bench_shards"}
 
 
 def test_benchmark_runs_as_a_script():

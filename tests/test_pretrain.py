@@ -138,7 +138,9 @@ RUN_SCRIPT = textwrap.dedent("""
             original(*a, **k)
             import time; time.sleep(3)
         loop.save_checkpoint = slow_save
-    pretrain(cfg, resume=len(sys.argv) > 2, progress=False)
+    if len(sys.argv) > 2:
+        cfg.resume = "must"
+    pretrain(cfg, progress=False)
 """)
 
 
@@ -186,7 +188,7 @@ def test_corrupt_checkpoint_falls_back_to_previous_with_warning(shards, tmp_path
     partial.mkdir()  # a checkpoint whose writer died before its manifest
     capsys.readouterr()
     with pytest.warns(UserWarning) as record:
-        pretrain(config(shards, tmp_path, steps=6), resume=True, progress=False)
+        pretrain(config(shards, tmp_path, steps=6, resume="must"), progress=False)
     messages = [str(w.message) for w in record]
     assert any("step6 is unusable: no manifest" in m for m in messages)
     assert any("step4 is unusable: failed to load" in m for m in messages)
@@ -279,6 +281,12 @@ def test_monitor_missing_package_is_named(shards, tmp_path, monkeypatch):
 def test_every_shipped_pretraining_config_loads(path):
     cfg = load_config(PretrainConfig, path)
     assert cfg.steps > 0 and cfg.global_batch % cfg.micro_batch == 0
+
+
+@pytest.mark.parametrize("name", ["base_gpu.yaml", "gps.yaml"])
+def test_gpu_presets_start_on_1_to_64_gpus_at_their_global_batch(name):
+    cfg = load_config(PretrainConfig, ROOT / "configs/pretrain" / name)
+    assert all(cfg.global_batch % (cfg.micro_batch * gpus) == 0 for gpus in (1, 2, 4, 8, 16, 32, 64))
 
 
 def test_gps_preset_keeps_gps_s_loss_set_and_schedule():

@@ -158,9 +158,11 @@ def test_other_schema_version_is_refused(tmp_path, scenes):
     write_scenes(scenes[:2], tmp_path, vocabulary=VOCAB, progress=False)
     with h5py.File(tmp_path / "shard-00000.h5", "a") as f:
         f.attrs["schema_version"] = 99
-    with pytest.raises(ShardError) as err:
-        SceneStore(tmp_path)
+    with pytest.raises(ShardError) as err:  # set up from index.json: the shard is opened on first read
+        SceneStore(tmp_path)[0]
     assert "schema version 99" in str(err.value) and "shard-00000.h5" in str(err.value)
+    with pytest.raises(ShardError, match="schema version 99"):  # named as a file, it is opened at once
+        SceneStore(tmp_path / "shard-00000.h5")
 
 
 def test_truncated_and_corrupted_shards_are_detected(tmp_path, scenes, capsys):
@@ -170,7 +172,7 @@ def test_truncated_and_corrupted_shards_are_detected(tmp_path, scenes, capsys):
     shard = trunc / "shard-00000.h5"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(ShardError, match="truncated or corrupted"):
-        SceneStore(trunc)
+        SceneStore(trunc)[0]
     assert cli_main(["inspect", str(trunc)]) == 1
     assert "shard-00000.h5" in capsys.readouterr().err
 

@@ -19,6 +19,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
              "scenes/s reading scenes: HDF5 shards vs per-scene .pth (GPS) vs per-scene .npy folders"),
     "encoder": ("sparsegps.benchmarks.bench_encoder",
                 "object encoding: spconv U-Net + instance pooling vs GPS's PointNet++"),
+    "shards": ("sparsegps.benchmarks.bench_shards",
+               "many shards: store setup from index.json; descriptors and memory per DataLoader worker"),
     "batch-prep": ("sparsegps.benchmarks.bench_batch_prep",
                    "stored scene -> model input: shards + voxelization vs GPS's per-object resampling"),
     "attention": ("sparsegps.benchmarks.bench_spatial_attention",

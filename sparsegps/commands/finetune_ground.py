@@ -24,7 +24,7 @@ def run(args) -> int:
     from sparsegps.train.finetune_ground import GroundConfig, finetune_grounding
 
     cfg = load_training_config(GroundConfig, args)
-    summary = finetune_grounding(cfg, args.pretrained, resume=args.resume)
+    summary = finetune_grounding(cfg, args.pretrained)
     print(json.dumps(summary, indent=1))
     if "report" in summary:
         print()

@@ -18,5 +18,5 @@ def run(args) -> int:
     from sparsegps.train.finetune_seg import SegConfig, finetune_segmentation
 
     cfg = load_training_config(SegConfig, args)
-    print(json.dumps(finetune_segmentation(cfg, args.pretrained, resume=args.resume), indent=1))
+    print(json.dumps(finetune_segmentation(cfg, args.pretrained), indent=1))
     return 0

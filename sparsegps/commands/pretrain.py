@@ -3,8 +3,11 @@
 Single process (no launcher):    sparsegps pretrain --config configs/pretrain/tiny_cpu.yaml
 ZeRO-2 on 8 GPUs of one node:    torchrun --nproc_per_node 8 -m sparsegps.cli pretrain \\
                                      --config configs/pretrain/base_gpu.yaml --deepspeed configs/deepspeed/zero2.json
-Several nodes:                   deepspeed --hostfile hosts -m sparsegps.cli pretrain ... (or torchrun per node)
+Several nodes:                   deepspeed --hostfile hosts --module sparsegps.cli pretrain ..., torchrun on
+                                 every node, or srun (configs/slurm/pretrain.sbatch); README: Running on a cluster
 
+--resume auto continues from the newest complete checkpoint or starts afresh: one command starts and
+restarts a run. SIGTERM or SIGUSR1 saves a checkpoint after the current step and exits 128 + signal.
 Any config key can be overridden: --set steps=200 --set data.train=[runs/data/train].
 
 GPS's two stages: `--stage objects` trains object classification of the pooled tokens alone; a second
@@ -28,5 +31,5 @@ def run(args) -> int:
     if args.stage:
         args.set = [*args.set, f"stage={args.stage}"]
     cfg = load_training_config(PretrainConfig, args)
-    print(json.dumps(pretrain(cfg, resume=args.resume, progress=True), indent=1))
+    print(json.dumps(pretrain(cfg, progress=True), indent=1))
     return 0

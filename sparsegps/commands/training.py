@@ -1,8 +1,6 @@
 """Arguments shared by the training commands (pretrain, finetune-seg, finetune-ground)."""
 from __future__ import annotations
 
-import argparse
-
 
 def add_training_arguments(parser, config_help: str, pretrained: bool = True) -> None:
     parser.add_argument("--config", required=True, help=config_help)
@@ -11,13 +9,15 @@ def add_training_arguments(parser, config_help: str, pretrained: bool = True) ->
     parser.add_argument("--deepspeed", help="DeepSpeed JSON (configs/deepspeed/zero{1,2,3}.json)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--output-dir", help="run directory (overrides output_dir)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    parser.add_argument("--resume", nargs="?", const="must", choices=["auto", "must"],
+                        help="auto: continue from the newest complete checkpoint, or start afresh when there is "
+                             "none (one command starts and restarts a run); must (the default of a bare --resume): "
+                             "continue, refusing a run folder without checkpoints (config key: resume)")
 
 
 def load_training_config(cls, args):
-    """The run's config from --config, --set, --deepspeed and --output-dir; a bad one raises
-    ConfigError before any work starts (the command line prints it as one line)."""
+    """The run's config from --config, --set, --deepspeed, --output-dir and --resume; a bad one
+    raises ConfigError before any work starts (the command line prints it as one line)."""
     from sparsegps.config import load_config
 
     overrides = list(args.set)
@@ -25,4 +25,6 @@ def load_training_config(cls, args):
         overrides.append(f"deepspeed={args.deepspeed}")
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
+    if args.resume:
+        overrides.append(f"resume={args.resume}")
     return load_config(cls, args.config, overrides)

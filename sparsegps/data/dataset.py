@@ -14,7 +14,9 @@ class ScenesDataset(torch.utils.data.Dataset):
     Shards are opened lazily, once per process, on first access, so the dataset can be built
     before a DataLoader forks its workers. Augmentation randomness is a function of
     (seed, epoch, index) alone: the same scene gets the same sample whichever worker or rank
-    loads it, which makes resumed runs identical to uninterrupted ones.
+    loads it, which makes resumed runs identical to uninterrupted ones. An item is a scene index
+    (in the epoch of `set_epoch`) or an (epoch, index) pair, as the training sampler gives them:
+    DataLoader workers that live across epochs never see `set_epoch`.
     """
 
     def __init__(self, paths, transforms: TransformConfig | Compose | None = None, seed: int = 0,
@@ -43,11 +45,12 @@ class ScenesDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
         scene = self.store[index]
         if self._semantic_map is not None:
             scene.semantic = self._semantic_map[scene.semantic]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         sample = self.transforms(scene, rng)
         sample["index"] = index
         sample["object_label_id"] = np.array([self.label_index.get(o.label, -1) for o in sample["objects"]],

@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -300,12 +300,56 @@ def resolve_shards(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> li
 
 @dataclass
 class ShardInfo:
+    """What a store knows of one shard before opening it: from `index.json`, or from the file."""
+
     path: Path
     num_scenes: int
     vocabulary: list[str]
     source: str
-    attrs: dict
-    schema_version: int = SCHEMA_VERSION
+    scene_ids: list[str] | None = None  # from index.json; None: read from the file when asked
+    _attrs: dict | None = None
+
+    @property
+    def attrs(self) -> dict:
+        """The shard's file attributes (read from the file on first use when the index gave the rest)."""
+        if self._attrs is None:
+            with _open_shard(self.path) as f:
+                self._attrs = dict(f.attrs)
+        return self._attrs
+
+    @property
+    def schema_version(self) -> int:
+        """The shard's own schema version (a folder's shards may differ while an upgrade runs)."""
+        return int(self.attrs["schema_version"])
+
+    @classmethod
+    def from_file(cls, path: Path) -> ShardInfo:
+        with _open_shard(path) as f:
+            try:
+                return cls(path, int(f["scenes/id"].shape[0]), json.loads(f.attrs["label_vocabulary"]),
+                           str(f.attrs.get("source", "")), _attrs=dict(f.attrs))
+            except (KeyError, OSError, ValueError) as e:
+                raise ShardError(f"missing or unreadable index ({e})", file=str(path)) from None
+
+
+def _shards_from_index(folder: Path) -> list[ShardInfo] | None:
+    """The shards `folder/index.json` lists, without opening them; None when the index lacks what a
+    store needs (an index of an older writer), so the shards are opened instead."""
+    index_path = folder / INDEX_NAME
+    try:
+        index = json.loads(index_path.read_text())
+        vocabulary = list(index["label_vocabulary"])
+        shards = [ShardInfo(folder / entry["file"], len(entry["scenes"]), vocabulary, str(index.get("source", "")),
+                            [str(i) for i in entry["scenes"]]) for entry in index["shards"]]
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, json.JSONDecodeError):
+            raise ShardError(f"unreadable index ({e})", file=str(index_path)) from None
+        return None
+    for shard in shards:
+        if not shard.path.is_file():
+            raise ShardError("listed in index.json but missing: re-pack the folder, or delete index.json to read "
+                             "the shards present", file=str(shard.path))
+    return shards
 
 
 def _open_shard(path: Path) -> h5py.File:
@@ -399,37 +443,58 @@ class _OpenShard:
         os.close(self.fd)
 
 
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files to its hard limit (DataLoader workers inherit
+    it): every worker keeps up to `SceneStore.max_open` shards open, each with two descriptors, on top
+    of the sockets and shared-memory segments of the process group. Returns (soft, hard)."""
+    try:
+        import resource
+    except ImportError:  # not on this OS
+        return -1, -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # some systems cap below the reported hard limit
+            pass
+    return soft, hard
+
+
+DEFAULT_MAX_OPEN = 64
+
+
 class SceneStore:
     """Random access to the scenes of one or more shards: `len(store)`, `store[i] -> Scene`.
 
-    Files are opened lazily on first access in the calling process, so a store created before a
-    DataLoader forks its workers is safe: each worker opens its own handles. Inside a DataLoader
+    Setup reads a folder's `index.json` (shards, scene ids, vocabulary) without opening a shard;
+    folders without one and shard files given by name are opened to read their counts. Files are
+    opened lazily on first access in the calling process, so a store created before a DataLoader
+    forks its workers is safe: each worker opens its own handles. A process keeps at most `max_open`
+    shards open (two descriptors each), closing the least recently used. Inside a DataLoader
     worker, arrays handed back to the main process travel through shared memory
     (`sparsegps.data.sharing`), not through a pipe.
     """
 
-    def __init__(self, paths, verify: bool = False):
-        self.paths = resolve_shards(paths)
+    def __init__(self, paths, verify: bool = False, max_open: int = DEFAULT_MAX_OPEN):
         self.verify = verify
+        self.max_open = max_open
         self.shards: list[ShardInfo] = []
-        counts = []
-        for p in self.paths:
-            with _open_shard(p) as f:
-                try:
-                    n = int(f["scenes/id"].shape[0])
-                    info = ShardInfo(p, n, json.loads(f.attrs["label_vocabulary"]), str(f.attrs.get("source", "")),
-                                     dict(f.attrs), int(f.attrs["schema_version"]))
-                except (KeyError, OSError, ValueError) as e:
-                    raise ShardError(f"missing or unreadable index ({e})", file=str(p)) from None
-            self.shards.append(info)
-            counts.append(n)
+        for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+            p = Path(p)
+            listed = _shards_from_index(p) if p.is_dir() and (p / INDEX_NAME).exists() else None
+            self.shards += listed if listed is not None else [ShardInfo.from_file(f) for f in resolve_shards([p])]
+        if not self.shards:
+            raise FileNotFoundError(f"no shards found in {paths}")
+        self.paths = [s.path for s in self.shards]
         vocabularies = {tuple(s.vocabulary) for s in self.shards}
         if len(vocabularies) > 1:
             raise ShardError("shards use different label vocabularies; pack them into one store",
                              file=str(self.paths[-1]), field="label_vocabulary")
         self.vocabulary: list[str] = list(self.shards[0].vocabulary)
-        self._starts = np.cumsum([0] + counts)
-        self._open: dict[int, _OpenShard] = {}
+        self._starts = np.cumsum([0] + [s.num_scenes for s in self.shards])
+        self._open: OrderedDict[int, _OpenShard] = OrderedDict()
         self._pid = None
 
     def __len__(self) -> int:
@@ -445,20 +510,36 @@ class SceneStore:
 
     def _shard(self, shard: int) -> _OpenShard:
         if self._pid != os.getpid():  # opened before a fork: start afresh in this process
-            self._open, self._pid = {}, os.getpid()
+            self._open, self._pid = OrderedDict(), os.getpid()
             from .sharing import share_arrays_from_workers
             share_arrays_from_workers()
-        if shard not in self._open:
-            try:
-                self._open[shard] = _OpenShard(self.paths[shard])
-            except ShardError:
-                raise
-            except (KeyError, OSError, ValueError) as e:
-                raise ShardError(f"missing or unreadable index ({e})", file=str(self.paths[shard])) from None
-        return self._open[shard]
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        while self._open and len(self._open) >= max(1, self.max_open):
+            self._open.popitem(last=False)[1].close()
+        info = self.shards[shard]
+        try:
+            opened = _OpenShard(info.path)
+        except ShardError:
+            raise
+        except (KeyError, OSError, ValueError) as e:
+            raise ShardError(f"missing or unreadable index ({e})", file=str(info.path)) from None
+        stale = None
+        if len(opened.ids) != info.num_scenes:
+            stale = f"holds {len(opened.ids)} scenes where index.json lists {info.num_scenes}"
+        elif json.loads(opened.file.attrs["label_vocabulary"]) != info.vocabulary:
+            stale = "has another label vocabulary than index.json"
+        if stale:
+            opened.close()
+            raise ShardError(f"{stale}: the index is stale; re-pack the folder, or delete index.json",
+                             file=str(info.path))
+        self._open[shard] = opened
+        return opened
 
     def scene_ids(self) -> list[str]:
-        return [sid for shard in range(len(self.paths)) for sid in self._shard(shard).ids]
+        return [sid for shard, info in enumerate(self.shards)
+                for sid in (info.scene_ids if info.scene_ids is not None else self._shard(shard).ids)]
 
     def stored_checksum(self, index: int) -> str:
         """The checksum the shard records for scene `index`."""
@@ -512,11 +593,11 @@ class SceneStore:
     def close(self) -> None:
         for sh in self._open.values():
             sh.close()
-        self._open = {}
+        self._open = OrderedDict()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_open={}, _pid=None)
+        state.update(_open=OrderedDict(), _pid=None)
         return state
 
     def __del__(self):

@@ -1,17 +1,34 @@
-"""Atomic, verifiable DeepSpeed checkpoints that keep the last K, and the fp32 export.
+"""Atomic, verifiable DeepSpeed checkpoints that keep the last K, resumable on any number of ranks,
+and the fp32 export.
 
 A checkpoint is written by `engine.save_checkpoint` under a hidden temporary tag, with each rank's
-RNG states beside it, described by a manifest (every file and its size), then renamed to `step<N>`; `latest` is rewritten atomically
-last. On resume the newest checkpoint whose manifest matches the files on disk and which loads is
-used; a partial or corrupt one is skipped with a warning naming it. The directory must be on a
-file system every rank sees (one machine, or a shared file system across nodes).
+RNG states beside it, described by a manifest (every file and its size, the world size and ZeRO
+stage that wrote it), then renamed to `step<N>`; `latest` is rewritten atomically last. On resume the
+newest checkpoint whose manifest matches the files on disk and which loads is used; a partial or
+corrupt one is skipped with a warning naming it, and when none loads the error says why for each.
+
+A checkpoint written by another number of ranks loads too. Without ZeRO every rank holds the whole
+optimizer state, so nothing changes. Under ZeRO 1-3 each rank's file holds its partition, so the
+checkpoint is first converted (once, on rank 0) into DeepSpeed's universal checkpoint
+(`ds_to_universal`, in `step<N>/universal`), which any number of ranks loads
+(`load_universal_checkpoint`). DeepSpeed's universal load restores the parameters the optimizer
+holds, not buffers (BatchNorm statistics) nor frozen parameters; those are taken from the
+checkpoint's consolidated state. Ranks then start from RNG states seeded by (seed, step, rank):
+per-rank states of another world size have no rank to go to.
+
+The directory must be on a file system every rank sees (one machine, or a shared file system across
+nodes; `setup_run` checks it at start).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import random
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +39,7 @@ from sparsegps.errors import UsageError
 from sparsegps.files import atomic_write_text
 
 MANIFEST = "manifest.json"
+UNIVERSAL = "universal"  # the folder of a checkpoint's universal conversion, inside it
 EXPORT_FORMAT = "sparsegps-export"
 EXPORT_METADATA = ("step", "model_config", "backbone_config", "vocabulary", "voxel_size", "task")
 
@@ -30,9 +48,23 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _all_ranks_succeeded(ok: bool) -> bool:
+    """Whether `ok` holds on every rank (one collective), so that all ranks take the same branch."""
+    if not dist.is_initialized():
+        return ok
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    failed = torch.tensor([0.0 if ok else 1.0], device=device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(failed)
+    return failed.item() == 0
 
 
 def rng_state() -> dict:
@@ -53,6 +85,14 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_rng(seed: int, step: int, rank: int) -> None:
+    """Python, numpy and torch RNGs seeded from (seed, step, rank): a rank's start on resharding."""
+    mixed = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
 
 
 def _step_tags(directory: Path) -> list[str]:
@@ -78,7 +118,9 @@ def save_checkpoint(engine, directory: str | Path, step: int, client_state: dict
     if _rank() == 0:
         tmp = directory / tmp_tag
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+        manifest = {"step": step, "world_size": _world(), "zero_stage": int(engine.zero_optimization_stage()),
+                    "files": files}
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -107,28 +149,153 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def load_latest_checkpoint(engine, directory: str | Path) -> dict | None:
-    """Load the newest complete checkpoint; returns its client state, or None when there is none."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint: its folder, step, and the world size and ZeRO stage that wrote it
+    (None when an older manifest does not say)."""
+
+    path: Path
+    step: int
+    world_size: int
+    zero_stage: int | None
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
+
+
+def complete_checkpoints(directory: str | Path) -> tuple[list[Checkpoint], dict[str, str]]:
+    """The complete checkpoints in `directory`, newest first, and what is wrong with the others
+    ({tag: problem})."""
     directory = Path(directory)
-    if not directory.exists():
-        return None
-    for tag in _step_tags(directory):
-        problem = verify_checkpoint(directory / tag)
-        if problem is None:
-            try:
-                path, client_state = engine.load_checkpoint(str(directory), tag=tag)
-            except Exception as e:  # a corrupted tensor file: fall back to the previous checkpoint
-                problem = f"failed to load ({type(e).__name__}: {e})"
-            else:
-                if path is not None:
-                    own_rng = directory / tag / f"rng_rank{_rank()}.pt"
-                    if own_rng.exists():
-                        client_state["rng"] = torch.load(own_rng, weights_only=True)
-                    return client_state
-                problem = "DeepSpeed found nothing to load"
-        warnings.warn(f"checkpoint {directory / tag} is unusable: {problem}; trying the previous one",
-                      stacklevel=2)
+    found, problems = [], {}
+    for tag in _step_tags(directory) if directory.is_dir() else []:
+        path = directory / tag
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            problems[tag] = problem
+            continue
+        manifest = json.loads((path / MANIFEST).read_text())
+        world = manifest.get("world_size") or len(list(path.glob("rng_rank*.pt"))) or 1
+        found.append(Checkpoint(path, int(tag[4:]), int(world), manifest.get("zero_stage")))
+    return found, problems
+
+
+def _universal_folder(checkpoint: Checkpoint) -> Path:
+    """`checkpoint` as a DeepSpeed universal checkpoint, converted on rank 0 when not done before
+    (every rank calls this; all of them raise when the conversion failed)."""
+    folder = checkpoint.path / UNIVERSAL
+    tmp = checkpoint.path / f".tmp-{UNIVERSAL}"
+    outcome = [None]
+    if _rank() == 0 and not folder.is_dir():
+        try:
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"converting {checkpoint.path} (written by {checkpoint.world_size} ranks) to a universal "
+                  f"checkpoint for {_world()} ranks", flush=True)
+            # in this process (no worker pool forked from a process that holds a process group)
+            args = argparse.Namespace(input_folder=str(checkpoint.path), output_folder=str(tmp),
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True)
+            with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints every stage and its arguments
+                ds_to_universal(args)
+            (checkpoint.path / "latest_universal").unlink(missing_ok=True)  # names the temporary folder
+            tmp.rename(folder)
+        except Exception as e:  # noqa: BLE001 (any failure of the conversion is reported the same way)
+            outcome[0] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_initialized():
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise RuntimeError(f"converting it to a universal checkpoint failed ({outcome[0]})")
+    return folder
+
+
+def _restore_what_universal_loads_skip(engine, checkpoint: Checkpoint) -> None:
+    """Buffers (BatchNorm statistics) and frozen parameters from the checkpoint's consolidated state:
+    DeepSpeed's universal load restores only the parameters its optimizer holds."""
+    import deepspeed
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
+    module = engine.module
+    frozen = [(name, p) for name, p in module.named_parameters() if not p.requires_grad and name in state]
+    with torch.no_grad(), deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=0,
+                                                            enabled=engine.zero_optimization_stage() == 3):
+        for name, p in frozen:
+            p.copy_(state[name])
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in state:
+                buffer.copy_(state[name])
+
+
+def _load(engine, checkpoint: Checkpoint) -> dict:
+    """Load one checkpoint into `engine` (resharding it when another world size wrote it under
+    ZeRO); returns its client state, with this rank's RNG states under "rng" when it has its own."""
+    reshard = checkpoint.world_size != _world() and engine.zero_optimization_stage() > 0
+    # DeepSpeed reads this switch of its config only when loading a checkpoint
+    engine._config.load_universal_checkpoint = reshard
+    if reshard:
+        folder = _universal_folder(checkpoint)
+        path, client_state = engine.load_checkpoint(str(checkpoint.path), tag=folder.name)
+    else:
+        path, client_state = engine.load_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
+    if path is None:
+        raise RuntimeError("DeepSpeed found nothing to load")
+    if reshard:
+        _restore_what_universal_loads_skip(engine, checkpoint)
+    client_state.pop("rng", None)
+    own_rng = checkpoint.path / f"rng_rank{_rank()}.pt"
+    if checkpoint.world_size == _world() and own_rng.exists():
+        client_state["rng"] = torch.load(own_rng, weights_only=True)
+    return client_state
+
+
+def load_latest_checkpoint(engine, directory: str | Path) -> tuple[Checkpoint, dict] | None:
+    """Load the newest complete checkpoint that loads; returns it and its client state, or None when
+    `directory` holds no checkpoint at all. Checkpoints that fail are skipped with a warning naming
+    them; when checkpoints exist and none loads, a UsageError says why for each.
+
+    Every rank must call it: the ranks agree after each attempt, so they load the same one."""
+    directory = Path(directory)
+    checkpoints, problems = complete_checkpoints(directory)
+    for tag, problem in problems.items():
+        warnings.warn(f"checkpoint {directory / tag} is unusable: {problem}; trying the previous one", stacklevel=2)
+    stage = engine.zero_optimization_stage()
+    for checkpoint in checkpoints:
+        if checkpoint.zero_stage is not None and checkpoint.zero_stage != stage:
+            raise UsageError(f"{checkpoint.path} was written under ZeRO stage {checkpoint.zero_stage} and this run "
+                             f"uses stage {stage}: resume with the DeepSpeed config the run started with")
+        try:
+            client_state, problem = _load(engine, checkpoint), None
+        except Exception as e:  # noqa: BLE001 (a corrupted tensor file, a failed conversion: try the previous one)
+            client_state, problem = None, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        if _all_ranks_succeeded(problem is None):
+            return checkpoint, client_state
+        problem = problem or "failed to load on another rank"
+        if checkpoint.world_size != _world():
+            problem = f"written by {checkpoint.world_size} ranks, this run has {_world()}: {problem}"
+        problems[checkpoint.tag] = f"failed to load ({problem})"
+        warnings.warn(f"checkpoint {checkpoint.path} is unusable: failed to load ({problem}); trying the previous "
+                      f"one", stacklevel=2)
+    if problems:
+        listed = "; ".join(f"{tag}: {problem}" for tag, problem in problems.items())
+        raise UsageError(f"no checkpoint in {directory} loads: {listed}; move the broken ones out of the folder to "
+                         f"resume from an older one, or start afresh in another output_dir")
     return None
+
+
+def remove_checkpoints(directory: str | Path) -> list[str]:
+    """Delete every checkpoint in `directory` (a run that starts afresh there); returns their tags."""
+    directory = Path(directory)
+    tags = _step_tags(directory) if directory.is_dir() else []
+    for tag in tags:
+        shutil.rmtree(directory / tag, ignore_errors=True)
+    (directory / "latest").unlink(missing_ok=True)
+    return tags
 
 
 def export_state_dict(checkpoint_dir: str | Path, out_path: str | Path, tag: str | None = None,

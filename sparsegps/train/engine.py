@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +10,8 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+
+from sparsegps.launch import export_world
 
 
 @dataclass
@@ -39,22 +39,17 @@ class OptimConfig:
     lr_scaling_power: float = 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device_type: str, timeout_s: float = 1800.0) -> tuple[int, int]:
     """Join (or create) the process group: NCCL on GPU, gloo on CPU.
 
-    Under torchrun or the deepspeed launcher the environment names rank and world; a plain
-    `python`/`sparsegps` process becomes a world of one on a free local port. A collective that
+    The world comes from the launcher's environment (`sparsegps.launch.discover_world`: torchrun,
+    the deepspeed launcher, srun; a plain process is a world of one on a free local port), which is
+    written back as RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. A collective that
     waits more than `timeout_s` fails (gloo raises; NCCL's watchdog aborts the process)."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port()))
+        world = export_world()
+        if world.launcher == "slurm" and world.size > 1 and world.rank == 0:
+            print(f"joining {world.size} SLURM tasks at {world.master_addr}:{world.master_port}", flush=True)
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo",

@@ -77,8 +77,8 @@ class ReferralScenesDataset(ScenesDataset):
         super().__init__(paths, transforms, seed=seed)
         self.text_kinds = text_kinds
 
-    def __getitem__(self, index: int) -> dict:
-        sample = super().__getitem__(index)
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        sample = super().__getitem__(item)
         sample["texts"] = [t for t in sample["texts"] if t.kind in self.text_kinds]
         return sample
 
@@ -137,8 +137,7 @@ def load_grounding_export(path: str) -> dict:
     return blob
 
 
-def finetune_grounding(cfg: GroundConfig, pretrained: str | None = None, resume: bool = False,
-                       progress: bool = True) -> dict:
+def finetune_grounding(cfg: GroundConfig, pretrained: str | None = None, progress: bool = True) -> dict:
     """Fine-tune, export to `output_dir/export.pt`, and evaluate on `data.val`; returns a summary."""
     from sparsegps.eval.grounding import save_report
     from sparsegps.eval.grounding_diagnostics import save_diagnostics
@@ -157,7 +156,7 @@ def finetune_grounding(cfg: GroundConfig, pretrained: str | None = None, resume:
         warnings.warn("data.transforms.max_referrals is not set: every referral of a scene enters each step",
                       stacklevel=2)
     cfg = dataclasses.replace(cfg, model=grounding_model_config(cfg, blob))  # config.yaml shows the model trained
-    run = setup_run(cfg, resume)
+    run = setup_run(cfg)
     train_set = ReferralScenesDataset(cfg.data.train, cfg.data.transforms, cfg.seed, text_kinds_for(cfg.model))
     model = GPSModel(cfg.model)
     if blob is not None:
@@ -172,7 +171,7 @@ def finetune_grounding(cfg: GroundConfig, pretrained: str | None = None, resume:
 
     extra = {"model_config": to_dict(cfg.model), "vocabulary": train_set.vocabulary, "voxel_size": voxel_size,
              "task": "grounding"}
-    stats = train_loop(run, engine, train_set, client_state=extra, resume=resume, progress=progress,
+    stats = train_loop(run, engine, train_set, client_state=extra, progress=progress,
                        desc="finetune-ground", evaluate=monitor if cfg.data.val else None)
     summary = {"ground_steps": stats["steps"], "ground_scenes_per_s": stats["scenes_per_s"],
                "ground_loss": stats.get("loss"), "pretrained": pretrained, "benchmark": cfg.data.benchmark,

@@ -110,8 +110,7 @@ def backbone_config_of_export(blob: dict) -> SpUNetConfig:
     return from_dict(SpUNetConfig, blob["model_config"]["backbone"])
 
 
-def finetune_segmentation(cfg: SegConfig, pretrained: str | None = None, resume: bool = False,
-                          progress: bool = True) -> dict:
+def finetune_segmentation(cfg: SegConfig, pretrained: str | None = None, progress: bool = True) -> dict:
     from sparsegps.eval.segmentation import evaluate_segmentation, write_report
 
     if not cfg.data.train:
@@ -119,7 +118,7 @@ def finetune_segmentation(cfg: SegConfig, pretrained: str | None = None, resume:
     blob = load_export(pretrained) if pretrained else None
     if blob is not None:  # the backbone's shape comes from the pre-trained model
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone_config_of_export(blob)))
-    run = setup_run(cfg, resume)
+    run = setup_run(cfg)
     train_set = ScenesDataset(cfg.data.train, cfg.data.transforms, seed=cfg.seed)
     names, remap = class_names_and_remap(train_set.vocabulary, cfg.data.labels)
     model = SegmentationModel(cfg.model, names, head=zero_shot_head(cfg.model, pretrained, names))
@@ -135,7 +134,7 @@ def finetune_segmentation(cfg: SegConfig, pretrained: str | None = None, resume:
     engine, _ = build_engine(run, wrapped, groups, cfg.optim)
     extra = {"backbone_config": to_dict(model.cfg.backbone), "vocabulary": names, "task": "segmentation",
              "voxel_size": cfg.data.transforms.voxel_size, "model_config": to_dict(model.cfg)}
-    stats = train_loop(run, engine, train_set, client_state=extra, resume=resume, progress=progress,
+    stats = train_loop(run, engine, train_set, client_state=extra, progress=progress,
                        desc="finetune-seg")
     summary = {"seg_steps": stats["steps"], "seg_scenes_per_s": stats["scenes_per_s"],
                "seg_loss": stats.get("loss"), "pretrained": pretrained, "freeze": cfg.freeze}

@@ -1,18 +1,18 @@
 """The training loop shared by pre-training and fine-tuning.
 
-Each part decides one thing: `Position` where the run is (step, epoch, scenes consumed; restored
-exactly on resume) and which micro-batches come next; `Schedule` when to log, evaluate and save;
-`TrainMeter` what was measured (reduced over ranks); `MetricsLog` where it goes. `train_loop`
-only runs micro-batches through the engine and lets each part act.
+Each part decides one thing: `SampleOrder` which samples each step reads, the same on any number of
+ranks; `Position` where the run is (optimizer steps, samples consumed; restored exactly on resume);
+`Schedule` when to log, evaluate and save; `StopSignals` and `CheckpointClock` when to save and stop
+besides; `TrainMeter` what was measured (reduced over ranks); `MetricsLog` where it goes.
+`train_loop` only runs micro-batches through the engine and lets each part act.
 
 On several ranks every rank runs the same micro-batches count, issues the same collectives (the
-model's, the meter's, the finiteness check's) and saves and evaluates at the same steps. A failed
-collective (a timeout after `dist_timeout_s`, mismatched sizes) ends the run with an error naming
-the rank and the step.
+model's, the meter's, and one per micro-batch that carries the finiteness of the loss, stop signals
+and the checkpoint clock) and saves and evaluates at the same steps. A failed collective (a timeout
+after `dist_timeout_s`, mismatched sizes) ends the run with an error naming the rank and the step.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -21,11 +21,16 @@ import torch.distributed as dist
 
 from sparsegps.data import collate_scenes, move_batch
 from sparsegps.distributed import all_reduce_sum
-from sparsegps.errors import UsageError
+from sparsegps.errors import Preempted, UsageError
 
-from .checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, seed_rng, set_rng_state
 from .meter import MetricsLog, TrainMeter, peak_memory_mb
+from .order import RankSampler, SampleOrder
+from .preemption import STOP_SIGNALS, CheckpointClock, StopSignals, ignore_stop_signals_in_worker, signal_name
 from .run import Run, RunConfig, build_engine, resolve_precision, setup_run
+
+# Batches each DataLoader worker prepares ahead: 2 x workers micro-batches wait in shared memory.
+PREFETCH_FACTOR = 2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,35 +39,6 @@ class NonFiniteLossError(RuntimeError):
 
 class CollectiveError(RuntimeError):
     """A collective failed or timed out; the message names the rank and the step."""
-
-
-class ResumableSampler(torch.utils.data.Sampler):
-    """This rank's share of a seeded per-epoch permutation, startable mid-epoch.
-
-    Like DistributedSampler (the permutation is repeated to a multiple of the world size and dealt
-    out round-robin), plus a start position: the samples of this epoch already consumed."""
-
-    def __init__(self, size: int, rank: int, world: int, seed: int, shuffle: bool = True):
-        self.size, self.rank, self.world, self.seed, self.shuffle = size, rank, world, seed, shuffle
-        self.epoch, self.start = 0, 0
-        self.per_rank = math.ceil(size / world)
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = epoch, start
-
-    def indices(self) -> list[int]:
-        order = list(range(self.size))
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        total = self.per_rank * self.world
-        order = (order * math.ceil(total / max(self.size, 1)))[:total]
-        return order[self.rank::self.world]
-
-    def __iter__(self):
-        return iter(self.indices()[self.start:])
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start
 
 
 @dataclass
@@ -86,101 +62,139 @@ class Schedule:
 
 @dataclass
 class Position:
-    """Optimizer steps taken, the epoch, and the scenes of this epoch this rank has consumed."""
+    """Optimizer steps taken and samples of the run's `SampleOrder` consumed by all ranks together
+    (the data position, independent of the world size)."""
 
     step: int = 0
-    epoch: int = 0
-    consumed: int = 0
+    samples: int = 0
     micro: int = 0
 
-    def state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "consumed": self.consumed, "rng": rng_state()}
+    def state(self, order: SampleOrder) -> dict:
+        return {"step": self.step, "samples": self.samples, "epoch": order.epoch_of(self.samples),
+                "rng": rng_state()}
 
-    def micro_batches(self, run: Run, dataset, sampler: ResumableSampler) -> Iterator[dict]:
-        """Micro-batches from the current position on, epoch after epoch, on the run's device."""
+    def micro_batches(self, run: Run, dataset, order: SampleOrder) -> Iterator[dict]:
+        """This rank's micro-batches from the current position on, without end, on the run's device.
+        One DataLoader serves the whole run, so its workers start once."""
         cfg = run.cfg
-        while True:
-            dataset.set_epoch(self.epoch)
-            sampler.set_position(self.epoch, self.consumed)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=cfg.micro_batch, sampler=sampler, num_workers=cfg.num_workers,
-                collate_fn=collate_scenes, drop_last=True, pin_memory=run.device.type == "cuda",
-                generator=torch.Generator(),  # keeps the global torch RNG untouched, so resumes are exact
-                prefetch_factor=4 if cfg.num_workers else None)
-            for batch in loader:
-                self.consumed += cfg.micro_batch
-                self.micro += 1
-                yield move_batch(batch, run.device)
-            self.epoch, self.consumed = self.epoch + 1, 0
+        sampler = RankSampler(order, self.samples, run.rank, run.world, cfg.micro_batch)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.micro_batch, sampler=sampler, num_workers=cfg.num_workers,
+            collate_fn=collate_scenes, pin_memory=run.device.type == "cuda",
+            generator=torch.Generator(),  # keeps the global torch RNG untouched, so resumes are exact
+            worker_init_fn=ignore_stop_signals_in_worker if cfg.num_workers else None,
+            prefetch_factor=PREFETCH_FACTOR if cfg.num_workers else None)
+        for batch in loader:
+            self.samples += cfg.micro_batch * run.world
+            self.micro += 1
+            yield move_batch(batch, run.device)
 
 
-def check_finite(outputs: dict, batch: dict, position: Position) -> None:
-    """Stop every rank when the loss of any rank is NaN or Inf (one collective per micro-batch)."""
-    local = torch.isfinite(outputs["loss"].detach()).logical_not().to(torch.float64).reshape(1)
-    if all_reduce_sum(local).item() == 0:
+@dataclass
+class Agreement:
+    """What every rank learns from the one collective it issues per micro-batch."""
+
+    nonfinite_here: bool  # this rank's loss is NaN or Inf
+    nonfinite: bool  # some rank's is
+    stop_signal: int | None  # a stop signal some rank received (SIGTERM before SIGUSR1), else None
+    checkpoint_due: bool  # rank 0's checkpoint clock says save
+
+
+def agree(loss: torch.Tensor, signals: StopSignals, clock: CheckpointClock) -> Agreement:
+    """One all-reduce of [loss not finite, SIGTERM received, SIGUSR1 received, clock due] over ranks."""
+    nonfinite = torch.isfinite(loss.detach()).logical_not().to(torch.float64).reshape(1)
+    flags = [float(signals.received == signum) for signum in STOP_SIGNALS] + [float(clock.due())]
+    local = torch.cat([nonfinite, torch.tensor(flags, dtype=torch.float64, device=nonfinite.device)])
+    summed = all_reduce_sum(local).tolist()
+    stop = next((signum for signum, count in zip(STOP_SIGNALS, summed[1:-1]) if count > 0), None)
+    return Agreement(bool(local[0].item()), summed[0] > 0, stop, summed[-1] > 0)
+
+
+def check_finite(agreed: Agreement, outputs: dict, batch: dict, position: Position, order: SampleOrder) -> None:
+    """Stop every rank when the loss of any rank is NaN or Inf."""
+    if not agreed.nonfinite:
         return
-    where = (f"scenes in the batch: {batch['scene_ids']}" if local.item() else "on another rank")
+    where = f"scenes in the batch: {batch['scene_ids']}" if agreed.nonfinite_here else "on another rank"
     parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in outputs.items() if k.startswith("loss_"))
     raise NonFiniteLossError(f"loss is {float(outputs['loss'].detach())} at step {position.step + 1} (epoch "
-                             f"{position.epoch}); {where}; parts: {parts}")
+                             f"{order.epoch_of(position.samples)}); {where}; parts: {parts}")
 
 
-def restore(run: Run, engine, checkpoints) -> Position:
-    """The position of the newest complete checkpoint, with its RNG states and engine state."""
-    client = load_latest_checkpoint(engine, checkpoints)
-    if client is None:
-        raise UsageError(f"--resume: no complete checkpoint in {checkpoints}; start the run without --resume")
-    set_rng_state(client["rng"])
+def restore(run: Run, engine, order: SampleOrder) -> Position:
+    """The position of the newest complete checkpoint, with its engine state and RNG states (on
+    another world size: seeded from (seed, step, rank))."""
+    found = load_latest_checkpoint(engine, run.checkpoints)
+    if found is None:
+        raise UsageError(f"--resume: no complete checkpoint in {run.checkpoints}; start the run without --resume")
+    checkpoint, client = found
+    step = int(client["step"])
+    # checkpoints of earlier versions counted scenes per rank: every step consumed global_batch samples
+    samples = int(client.get("samples", step * run.cfg.global_batch))
+    if "rng" in client:
+        set_rng_state(client["rng"])
+    else:
+        seed_rng(run.cfg.seed, step, run.rank)
     if run.rank == 0:
-        print(f"resumed from {checkpoints}/step{client['step']} (epoch {client['epoch']}, "
-              f"{client['consumed']} scenes into it)")
-    return Position(client["step"], client["epoch"], client["consumed"])
+        print(f"resumed from {checkpoint.path} (step {step}, {samples} samples consumed, epoch "
+              f"{order.epoch_of(samples)}; written by {checkpoint.world_size} rank(s), now {run.world})", flush=True)
+    return Position(step, samples)
 
 
-def train_loop(run: Run, engine, dataset, *, client_state: dict, resume: bool, progress: bool = True,
-               desc: str = "train", evaluate: Callable[[], dict] | None = None) -> dict:
+def train_loop(run: Run, engine, dataset, *, client_state: dict, progress: bool = True, desc: str = "train",
+               evaluate: Callable[[], dict] | None = None) -> dict:
     """Run `run.cfg.steps` optimizer steps of `engine` (whose forward returns a dict with "loss" and
-    "loss_*" parts) on `dataset`. Returns throughput and the last logged losses."""
+    "loss_*" parts) on `dataset`, from the newest checkpoint when the run resumes. Returns throughput
+    and the last logged losses. SIGTERM or SIGUSR1 on any rank: every rank finishes the step, a
+    complete checkpoint is saved and `Preempted` is raised."""
     from tqdm.auto import tqdm
 
-    cfg, checkpoints = run.cfg, run.out / "checkpoints"
-    sampler = ResumableSampler(len(dataset), run.rank, run.world, cfg.seed)
-    if len(sampler) < cfg.micro_batch:
-        raise UsageError(f"{len(dataset)} scenes cannot fill one micro-batch of {cfg.micro_batch} on each of "
-                         f"{run.world} rank(s)")
-    position = restore(run, engine, checkpoints) if resume else Position()
+    cfg = run.cfg
+    order = SampleOrder(len(dataset), cfg.global_batch, cfg.seed)
+    dataset_store = getattr(dataset, "store", None)
+    if dataset_store is not None:
+        dataset_store.max_open = cfg.max_open_shards
+    position = restore(run, engine, order) if run.resumes else Position()
     schedule = Schedule(cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every)
+    clock = CheckpointClock(cfg.checkpoint_every_minutes, run.rank)
     meter, log = TrainMeter(run.device), MetricsLog(run.out, run.rank, engine, fresh=position.step == 0)
     bar = tqdm(total=cfg.steps, initial=position.step, desc=desc, unit="step", dynamic_ncols=True,
                disable=not progress or run.rank != 0)
     last: dict = {}
     engine.train()
-    batches = position.micro_batches(run, dataset, sampler) if position.step < cfg.steps else iter(())
+    batches = position.micro_batches(run, dataset, order) if position.step < cfg.steps else iter(())
     try:
-        for batch in batches:
-            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16"):
-                outputs = engine(batch)
-            check_finite(outputs, batch, position)
-            engine.backward(outputs["loss"])
-            engine.step()
-            meter.add(outputs, batch)
-            if position.micro % run.grad_accum:
-                continue
-            position.step += 1
-            step = position.step
-            bar.update(1)
-            if schedule.log(step):
-                last = meter.reduce()
-                lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
-                log.write({"kind": "train", "step": step, "epoch": position.epoch, **last, "lr": lrs})
-                bar.set_postfix(loss=f"{last['loss']:.3f}", scenes_s=f"{last['scenes_per_s']:.1f}")
-            if evaluate is not None and schedule.evaluate(step):
-                log.write({"kind": "eval", "step": step, **evaluate()})
-                engine.train()
-            if schedule.checkpoint(step):
-                save_checkpoint(engine, checkpoints, step, {**client_state, **position.state()}, cfg.keep_checkpoints)
-            if step >= cfg.steps:
-                break
+        with StopSignals() as signals:
+            for batch in batches:
+                with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16"):
+                    outputs = engine(batch)
+                agreed = agree(outputs["loss"], signals, clock)
+                check_finite(agreed, outputs, batch, position, order)
+                engine.backward(outputs["loss"])
+                engine.step()
+                meter.add(outputs, batch)
+                if position.micro % run.grad_accum:
+                    continue
+                position.step += 1
+                step = position.step
+                bar.update(1)
+                if schedule.log(step):
+                    last = meter.reduce()
+                    lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
+                    log.write({"kind": "train", "step": step, "epoch": order.epoch_of(position.samples), **last,
+                               "lr": lrs})
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", scenes_s=f"{last['scenes_per_s']:.1f}")
+                if evaluate is not None and schedule.evaluate(step) and agreed.stop_signal is None:
+                    log.write({"kind": "eval", "step": step, **evaluate()})
+                    engine.train()
+                if schedule.checkpoint(step) or agreed.checkpoint_due or agreed.stop_signal is not None:
+                    saved = save_checkpoint(engine, run.checkpoints, step, {**client_state, **position.state(order)},
+                                            cfg.keep_checkpoints)
+                    clock.reset()
+                    if agreed.stop_signal is not None:
+                        bar.close()
+                        raise Preempted(signal_name(agreed.stop_signal), agreed.stop_signal, step, str(saved))
+                if step >= cfg.steps:
+                    break
     except RuntimeError as e:
         if run.world > 1 and is_collective_failure(e):
             raise CollectiveError(
@@ -193,7 +207,7 @@ def train_loop(run: Run, engine, dataset, *, client_state: dict, resume: bool, p
     if dist.is_initialized():
         dist.barrier()
     last = {k: v for k, v in last.items() if k.startswith("loss")}
-    return {"steps": position.step, "epochs": position.epoch + position.consumed / sampler.per_rank,
+    return {"steps": position.step, "epochs": position.samples / order.per_epoch, "samples": position.samples,
             **meter.throughput(), "peak_memory_mb": peak_memory_mb(run.device), **last}
 
 
@@ -205,5 +219,5 @@ def is_collective_failure(error: BaseException) -> bool:
         word in text for word in ("gloo", "nccl", "timed out", "timeout", "connection closed", "connection reset"))
 
 
-__all__ = ["CollectiveError", "NonFiniteLossError", "Position", "ResumableSampler", "Run", "RunConfig", "Schedule",
+__all__ = ["CollectiveError", "NonFiniteLossError", "Position", "Run", "RunConfig", "SampleOrder", "Schedule",
            "build_engine", "resolve_precision", "setup_run", "train_loop"]

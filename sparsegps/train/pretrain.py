@@ -56,9 +56,11 @@ class PretrainConfig(RunConfig):
 OBJECT_STAGE_LOSS = LossWeights(**{**{name: 0.0 for name in LOSS_NAMES}, "object_class": 1.0})
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Run pre-training; returns a summary (steps, scenes/s, final losses, held-out metrics). With
-    held-out data, the grounding diagnostics go to RUN/grounding.{json,md,png}."""
+def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
+    """Run pre-training (or continue it, as `cfg.resume` says); returns a summary (steps, scenes/s,
+    final losses, held-out metrics). With held-out data, the grounding diagnostics go to
+    RUN/grounding.{json,md,png}. A stop signal raises `sparsegps.errors.Preempted` after a complete
+    checkpoint."""
     from sparsegps.eval.grounding_diagnostics import save_diagnostics
     from sparsegps.eval.pretrain import evaluate_pretraining
 
@@ -68,11 +70,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     cfg = with_class_names(cfg, train_set.classes)
     if cfg.stage == "objects":
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss=OBJECT_STAGE_LOSS))
-    init = load_export(cfg.init_from) if cfg.init_from and not resume else None
-    run = setup_run(cfg, resume)
+    run = setup_run(cfg)
     model = GPSModel(cfg.model)
-    if init is not None:
-        load_weights(model, init["state_dict"], cfg.init_from)
+    if cfg.init_from and not run.resumes:
+        load_weights(model, load_export(cfg.init_from)["state_dict"], cfg.init_from)
     engine, ds_config = build_engine(run, model, model.parameter_groups(cfg.optim.no_decay), cfg.optim)
 
     def evaluate() -> dict:
@@ -87,7 +88,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True) -
     extra = {"model_config": to_dict(cfg.model), "vocabulary": train_set.vocabulary,
              "trained_classes": train_set.classes, "holdout_classes": list(cfg.data.holdout_classes),
              "preset": preset_name(labels), "labels_consumed": labels, "voxel_size": cfg.data.transforms.voxel_size}
-    stats = train_loop(run, engine, train_set, client_state=extra, resume=resume, progress=progress,
+    stats = train_loop(run, engine, train_set, client_state=extra, progress=progress,
                        desc="pretrain", evaluate=evaluate if cfg.data.val else None)
     summary = {"pretrain_steps": stats.pop("steps"), "pretrain_scenes_per_s": stats.pop("scenes_per_s"),
                "pretrain_voxels_per_s": stats.pop("voxels_per_s"), "world_size": run.world,

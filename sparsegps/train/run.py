@@ -1,17 +1,25 @@
-"""What every training run has: its config, its process group, device and precision, its engine."""
+"""What every training run has: its config, its process group, device and precision, its run folder
+(checked to be one folder for every rank), whether it resumes, its engine."""
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from sparsegps.config import save_config
+from sparsegps.data.store import raise_open_file_limit
 from sparsegps.device import pick_device
 from sparsegps.errors import UsageError
+from sparsegps.launch import export_world
 
+from .checkpoint import complete_checkpoints, remove_checkpoints
 from .engine import OptimConfig, build_optimizer, deepspeed_config, init_distributed, initialize_engine, lr_factor
 
 
@@ -24,12 +32,19 @@ class RunConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     deepspeed: str | None = None  # DeepSpeed JSON (configs/deepspeed/zero{1,2,3}.json); None: no ZeRO
     seed: int = 0
-    output_dir: str = "runs/run"
+    output_dir: str = "runs/run"  # one folder every rank sees (a shared file system across nodes)
+    # never: start afresh (an earlier run's checkpoints in output_dir are removed); auto: continue from
+    # the newest complete checkpoint, or start afresh when there is none (one command starts and
+    # restarts a run); must: continue, refusing a folder without checkpoints. CLI: --resume [auto]
+    resume: Literal["never", "auto", "must"] = "never"
     checkpoint_every: int = 500
+    # also save when this many minutes have passed since the last checkpoint, by rank 0's clock (0: off)
+    checkpoint_every_minutes: float = 0.0
     keep_checkpoints: int = 3
     log_every: int = 10
     eval_every: int = 0  # steps between held-out evaluations (0: only at the end)
-    num_workers: int = 2
+    num_workers: int = 2  # DataLoader workers per rank; they live for the whole run
+    max_open_shards: int = 64  # shards each worker keeps open (least recently used closed first)
     # A collective that waits longer than this fails with an error naming the rank and the step,
     # instead of hanging (set TORCH_DISTRIBUTED_DEBUG=DETAIL to see which collectives disagreed).
     dist_timeout_s: float = 1800.0
@@ -50,6 +65,11 @@ class Run:
     world: int
     grad_accum: int
     out: Path
+    resumes: bool = False  # output_dir holds checkpoints to continue from
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -62,10 +82,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
-    """Join the process group, pick device and precision, and save the resolved config (all of
-    `cfg`, whichever subclass of RunConfig it is) in the run's folder. With `resume`, a run folder
-    without any checkpoint is refused before anything is built."""
+def setup_run(cfg: RunConfig) -> Run:
+    """Join the process group, pick device and precision, check that `output_dir` is one folder for
+    every rank, decide whether the run resumes (`cfg.resume`), and save the resolved config (all of
+    `cfg`, whichever subclass of RunConfig it is) in the run's folder. A resume with nothing to
+    resume is refused before anything is built."""
+    if not dist.is_initialized():
+        export_world()  # the device follows the launcher's local rank
+    raise_open_file_limit()
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
@@ -73,20 +97,81 @@ def setup_run(cfg: RunConfig, resume: bool = False) -> Run:
     else:
         torch.set_flush_denormal(True)  # denormal gradients slow spconv on CPU tenfold
     rank, world = init_distributed(device.type, cfg.dist_timeout_s)
+    if rank == 0 and world > 1:
+        print(f"{world} ranks, rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
     per_step = cfg.micro_batch * world
     if cfg.global_batch % per_step:
         raise UsageError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x world "
                          f"({cfg.micro_batch} x {world}); set --set global_batch={per_step * max(1, cfg.global_batch // per_step)} "
                          f"or another multiple of {per_step}")
     out = Path(cfg.output_dir)
-    if resume and not any((out / "checkpoints").glob("step*")):
-        raise UsageError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; start the run without --resume")
+    check_shared_directory(out)
+    resumes = decide_resume(cfg.resume, out / "checkpoints")
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    return Run(cfg, device, precision, rank, world, cfg.global_batch // per_step, out)
+    return Run(cfg, device, precision, rank, world, cfg.global_batch // per_step, out, resumes)
+
+
+SHARED_TOKEN = ".sparsegps-shared-check"
+
+
+def check_shared_directory(directory: Path) -> None:
+    """Make sure `directory` is one folder for every rank: rank 0 creates it and writes a token
+    holding a random nonce, and every rank reads it back. A rank that cannot see it (a node-local
+    disk) stops every rank with one line naming the rank, its host and the folder. Every rank must
+    call it; in a world of one it only creates the folder."""
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    if dist.get_world_size() == 1:
+        return
+    token = directory / SHARED_TOKEN
+    sent = [(secrets.token_hex(16), str(directory)) if dist.get_rank() == 0 else None]
+    if dist.get_rank() == 0:
+        token.write_text(sent[0][0])
+    dist.broadcast_object_list(sent, src=0)
+    nonce, named = sent[0]  # the folder as rank 0 names it
+    dist.barrier()
+    try:
+        problem = None if token.read_text() == nonce else "sees another run's token (two runs share output_dir?)"
+    except OSError as e:
+        problem = f"cannot read rank 0's token ({type(e).__name__})"
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (dist.get_rank(), socket.gethostname(), problem))
+    if dist.get_rank() == 0:
+        token.unlink(missing_ok=True)
+    failed = [r for r in reports if r[2] is not None]
+    if failed:
+        rank, host, problem = failed[0]
+        others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        raise UsageError(f"output_dir {named} is not one folder for all ranks: rank {rank} on {host} "
+                         f"{problem}{others}; put output_dir on a file system every node mounts")
+
+
+def decide_resume(mode: str, checkpoints: Path) -> bool:
+    """Whether the run continues from `checkpoints` (decided on rank 0, the same on every rank):
+    never: no (an earlier run's checkpoints are removed, so they are neither resumed later nor kept
+    in place of the new run's); auto: when a checkpoint exists; must: yes, refusing when none does."""
+    decision: list = [None]
+    if dist.get_rank() == 0:
+        complete, broken = complete_checkpoints(checkpoints)
+        exists = bool(complete or broken)
+        if mode == "must" and not exists:
+            decision[0] = (f"--resume: no complete checkpoint in {checkpoints}; start the run without --resume, "
+                           f"or with --resume auto")
+        elif mode == "never" and exists:
+            removed = remove_checkpoints(checkpoints)
+            print(f"warning: starting afresh in {checkpoints.parent}: removed the checkpoints of an earlier run "
+                  f"({', '.join(removed)}); --resume auto continues a run instead", flush=True)
+            decision[0] = False
+        else:
+            decision[0] = exists and mode != "never"
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(decision, src=0)
+    if isinstance(decision[0], str):
+        raise UsageError(decision[0])
+    return decision[0]
 
 
 def build_engine(run: Run, model: torch.nn.Module, groups: dict, optim: OptimConfig):
