@@ -161,6 +161,9 @@ def object_sweep(counts: list[int], room_points: int, micro_batch: int, transfor
 # ------------------------------------------------------------------------------------- workloads
 
 def make_workloads(model, optimizer, batch: dict, device: torch.device, precision: str) -> dict:
+    from sparsegps.criterion import GPSCriterion
+
+    criterion = GPSCriterion.of(model.cfg)
     """The two timed calls on one batch (already on the device)."""
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -175,7 +178,7 @@ def make_workloads(model, optimizer, batch: dict, device: torch.device, precisio
     def full_step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(**autocast):
-            loss = model(batch)["loss"]
+            loss = criterion(model(batch), batch)["loss"]
         loss.backward()
         optimizer.step()
 
@@ -216,8 +219,8 @@ def run(args: argparse.Namespace) -> dict:
     from sparsegps.config import ConfigError, load_config
     from sparsegps.data import move_batch
     from sparsegps.models.gps import GPSModel
-    from sparsegps.train.engine import build_optimizer
-    from sparsegps.train.loop import resolve_precision
+    from sparsegps.train.engine import build_optimizer, gps_role, optimizer_groups
+    from sparsegps.train.run import resolve_precision
     from sparsegps.synth import SYNTH_VOCABULARY
     from sparsegps.train.pretrain import PretrainConfig, with_class_names
 
@@ -251,7 +254,8 @@ def run(args: argparse.Namespace) -> dict:
              + object_sweep(counts, room_points, micro_batch, cfg.data.transforms, args.seed))
     torch.manual_seed(args.seed)
     model = GPSModel(cfg.model).to(device).train()
-    optimizer = build_optimizer(model.parameter_groups(), cfg.optim, micro_batch, device.type)
+    optimizer = build_optimizer(optimizer_groups(model, gps_role, cfg.optim.no_decay), cfg.optim, micro_batch,
+                                device.type)
     calls, measured = {}, []
     for entry in sizes:
         batch = move_batch(entry["batch"], device)

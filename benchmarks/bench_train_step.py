@@ -117,7 +117,10 @@ class EngineUnderTest:
 
     def __init__(self, stage: int, micro_batch: int, engine, dataset, device: torch.device, precision: str):
         self.stage, self.micro_batch = stage, micro_batch
+        from sparsegps.criterion import GPSCriterion
+
         self.engine, self.dataset, self.device, self.precision = engine, dataset, device, precision
+        self.criterion = GPSCriterion.of(engine.module.cfg)
         self.split = ForwardSplit(engine.module, device)
         self.next_scene = 0
         self.region_times: list[dict[str, float]] = []
@@ -136,7 +139,7 @@ class EngineUnderTest:
         t1 = time.perf_counter()
         self.split.reset()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            loss = self.engine(batch)["loss"]
+            loss = self.criterion(self.engine(batch), batch)["loss"]
         synchronize(self.device)
         t2 = time.perf_counter()
         self.engine.backward(loss)
@@ -212,7 +215,8 @@ def build_engines(cfg, stages: list[int], micro_batches: list[int], dataset, dee
     Returns the engines and, per engine, the bytes of tensor storage it holds after warm-up
     (`tensor_bytes`)."""
     from sparsegps.models.gps import GPSModel
-    from sparsegps.train.loop import Run, build_engine
+    from sparsegps.train.engine import gps_role, optimizer_groups
+    from sparsegps.train.run import Run, build_engine
 
     torch.manual_seed(cfg.seed)
     initial = GPSModel(cfg.model).to(device)
@@ -226,7 +230,7 @@ def build_engines(cfg, stages: list[int], micro_batches: list[int], dataset, dee
             run_cfg = dataclasses.replace(cfg, micro_batch=micro_batch, global_batch=micro_batch, deepspeed=ds_json)
             run = Run(run_cfg, device, precision, rank=0, world=1, grad_accum=1, out=Path("."))
             model = copy.deepcopy(initial)
-            engine, _ = build_engine(run, model, model.parameter_groups(), cfg.optim)
+            engine, _ = build_engine(run, model, optimizer_groups(model, gps_role, cfg.optim.no_decay), cfg.optim)
             engine.train()
             under_test = EngineUnderTest(stage, micro_batch, engine, dataset, device, precision)
             for _ in range(max(warmup, 1)):
@@ -242,7 +246,7 @@ def run(args: argparse.Namespace) -> dict:
     from sparsegps.config import ConfigError, load_config
     from sparsegps.data import ScenesDataset
     from sparsegps.train.engine import init_distributed
-    from sparsegps.train.loop import resolve_precision
+    from sparsegps.train.run import resolve_precision
     from sparsegps.synth import SYNTH_VOCABULARY
     from sparsegps.train.pretrain import PretrainConfig, with_class_names
 

@@ -112,7 +112,7 @@ def plan(args) -> tuple[dict[str, Path], list[Job], dict]:
             run, synths))
         if preset in ZERO_SHOT_PRESETS:
             jobs.append(Job(f"zero_shot_{preset}", [
-                "eval-seg", "--checkpoint", str(run / "export.pt"), "--data", str(stores["test"]), "--zero-shot",
+                "eval-seg", "--checkpoint", str(run / "export.safetensors"), "--data", str(stores["test"]), "--zero-shot",
                 "--out", str(out / "zero_shot" / preset)], out / "zero_shot" / preset, [f"pretrain_{preset}"],
                 result="seg_report.json"))
     arms = ["scratch", *args.presets]
@@ -136,7 +136,7 @@ def finetune_job(args, stores: dict[str, Path], arm: str, rooms: str, steps: int
         argv += ["--set", f"optim.lr_backbone={lr:g}", "--set", f"optim.lr_heads={lr:g}"]
     after = [f"synth_{ROOM_SETS[rooms]}", f"synth_{split}"]
     if not arm.startswith("scratch"):
-        export = args.out / "pretrain" / arm / "export.pt"
+        export = args.out / "pretrain" / arm / "export.safetensors"
         init = "zero_shot" if arm in ZERO_SHOT_PRESETS else "text"
         argv += ["--pretrained", str(export), "--set", "model.head=language", "--set", f"model.head_init={init}"]
         after.append(f"pretrain_{arm}")

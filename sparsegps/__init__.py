@@ -1,2 +1,13 @@
-"""sparsegps: grounded 3D vision-language pre-training (GPS, SceneVerse) on sparse voxels, at scale."""
+"""sparsegps: grounded 3D vision-language pre-training (GPS, SceneVerse) on sparse voxels, at scale.
+
+    model, info = sparsegps.load_model("runs/demo/pretrain/export.safetensors", device="cpu")
+"""
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "load_model":  # imported on first use: `import sparsegps` stays free of torch
+        from sparsegps.exports import load_model
+
+        return load_model
+    raise AttributeError(f"module 'sparsegps' has no attribute {name!r}")

@@ -48,7 +48,7 @@ def _gallery(out: Path, test: Path) -> list[Path]:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"spconv\.")
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     print(f"\n# gallery of test referrals and one segmentation -> {out / 'gallery'}", flush=True)
-    return write_gallery(out / "gallery", test, out / "pretrain/export.pt", out / "seg/export.pt")
+    return write_gallery(out / "gallery", test, out / "pretrain/export.safetensors", out / "seg/export.safetensors")
 
 
 def _read(path: Path) -> dict:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                       "--set", f"data.train=[{stores['pretrain']}]", "--set", "data.val=[]",
                       "--set", f"data.holdout_classes={holdout}",
                       *(x for item in args.pretrain_set for x in ("--set", item))])
-    export = str(out / "pretrain/export.pt")
+    export = str(out / "pretrain/export.safetensors")
     step("grounding", ["eval-pretrain", "--checkpoint", export, "--data", test, "--out", str(out / "pretrain")])
     step("zero_shot", ["eval-seg", "--checkpoint", export, "--data", test, "--zero-shot", "--out",
                        str(out / "zero_shot")])
@@ -125,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     zero_shot = _read(out / "zero_shot/seg_report.json")
     seg_runs = {name: _read(out / name / "summary.json") for name in (
         "seg", "seg_scratch", "seg_few", "seg_few_scratch", "seg_few_scratch_long")}
-    from sparsegps.train.checkpoint import load_export
+    from sparsegps.exports import read_export
 
-    info = load_export(export)
+    info = read_export(export).info
     summary = {
         "stores": {name: str(path) for name, path in stores.items()}, "measured_on": "test",
-        "rooms": counts, "holdout_classes": list(HOLDOUT_CLASSES), "preset": info.get("preset"),
-        "labels_consumed": info.get("labels_consumed"),
+        "rooms": counts, "holdout_classes": list(HOLDOUT_CLASSES), "preset": info.preset,
+        "labels_consumed": info.labels_consumed,
         "grounding_acc": grounding["accuracy"], "grounding_class_prior": grounding["class_prior"],
         "grounding_chance": grounding["chance"], "grounding_class_accuracy": grounding["class_accuracy"],
         "grounding_within_class_accuracy": grounding["within_class_accuracy"],

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from sparsegps.data import Scene, write_scenes
 from sparsegps.train.order import SampleOrder
 
-from conftest import VOCAB, make_scene
+from helpers import VOCAB, make_scene
 
 # What rank 1's micro-batch lacks at each step of the first epoch (rank 0 always has everything).
 LACKS = ("referrals", "scene captions", "object captions", "every text", "every object", "nothing")

@@ -10,7 +10,7 @@ import pytest
 from sparsegps.data import SceneText, ScenesDataset, TransformConfig, write_scenes
 from sparsegps.data.transforms import RandomRotateZ, scene_to_sample
 
-from conftest import VOCAB, make_scene
+from helpers import VOCAB, make_scene
 
 
 @pytest.fixture

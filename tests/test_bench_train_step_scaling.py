@@ -134,7 +134,7 @@ def test_neighbours_per_voxel_counts_occupied_3x3x3_neighbourhoods():
 
 
 def test_tile_scene_repeats_points_objects_and_texts():
-    from conftest import make_scene
+    from helpers import make_scene
 
     scene = make_scene(np.random.default_rng(0), "s", n_points=400, n_objects=3)
     tiled = bench_scaling.tile_scene(scene, 3).validate()

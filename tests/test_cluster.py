@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, make_scene
+from helpers import VOCAB, make_scene
 from multirank import spawn
 from sparsegps import cli
 from sparsegps.data import SceneStore, ShardError, write_scenes

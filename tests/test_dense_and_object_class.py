@@ -15,8 +15,8 @@ from sparsegps.config import from_dict
 from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes, write_scenes
 from sparsegps.models.gps import GPSModel, ModelConfig
 
-from conftest import VOCAB, make_scene
-from test_pretrain import TINY_MODEL
+from helpers import VOCAB, make_scene
+from helpers import TINY_MODEL, outputs_and_losses
 
 
 def test_labelled_cross_entropy_hand_computed_with_smoothing_and_unlabelled_rows():
@@ -51,7 +51,7 @@ def test_object_class_loss_is_the_smoothed_cross_entropy_over_class_prompts(room
     torch.manual_seed(0)
     model = GPSModel(tiny(object_class=1.0)).eval()
     batch = collate_scenes([rooms[0], rooms[1]])
-    out = model(batch)
+    out = outputs_and_losses(model, batch)
     objects = out["objects"]
     classes = model.class_embeddings(VOCAB, "cpu")
     logits = model.class_scale() * torch.nn.functional.normalize(
@@ -80,7 +80,7 @@ def test_class_balanced_dense_loss_is_the_weighted_mean_by_hand(rooms):
     torch.manual_seed(0)
     model = GPSModel(dataclasses.replace(tiny(dense_text=1.0), dense_class_balance=0.5)).eval()
     batch = collate_scenes([rooms[0], rooms[1]])
-    out = model(batch)
+    out = outputs_and_losses(model, batch)
     labels = batch["voxel_semantic"]
     logits = model.dense_class_logits(out["objects"]["voxel_feats"], model.class_embeddings(VOCAB, "cpu"))
     mine = labels[labels >= 0]
@@ -106,7 +106,7 @@ def test_zero_shot_segmentation_of_a_model_overfit_with_the_dense_loss(rooms):
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(120):
         optimizer.zero_grad()
-        loss = model(batch)["loss"]
+        loss = outputs_and_losses(model, batch)["loss"]
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.3
@@ -137,7 +137,7 @@ def test_gps_referral_contrast_equals_a_transcription_of_gps_text_obj_within_bat
     model = GPSModel(tiny(referral_object=1.0)).eval()
     model.cfg.referral_contrast = "gps"
     batch = collate_scenes([rooms[0], rooms[1]])
-    out = model(batch)
+    out = outputs_and_losses(model, batch)
     referrals = [t for t in batch["texts"] if t["kind"] == "referral"]
     scene = torch.tensor([t["scene"] for t in referrals])
     target = torch.tensor([t["target"] for t in referrals]) - batch["object_offsets"][scene]

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from multirank import LACKS, join_as, odd_val_set, spawn, uneven_train_set, without
-from test_pretrain import config
+from helpers import losses, pretrain_config as config
 
-from conftest import VOCAB, make_scene
+from helpers import VOCAB, make_scene
 from sparsegps.data import write_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,9 +142,9 @@ def test_two_ranks_on_uneven_data_agree_and_evaluate_like_one(uneven, tmp_path, 
     assert all(np.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
 
     from sparsegps.eval.pretrain import evaluate_pretraining
-    from sparsegps.train.pretrain import load_pretrained_model
+    from sparsegps.exports import load_model
 
-    model, _ = load_pretrained_model(tmp_path / "export.pt")
+    model, _ = load_model(tmp_path / "export.safetensors")
     cfg = config(data, tmp_path / "one", data=data_config(data))
     one = evaluate_pretraining(model, cfg.data.val, cfg.data.transforms, torch.device("cpu"),
                                batch_size=micro_batch, progress=False)
@@ -183,7 +183,7 @@ def _loss_and_gradients(data, indices) -> tuple[torch.Tensor, dict]:
     torch.manual_seed(0)
     model = GPSModel(model_cfg).eval()
     ds = ScenesDataset(cfg.data.train, cfg.data.transforms)
-    out = model(collate_scenes([ds[i] for i in indices]))
+    out = losses(model, collate_scenes([ds[i] for i in indices]))
     out["loss"].backward()
     parts = torch.stack([out[k].detach() for k in ("loss", "loss_grounding", "loss_referral_object",
                                                    "loss_object_text", "loss_scene_text", "loss_dense_text",
@@ -220,7 +220,7 @@ def _finetune_worker(rank, world, port, data, out):
     from sparsegps.train.finetune_ground import GroundConfig, finetune_grounding
     from sparsegps.train.finetune_seg import SegConfig, finetune_segmentation
 
-    from test_pretrain import TINY_MODEL
+    from helpers import TINY_MODEL
 
     data, out = Path(data), Path(out)
     transforms = {"voxel_size": 0.15, "augment": False}
@@ -252,10 +252,10 @@ def test_two_ranks_fine_tune_segmentation_and_grounding_on_uneven_data(uneven, t
     assert [r["step"] for r in evals if r["kind"] == "eval"] == [3]
 
     from sparsegps.eval.segmentation import evaluate_segmentation
-    from sparsegps.train.finetune_seg import load_segmentation_model
+    from sparsegps.exports import load_model
 
-    model, blob = load_segmentation_model(tmp_path / "seg" / "export.pt")
-    names = blob["vocabulary"]
+    model, info = load_model(tmp_path / "seg" / "export.safetensors")
+    names = info.vocabulary
     report, _ = evaluate_segmentation(model, [str(data / "val")], 0.15, torch.device("cpu"), len(names), names,
                                       progress=False)
     assert report["miou"] == pytest.approx(r0["seg"]["seg_miou"], rel=1e-12)

@@ -2,7 +2,6 @@
 proposal boxes, the fine-tune -> export -> eval-ground round trip, and the command-line entry points."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -19,19 +18,11 @@ from sparsegps.eval.grounding import box_iou
 from sparsegps.eval.grounding_model import (ProposalError, assign_points_to_boxes, evaluate_grounding,
                                             predict_referrals)
 from sparsegps.models.gps import GPSModel, ModelConfig
-from sparsegps.train.checkpoint import EXPORT_FORMAT, load_export
-from sparsegps.train.finetune_ground import GroundConfig, finetune_grounding, load_grounding_export
-from sparsegps.train.pretrain import load_pretrained_model
+from sparsegps.exports import EXPORT_FORMAT, load_model, read_export
+from sparsegps.train.finetune_ground import GroundConfig, finetune_grounding
 
-from conftest import VOCAB, make_scene
+from helpers import ROOT, TINY_MODEL, VOCAB, make_scene
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = {
-    "backbone": {"stem_channels": 8, "enc_channels": [8, 16], "dec_channels": [16, 8], "enc_blocks": [1, 1],
-                 "dec_blocks": [1, 1]},
-    "d_model": 32, "num_heads": 2, "spatial_layers": 1, "grounding_layers": 1, "ffn_dim": 64, "embed_dim": 16,
-    "dropout": 0.0, "text": {"num_layers": 1, "max_length": 16}, "object_text": "class_name",
-}
 VOXEL = 0.15
 REFERIT3D_SPLITS = {"overall", "easy", "hard", "view_dependent", "view_independent"}
 
@@ -160,12 +151,12 @@ def finetuned(shards, tmp_path_factory):
 
 
 def test_finetune_exports_a_grounding_model_and_reports_the_benchmark(finetuned):
-    blob = load_grounding_export(finetuned / "export.pt")
-    assert blob["task"] == "grounding" and blob["vocabulary"] == VOCAB and blob["voxel_size"] == VOXEL
-    assert blob["model_config"]["d_model"] == 32
-    assert blob["model_config"]["loss"] == {"object_text": 0.0, "scene_text": 0.0, "referral_object": 0.5,
-                                            "grounding": 1.0, "mlm": 0.0, "object_class": 0.0, "dense_text": 0.0}
-    model, _ = load_pretrained_model(finetuned / "export.pt")
+    info = read_export(finetuned / "export.safetensors").info
+    assert info.task == "grounding" and info.vocabulary == VOCAB and info.voxel_size == VOXEL and info.step == 3
+    assert info.model_config["d_model"] == 32
+    assert info.model_config["loss"] == {"object_text": 0.0, "scene_text": 0.0, "referral_object": 0.5,
+                                         "grounding": 1.0, "mlm": 0.0, "object_class": 0.0, "dense_text": 0.0}
+    model, _ = load_model(finetuned / "export.safetensors")
     assert isinstance(model, GPSModel)
 
     rows = [json.loads(line) for line in (finetuned / "metrics.jsonl").read_text().splitlines()]
@@ -190,7 +181,7 @@ def test_finetune_exports_a_grounding_model_and_reports_the_benchmark(finetuned)
 
 def test_eval_ground_reproduces_the_finetune_report(finetuned, shards, tmp_path, capsys):
     capsys.readouterr()
-    assert cli.main(["eval-ground", "--checkpoint", str(finetuned / "export.pt"), "--data", str(shards / "val"),
+    assert cli.main(["eval-ground", "--checkpoint", str(finetuned / "export.safetensors"), "--data", str(shards / "val"),
                      "--benchmark", "nr3d", "--out", str(tmp_path / "nr3d"), "--workers", "0",
                      "--referral-chunk", "3"]) == 0
     printed = capsys.readouterr().out
@@ -199,7 +190,7 @@ def test_eval_ground_reproduces_the_finetune_report(finetuned, shards, tmp_path,
     assert report["splits"] == json.loads((finetuned / "ground_report.json").read_text())["splits"]
     assert report["task"] == "grounding" and report["step"] == 3
 
-    assert cli.main(["eval-ground", "--checkpoint", str(finetuned / "export.pt"), "--data", str(shards / "val"),
+    assert cli.main(["eval-ground", "--checkpoint", str(finetuned / "export.safetensors"), "--data", str(shards / "val"),
                      "--benchmark", "scanrefer", "--out", str(tmp_path / "sr"), "--workers", "0"]) == 0
     assert "| Acc@0.25 (%) |" in capsys.readouterr().out
     scanrefer = json.loads((tmp_path / "sr" / "ground_report.json").read_text())
@@ -221,29 +212,30 @@ def test_finetune_from_an_export_keeps_its_architecture_and_weights(finetuned, s
            "model": {**TINY_MODEL, "d_model": 48}, "loss": {"grounding": 1.0, "mlm": 0.25},
            "optim": {"lr_text_encoder": 0.0, "lr_backbone": 0.0, "lr_heads": 0.0, "warmup_steps": 0}}
     with pytest.warns(UserWarning, match=r"replaces 1 value\(s\) of the config: model.d_model 48 -> 32"):
-        finetune_grounding(from_dict(GroundConfig, raw), pretrained=str(finetuned / "export.pt"), progress=False)
-    before, after = load_export(finetuned / "export.pt"), load_export(tmp_path / "export.pt")
-    assert after["model_config"]["d_model"] == 32 and after["model_config"]["loss"]["mlm"] == 0.25
-    assert before["state_dict"].keys() == after["state_dict"].keys()
-    model, _ = load_pretrained_model(finetuned / "export.pt")
+        finetune_grounding(from_dict(GroundConfig, {**raw, "pretrained": str(finetuned / "export.safetensors")}),
+                           progress=False)
+    before, after = read_export(finetuned / "export.safetensors"), read_export(tmp_path / "export.safetensors")
+    assert after.info.model_config["d_model"] == 32 and after.info.model_config["loss"]["mlm"] == 0.25
+    assert before.state_dict.keys() == after.state_dict.keys()
+    model, _ = load_model(finetuned / "export.safetensors")
     for name, _ in model.named_parameters():  # buffers such as batch-norm statistics move without a step
-        assert torch.equal(before["state_dict"][name], after["state_dict"][name]), name
+        assert torch.equal(before.state_dict[name], after.state_dict[name]), name
 
 
 def test_bad_inputs_are_refused_with_clear_errors(finetuned, shards, tmp_path, capsys):
-    segmentation = tmp_path / "seg.pt"
+    segmentation = tmp_path / "seg.pt"  # an earlier version's export of another task
     torch.save({"format": EXPORT_FORMAT, "state_dict": {}, "task": "segmentation", "model_config": {}}, segmentation)
-    with pytest.raises(UsageError, match="seg.pt: not a GPS export"):
-        load_grounding_export(segmentation)
-    cfg = from_dict(GroundConfig, {"data": {"train": ["x"], "benchmark": "nr3d", "proposals": "p.json"}})
-    with pytest.raises(ValueError, match="data.proposals is for ScanRefer"):
+    cfg = from_dict(GroundConfig, {"data": {"train": [str(shards / "train")]}, "pretrained": str(segmentation)})
+    with pytest.raises(UsageError, match="seg.pt: a segmentation export; finetune-ground --pretrained needs a "
+                                         "pretraining or grounding export"):
         finetune_grounding(cfg)
-    with pytest.raises(ValueError, match="data.benchmark 'referit'"):
-        finetune_grounding(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, benchmark="referit")))
+    cfg = from_dict(GroundConfig, {"data": {"train": ["x"], "benchmark": "nr3d", "proposals": "p.json"}})
+    with pytest.raises(UsageError, match="data.proposals is for ScanRefer"):
+        finetune_grounding(cfg)
     capsys.readouterr()
     assert cli.main(["finetune-ground", "--config", str(ROOT / "configs/ground/synthetic_cpu.yaml"),
                      "--set", "data.benchmrk=nr3d"]) == 2
     assert "benchmrk" in capsys.readouterr().err
-    assert cli.main(["eval-ground", "--checkpoint", str(finetuned / "export.pt"), "--data", str(shards / "val"),
+    assert cli.main(["eval-ground", "--checkpoint", str(finetuned / "export.safetensors"), "--data", str(shards / "val"),
                      "--benchmark", "nr3d", "--proposals", "p.json"]) == 2
     assert "--proposals is for ScanRefer" in capsys.readouterr().err

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from multirank import odd_val_set, uneven_train_set
-from test_pretrain import config
+from helpers import pretrain_config as config
 
 from sparsegps import cli
 from sparsegps.config import save_config, to_dict
 from sparsegps.errors import UsageError
-from sparsegps.train.checkpoint import load_export
+from sparsegps.exports import read_export
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
@@ -87,12 +87,12 @@ def test_torchrun_two_ranks_uneven_data_with_evaluation_and_kill_resume(run_conf
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (killed / "checkpoints" / "step2").exists() and not (killed / "export.pt").exists()
+    assert (killed / "checkpoints" / "step2").exists() and not (killed / "export.safetensors").exists()
     code, output = launch(torchrun(*pretrain_args(run_config, killed, "--resume")))
     assert code == 0, output[-4000:]
     assert "resumed from" in output
-    a = load_export(tmp_path / "straight" / "export.pt")["state_dict"]
-    b = load_export(killed / "export.pt")["state_dict"]
+    a = read_export(tmp_path / "straight" / "export.safetensors").state_dict
+    b = read_export(killed / "export.safetensors").state_dict
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -136,15 +136,14 @@ def test_expected_failures_are_one_line_with_exit_status_2(tmp_path, capsys, run
 
 
 def test_an_export_of_another_shape_is_refused_naming_the_file(tmp_path, run_config):
+    from sparsegps.exports import ExportInfo, load_model, save_export
     from sparsegps.models.gps import GPSModel
-    from sparsegps.train.pretrain import load_pretrained_model
 
     cfg = config(run_config.parent, tmp_path)
-    torch.save({"format": "sparsegps-export", "state_dict": GPSModel(cfg.model).state_dict(),
-                "model_config": {**to_dict(cfg.model), "d_model": 64}},
-               tmp_path / "other.pt")
-    with pytest.raises(UsageError, match=r"other\.pt: its weights do not fit this model"):
-        load_pretrained_model(tmp_path / "other.pt")
+    save_export(tmp_path / "other.safetensors", GPSModel(cfg.model).state_dict(),
+                ExportInfo("pretraining", {**to_dict(cfg.model), "d_model": 64}))
+    with pytest.raises(UsageError, match=r"other\.safetensors: its weights do not fit this model"):
+        load_model(tmp_path / "other.safetensors")
 
 
 def two_nodes(*args: str, node_rank: int | None, port: int) -> list[str]:

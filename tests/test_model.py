@@ -10,7 +10,8 @@ from sparsegps.models.backbone import SpUNetConfig
 from sparsegps.models.gps import GPSModel, LossWeights, ModelConfig, count_parameters
 from sparsegps.models.text_encoder import TextEncoder, TextEncoderConfig
 
-from conftest import VOCAB, make_scene
+from helpers import VOCAB, make_scene, outputs_and_losses
+from sparsegps.train.engine import gps_role, optimizer_groups
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -40,7 +41,7 @@ def test_every_trainable_parameter_gets_a_gradient(batch_and_dataset, forms):
     torch.manual_seed(0)
     batch, _ = batch_and_dataset
     model = GPSModel(tiny_config(class_names=VOCAB, loss={"object_class": 1.0, "dense_text": 1.0}, **forms))
-    out = model(batch)
+    out = outputs_and_losses(model, batch)
     for name in ("object_text", "scene_text", "referral_object", "grounding", "mlm", "object_class", "dense_text"):
         assert torch.isfinite(out[f"loss_{name}"]) and out[f"loss_{name}"].item() > 0, name
     out["loss"].backward()
@@ -75,7 +76,7 @@ def test_grounding_logits_mask_padded_objects(batch_and_dataset):
     with torch.no_grad():
         out = model(batch)
     counts = batch["object_offsets"].diff()
-    for row, scene in enumerate(out["grounding_scene"].tolist()):
+    for row, scene in enumerate(out["referrals"].scene_index.tolist()):
         finite = torch.isfinite(out["grounding_logits"][row])
         assert finite.sum() == counts[scene] and finite[: counts[scene]].all()
 
@@ -88,7 +89,7 @@ def test_fixed_temperatures_stay_out_of_the_optimizer_and_keep_1_over_0_07():
     fixed = GPSModel(tiny_config(temperatures="fixed", **projected))
     names = {n for n, m in fixed.named_modules() if isinstance(m, LogitScale)}
     assert names == {"object_scale", "scene_scale", "referral_scale", "class_scale", "dense_scale"}
-    trainable = {n for group in fixed.parameter_groups().values() for n, p in fixed.named_parameters()
+    trainable = {n for group in optimizer_groups(fixed, gps_role).values() for n, p in fixed.named_parameters()
                  if any(p is q for q in group)}
     assert not any(n.removesuffix(".log_scale") in names for n in trainable)
     assert all(learnable.get_submodule(n).log_scale.requires_grad for n in names)
@@ -118,7 +119,7 @@ def test_gps_grounding_head_is_linear_relu_layernorm_linear_by_hand():
 @pytest.mark.parametrize("rule", ["gps", "norms_embeddings", "none"])
 def test_parameter_groups_cover_the_model_once_and_exempt_exactly_the_rule_s_set(rule):
     model = GPSModel(tiny_config())
-    groups = model.parameter_groups(rule)
+    groups = optimizer_groups(model, gps_role, rule)
     ids = [id(p) for ps in groups.values() for p in ps]
     assert len(ids) == len(set(ids)) == len([p for p in model.parameters() if p.requires_grad])
     names = {id(p): n for n, p in model.named_parameters()}
@@ -148,7 +149,7 @@ def test_optimizer_gives_each_role_its_learning_rate_and_no_decay_groups_none():
 
     model = GPSModel(tiny_config())
     cfg = OptimConfig(lr_text_encoder=1e-5, lr_backbone=1e-3, lr_transformers=1e-4, lr_heads=5e-4, weight_decay=0.05)
-    optimizer = build_optimizer(model.parameter_groups(), cfg, global_batch=64, device_type="cpu")
+    optimizer = build_optimizer(optimizer_groups(model, gps_role), cfg, global_batch=64, device_type="cpu")
     got = {g["name"]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
     assert got["backbone"] == (1e-3, 0.05) and got["backbone/no_decay"] == (1e-3, 0.0)
     assert got["transformers"] == (1e-4, 0.05) and got["heads/no_decay"] == (5e-4, 0.0)
@@ -189,8 +190,9 @@ def test_overfits_four_synthetic_scenes_to_95_percent_referral_accuracy(tmp_path
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     accuracy = 0.0
     for step in range(300):
-        out = model(batch)
-        accuracy = (out["grounding_logits"].argmax(1) == out["grounding_target"]).float().mean().item()
+        out = outputs_and_losses(model, batch)
+        target, n = out["referrals"].target, out["referrals"].count
+        accuracy = (out["grounding_logits"][:n].argmax(1) == target[:n]).float().mean().item()
         if accuracy >= 0.95:
             break
         optimizer.zero_grad()

@@ -17,45 +17,14 @@ import torch
 
 from sparsegps.config import ConfigError, load_config, to_dict
 from sparsegps.data import write_scenes
-from sparsegps.train.checkpoint import load_export
-from sparsegps.train.pretrain import PretrainConfig, load_pretrained_model, pretrain
+from sparsegps.exports import load_model, read_export
+from sparsegps.train.pretrain import PretrainConfig, pretrain
 
-from conftest import VOCAB, make_scene
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = {
-    "backbone": {"stem_channels": 8, "enc_channels": [8, 16], "dec_channels": [16, 8], "enc_blocks": [1, 1],
-                 "dec_blocks": [1, 1]},
-    "d_model": 32, "num_heads": 2, "spatial_layers": 1, "grounding_layers": 1, "ffn_dim": 64, "embed_dim": 16,
-    "dropout": 0.0, "text": {"num_layers": 1, "max_length": 16}, "object_text": "class_name",
-}
-
+from helpers import ROOT, VOCAB, logged_losses, losses as model_losses, pretrain_config as config, write_pretrain_shards
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("pretrain-data")
-    write_scenes([make_scene(rng, f"t{i}", 300, 3) for i in range(8)], root / "train", vocabulary=VOCAB,
-                 progress=False)
-    write_scenes([make_scene(rng, f"v{i}", 300, 3) for i in range(4)], root / "val", vocabulary=VOCAB,
-                 progress=False)
-    return root
-
-
-def config(shards: Path, out: Path, **overrides) -> PretrainConfig:
-    data = {"train": [str(shards / "train")], "val": [str(shards / "val")], "eval_max_scenes": 4,
-            "transforms": {"voxel_size": 0.15, "augment": False}}
-    raw = {"micro_batch": 4, "global_batch": 4, "steps": 6, "device": "cpu", "output_dir": str(out),
-           "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1, "num_workers": 0, "data": data,
-           "model": TINY_MODEL, "optim": {"warmup_steps": 0, "lr_backbone": 2e-3, "lr_heads": 2e-3}}
-    raw.update(overrides)
-    from sparsegps.config import from_dict
-    return from_dict(PretrainConfig, raw)
-
-
-def losses(out: Path) -> list[float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["kind"] == "train"]
+    return write_pretrain_shards(tmp_path_factory.mktemp("pretrain-data"))
 
 
 @pytest.mark.slow
@@ -68,12 +37,12 @@ def test_single_process_zero_stages_lower_the_loss(shards, tmp_path, stage):
                  global_batch=8, micro_batch=4)
     summary = pretrain(cfg, progress=False)
     assert summary["zero_stage"] == stage and summary["pretrain_steps"] == 8
-    curve = losses(tmp_path)
+    curve = logged_losses(tmp_path)
     assert len(curve) == 8 and np.mean(curve[-2:]) < np.mean(curve[:2])
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step*")) == ["step6", "step8"]  # keeps 2
-    blob = load_export(tmp_path / "export.pt")
-    assert blob["state_dict"]["backbone.stem.conv.weight"].dtype == torch.float32
+    export = read_export(tmp_path / "export.safetensors")
+    assert export.state_dict["backbone.stem.conv.weight"].dtype == torch.float32 and export.info.task == "pretraining"
 
 
 def test_config_with_unknown_key_or_wrong_type_is_rejected(tmp_path):
@@ -108,16 +77,16 @@ def test_config_base_chain_merges_section_by_section_and_refuses_loops(tmp_path)
 
 
 def test_nan_loss_stops_naming_step_and_scenes(shards, tmp_path, monkeypatch):
-    from sparsegps.models import gps
+    from sparsegps.criterion import GPSCriterion
 
-    original = gps.GPSModel.forward
+    original = GPSCriterion.__call__
 
-    def poisoned(self, batch):
-        out = original(self, batch)
-        out["loss"] = out["loss"] * float("nan")
-        return out
+    def poisoned(self, outputs, batch):
+        losses = original(self, outputs, batch)
+        losses["loss"] = losses["loss"] * float("nan")
+        return losses
 
-    monkeypatch.setattr(gps.GPSModel, "forward", poisoned)
+    monkeypatch.setattr(GPSCriterion, "__call__", poisoned)
     from sparsegps.train.loop import NonFiniteLossError
     with pytest.raises(NonFiniteLossError, match=r"step 1 .*scenes in the batch: \['t"):
         pretrain(config(shards, tmp_path, steps=2), progress=False)
@@ -126,7 +95,7 @@ def test_nan_loss_stops_naming_step_and_scenes(shards, tmp_path, monkeypatch):
 RUN_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
-    from test_pretrain import config
+    from helpers import pretrain_config as config
     from sparsegps.train.pretrain import pretrain
     from pathlib import Path
     torch.manual_seed(0)
@@ -169,12 +138,12 @@ def test_kill_and_resume_equals_uninterrupted(shards, tmp_path):
     proc.wait()
     assert (ckpt / "step2").exists() and not (ckpt / "step6").exists()
     _run(shards, tmp_path / "killed", "--resume")
-    a = load_export(tmp_path / "straight" / "export.pt")["state_dict"]
-    b = load_export(tmp_path / "killed" / "export.pt")["state_dict"]
+    a = read_export(tmp_path / "straight" / "export.safetensors").state_dict
+    b = read_export(tmp_path / "killed" / "export.safetensors").state_dict
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert losses(tmp_path / "straight")[-1] == losses(tmp_path / "killed")[-1]
+    assert logged_losses(tmp_path / "straight")[-1] == logged_losses(tmp_path / "killed")[-1]
 
 
 def test_corrupt_checkpoint_falls_back_to_previous_with_warning(shards, tmp_path, capsys):
@@ -193,7 +162,7 @@ def test_corrupt_checkpoint_falls_back_to_previous_with_warning(shards, tmp_path
     assert any("step6 is unusable: no manifest" in m for m in messages)
     assert any("step4 is unusable: failed to load" in m for m in messages)
     assert f"resumed from {tmp_path / 'checkpoints'}/step2 " in capsys.readouterr().out
-    assert load_export(tmp_path / "export.pt")["step"] == 6
+    assert read_export(tmp_path / "export.safetensors").info.step == 6
 
 
 def measured_gradient_mask(cfg: PretrainConfig) -> dict[str, torch.Tensor]:
@@ -209,7 +178,7 @@ def measured_gradient_mask(cfg: PretrainConfig) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = GPSModel(cfg.model)
     ds = ScenesDataset(cfg.data.train, cfg.data.transforms)
-    model(collate_scenes([ds[i] for i in range(cfg.micro_batch)]))["loss"].backward()
+    model_losses(model, collate_scenes([ds[i] for i in range(cfg.micro_batch)]))["loss"].backward()
     grads = {n: p.grad.abs() for n, p in model.named_parameters() if p.grad is not None}
     largest = max(g.max() for g in grads.values())
     return {n: g > 1e-6 * largest for n, g in grads.items()}
@@ -222,9 +191,9 @@ def test_zero3_export_loads_into_a_fresh_model_and_matches_zero0(shards, tmp_pat
     torch.manual_seed(0)
     pretrain(config(shards, tmp_path / "z3", steps=3, deepspeed=str(ROOT / "configs/deepspeed/zero3.json")),
              progress=False)
-    m0, _ = load_pretrained_model(tmp_path / "z0" / "export.pt")
-    m3, blob = load_pretrained_model(tmp_path / "z3" / "export.pt")
-    assert blob["vocabulary"] == VOCAB and blob["model_config"]["d_model"] == 32
+    m0, _ = load_model(tmp_path / "z0" / "export.safetensors")
+    m3, info = load_model(tmp_path / "z3" / "export.safetensors")
+    assert info.vocabulary == VOCAB and info.model_config["d_model"] == 32
     measured = measured_gradient_mask(config(shards, tmp_path / "probe"))
     assert not measured["grounding_head.mlp.3.bias"].any()  # the bias before the softmax over objects
     assert measured["grounding_head.mlp.3.weight"].all()
@@ -310,11 +279,11 @@ def test_object_stage_then_init_from_its_export(shards, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "objects" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_object_class"] > 0 and r["loss"] == pytest.approx(r["loss_object_class"]) for r in rows)
     assert all(r["loss_scene_text"] == 0 and r["loss_object_text"] == 0 for r in rows)  # weight 0: not computed
-    stage1 = load_export(tmp_path / "objects" / "export.pt")["state_dict"]
+    stage1 = read_export(tmp_path / "objects" / "export.safetensors").state_dict
     frozen = {"lr_text_encoder": 0.0, "lr_backbone": 0.0, "lr_heads": 0.0, "warmup_steps": 0}
     torch.manual_seed(1)  # another initialisation: the weights must come from the export
     pretrain(config(shards, tmp_path / "all", steps=1, data=train_only, optim=frozen,
-                    init_from=str(tmp_path / "objects" / "export.pt")), progress=False)
-    after = load_export(tmp_path / "all" / "export.pt")["state_dict"]
+                    init_from=str(tmp_path / "objects" / "export.safetensors")), progress=False)
+    after = read_export(tmp_path / "all" / "export.safetensors").state_dict
     changed = [k for k in stage1 if not torch.equal(stage1[k], after[k])]
     assert all("running" in k or "num_batches" in k for k in changed), changed

@@ -15,7 +15,7 @@ from sparsegps.eval.relation_probe import ProbeConfig, collate_rooms, load_rooms
 from sparsegps.models.gps import ModelConfig
 from sparsegps.synth import SYNTH_VOCABULARY, generate_scenes, preset
 
-from test_pretrain import TINY_MODEL
+from helpers import TINY_MODEL
 
 
 @pytest.fixture(scope="module")

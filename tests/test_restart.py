@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, make_scene
+from helpers import VOCAB, make_scene
 from multirank import join_as, spawn
-from test_pretrain import config
+from helpers import pretrain_config as config
 
 from sparsegps.data import write_scenes
-from sparsegps.train.checkpoint import export_state_dict, load_export, verify_checkpoint
+from sparsegps.exports import read_export
+from sparsegps.train.checkpoint import consolidated_state, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENES, GLOBAL_BATCH, SEED = 8, 2, 0  # 4 steps an epoch
@@ -133,8 +134,8 @@ def test_a_signal_stops_every_rank_at_a_checkpoint_and_any_world_size_continues_
     assert steps_read(stopped, 0, 2, 1) == the_order(range(1, 4))
     assert verify_checkpoint(stopped / "checkpoints" / "step3") is None
     assert outcome(stopped, 0, 1)["steps"] == 4 and steps_read(stopped, 1, 2, 4) == the_order(range(4, 5))
-    a = load_export(straight / "export.pt")["state_dict"]
-    b = load_export(stopped / "export.pt")["state_dict"]
+    a = read_export(straight / "export.safetensors").state_dict
+    b = read_export(stopped / "export.safetensors").state_dict
     assert a.keys() == b.keys()
     for name in a:  # same ranks, same order of every reduction
         assert torch.equal(a[name], b[name]), name
@@ -146,8 +147,7 @@ def test_a_signal_stops_every_rank_at_a_checkpoint_and_any_world_size_continues_
     spawn(_worker, str(data), [(str(two), 4, 0)])
     assert outcome(two, 0, 0)["steps"] == 4 and steps_read(two, 0, 2, 4) == the_order(range(4, 5))
     for folder, checkpoint, ranks in ((one, one / "checkpoints/step2", 1), (two, two / "checkpoints/step3", 2)):
-        saved = export_state_dict(checkpoint.parent, folder / f"{checkpoint.name}.pt", tag=checkpoint.name)
-        expected = load_export(saved)["state_dict"]
+        expected, _, _ = consolidated_state(checkpoint.parent, tag=checkpoint.name)
         assert any("running_mean" in name for name in expected)
         for rank in range(ranks):
             resumed = outcome(folder, rank, 0)["resumed"]

@@ -12,8 +12,8 @@ from sparsegps.config import from_dict
 from sparsegps.eval.segmentation import confusion_matrix, evaluate_segmentation, segmentation_metrics
 from sparsegps.models.backbone import SpUNetConfig
 from sparsegps.models.seg_heads import LanguageSegHead, SegmentationModel, SegModelConfig
-from sparsegps.train.checkpoint import load_export
-from sparsegps.train.finetune_seg import SegConfig, finetune_segmentation, load_segmentation_model
+from sparsegps.exports import ExportInfo, load_model, read_export, save_export
+from sparsegps.train.finetune_seg import SegConfig, finetune_segmentation
 
 TINY = {"stem_channels": 8, "enc_channels": [8, 16, 16], "dec_channels": [16, 16, 16], "enc_blocks": [1, 1, 1],
         "dec_blocks": [1, 1, 1]}
@@ -100,8 +100,8 @@ def test_finetuning_beats_the_majority_class_and_exports(synthetic_shards, tmp_p
     assert summary["seg_miou"] > 2 * majority_miou, (summary, majority_miou)
     assert summary["seg_accuracy"] > majority_iou
     assert (tmp_path / "confusion.png").stat().st_size > 0 and (tmp_path / "seg_report.json").exists()
-    model, blob = load_segmentation_model(tmp_path / "export.pt")
-    assert blob["task"] == "segmentation" and model.class_names[0] == "wall"
+    model, info = load_model(tmp_path / "export.safetensors")
+    assert info.task == "segmentation" and model.class_names[0] == "wall" and info.voxel_size == 0.15
 
 
 def test_pretraining_export_restores_backbone_weights_exactly(synthetic_shards, tmp_path):
@@ -113,12 +113,13 @@ def test_pretraining_export_restores_backbone_weights_exactly(synthetic_shards, 
     gps_cfg = ModelConfig(backbone=from_dict(SpUNetConfig, TINY), d_model=32, num_heads=2, spatial_layers=1,
                           grounding_layers=1, ffn_dim=32, embed_dim=16, text=TextEncoderConfig(num_layers=1))
     gps = GPSModel(gps_cfg)
-    export = tmp_path / "pretrain.pt"
+    export = tmp_path / "pretrain.pt"  # an export written by an earlier version (a pickled dict)
     torch.save({"format": "sparsegps-export", "state_dict": gps.state_dict(), "model_config": to_dict(gps_cfg),
                 "vocabulary": [], "voxel_size": 0.15}, export)
-    blob = load_export(export)
+    read = read_export(export)
+    assert (read.info.task, read.info.voxel_size) == ("pretraining", 0.15)
     seg = SegmentationModel(SegModelConfig(backbone=from_dict(SpUNetConfig, TINY)), ["a", "b"])
-    seg.load_backbone(blob["state_dict"])
+    seg.load_backbone(read.state_dict)
     for name, tensor in gps.backbone.state_dict().items():
         assert torch.equal(seg.backbone.state_dict()[name], tensor), name
     seg.freeze("encoder")
@@ -145,16 +146,15 @@ def test_finetuning_from_the_zero_shot_head_starts_at_the_zero_shot_segmenter(sy
     with torch.no_grad():  # a temperature and projection of its own, not the initial ones
         gps.dense_scale.log_scale.fill_(1.5)
         gps.dense_proj[2].weight.mul_(3.0)
-    export = tmp_path / "pretrain.pt"
-    torch.save({"format": "sparsegps-export", "state_dict": gps.state_dict(), "model_config": to_dict(gps_cfg),
-                "vocabulary": list(SYNTH_VOCABULARY), "voxel_size": 0.15}, export)
+    export = save_export(tmp_path / "pretrain.safetensors", gps.state_dict(),
+                         ExportInfo("pretraining", to_dict(gps_cfg), list(SYNTH_VOCABULARY), 0.15))
 
     model = {"backbone": TINY, "head": "language", "head_init": "zero_shot"}
     frozen = {"warmup_steps": 0, "lr_backbone": 0.0, "lr_heads": 0.0, "weight_decay": 0.0}
     finetune_segmentation(seg_config(synthetic_shards, tmp_path / "seg", steps=1, freeze="backbone", model=model,
-                                     optim=frozen, data={"train": [str(synthetic_shards / "train")]}),
-                          str(export), progress=False)
-    seg, _ = load_segmentation_model(tmp_path / "seg/export.pt")
+                                     optim=frozen, data={"train": [str(synthetic_shards / "train")]},
+                                     pretrained=str(export)), progress=False)
+    seg, _ = load_model(tmp_path / "seg/export.safetensors")
     batch = collate_scenes([ScenesDataset(synthetic_shards / "val", TransformConfig(voxel_size=0.15, augment=False))[i]
                             for i in range(2)])
     with torch.no_grad():
@@ -164,32 +164,26 @@ def test_finetuning_from_the_zero_shot_head_starts_at_the_zero_shot_segmenter(sy
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
     with pytest.raises(UsageError, match="model.head=language"):
-        finetune_segmentation(seg_config(synthetic_shards, tmp_path / "bad", model={**model, "head": "linear"}),
-                              str(export), progress=False)
-    plain = tmp_path / "plain.pt"
-    torch.save({**torch.load(export, weights_only=False), "model_config": to_dict(ModelConfig(**{
-        **vars(gps_cfg), "loss": from_dict(ModelConfig, {}).loss}))}, plain)
+        finetune_segmentation(seg_config(synthetic_shards, tmp_path / "bad", model={**model, "head": "linear"},
+                                         pretrained=str(export)), progress=False)
+    plain = save_export(tmp_path / "plain.safetensors", gps.state_dict(), ExportInfo(
+        "pretraining", to_dict(ModelConfig(**{**vars(gps_cfg), "loss": from_dict(ModelConfig, {}).loss}))))
     with pytest.raises(UsageError, match="without the dense_text loss"):
-        finetune_segmentation(seg_config(synthetic_shards, tmp_path / "bad2", model=model), str(plain),
+        finetune_segmentation(seg_config(synthetic_shards, tmp_path / "bad2", model=model, pretrained=str(plain)),
                               progress=False)
 
 
 def test_class_balanced_segmentation_loss_is_the_weighted_mean_by_hand():
-    from sparsegps.train.finetune_seg import SegmentationLoss
+    from sparsegps.criterion import SegmentationCriterion
 
     logits = torch.tensor([[2.0, 0.0, 1.0], [0.5, 0.5, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
     stored = torch.tensor([0, 0, 1, 3, -1])  # store label 3 maps to class 2; -1 is unlabelled
-    remap = np.array([0, 1, 2, 2])
-
-    class Fixed(torch.nn.Module):
-        def forward(self, batch):
-            return logits
-
-    loss = SegmentationLoss(Fixed(), remap, class_balance=1.0)({"voxel_semantic": stored})["loss"]
+    remap = torch.tensor([0, 1, 2, 2])
+    loss = SegmentationCriterion(remap, class_balance=1.0)(logits, {"voxel_semantic": stored})["loss"]
     # classes 0, 1, 2 hold 2, 1, 1 of the 4 labelled voxels: weights 1/share, scaled to sum to 4
     weights = torch.tensor([2.0, 4.0, 4.0]) * 4 / (2 * 2.0 + 4.0 + 4.0)
     target = torch.tensor([0, 0, 1, 2])
     ce = torch.nn.functional.cross_entropy(logits[:4], target, reduction="none")
     assert loss.item() == pytest.approx((ce * weights[target]).sum().item() / 4, rel=1e-6)
-    plain = SegmentationLoss(Fixed(), remap)({"voxel_semantic": stored})["loss"]
+    plain = SegmentationCriterion(remap)(logits, {"voxel_semantic": stored})["loss"]
     assert plain.item() == pytest.approx(ce.mean().item(), rel=1e-6)

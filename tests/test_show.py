@@ -15,7 +15,8 @@ from sparsegps.viz.palette import CLASS_COLORS, TARGET, WRONG_CHOICE
 from sparsegps.viz.raster import splat
 from sparsegps.viz.render import BoxMark, render_panel
 
-from conftest import VOCAB, make_scene
+from helpers import TINY_MODEL, VOCAB, losses, make_scene, tiny_model_config
+from sparsegps.exports import load_model
 
 RED, GREY, BLUE = (220, 20, 20), (128, 128, 128), (20, 20, 220)
 
@@ -227,13 +228,7 @@ def test_big_scan_renders(tmp_path):
     assert png_pixels(tmp_path / "big.png").shape[1] == 1800
 
 
-TINY_MODEL = {
-    "backbone": {"stem_channels": 8, "enc_channels": [8, 16], "dec_channels": [16, 8], "enc_blocks": [1, 1],
-                 "dec_blocks": [1, 1]},
-    "d_model": 32, "num_heads": 2, "spatial_layers": 1, "grounding_layers": 1, "ffn_dim": 64, "embed_dim": 16,
-    "dropout": 0.0, "text": {"num_layers": 1, "max_length": 16}, "object_text": "class_name",
-    "loss": {"object_text": 0.0, "scene_text": 0.0, "referral_object": 0.0, "grounding": 1.0, "mlm": 0.0},
-}
+GROUNDING_ONLY = {"object_text": 0.0, "scene_text": 0.0, "referral_object": 0.0, "grounding": 1.0, "mlm": 0.0}
 VOXEL = 0.15
 
 
@@ -247,26 +242,26 @@ def exports(store_dir, tmp_path_factory):
     from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes
     from sparsegps.models.gps import GPSModel, ModelConfig
     from sparsegps.models.seg_heads import SegmentationModel, SegModelConfig
-    from sparsegps.train.checkpoint import EXPORT_FORMAT
+    from sparsegps.exports import EXPORT_FORMAT, ExportInfo, save_export
 
     root = tmp_path_factory.mktemp("exports")
     torch.manual_seed(0)
-    cfg = from_dict(ModelConfig, TINY_MODEL)
+    cfg = tiny_model_config(loss=GROUNDING_ONLY)
     model = GPSModel(cfg)
     data = ScenesDataset(store_dir, TransformConfig(voxel_size=VOXEL, augment=False))
     batch = collate_scenes([data[i] for i in range(len(data))])
     params = [p for n, p in model.named_parameters() if not n.startswith("text.")]
     optimizer = torch.optim.Adam(params, lr=1e-2)
     for _ in range(40):
-        loss = model(batch)["loss_grounding"]
+        loss = losses(model, batch)["loss_grounding"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    grounding = root / "ground.pt"
-    torch.save({"format": EXPORT_FORMAT, "state_dict": model.state_dict(), "model_config": to_dict(cfg),
-                "voxel_size": VOXEL, "task": "pretraining"}, grounding)
+    grounding = save_export(root / "ground.safetensors", model.state_dict(),
+                            ExportInfo("pretraining", to_dict(cfg), voxel_size=VOXEL))
     seg_cfg = from_dict(SegModelConfig, {"backbone": TINY_MODEL["backbone"]})
     seg = SegmentationModel(seg_cfg, VOCAB)
+    # a segmentation export of an earlier version: pickled, its keys inside a loss wrapper's "model."
     segmentation = root / "seg.pt"
     torch.save({"format": EXPORT_FORMAT, "state_dict": {f"model.{k}": v for k, v in seg.state_dict().items()},
                 "model_config": to_dict(seg_cfg), "voxel_size": VOXEL, "task": "segmentation",
@@ -280,10 +275,9 @@ def test_checkpoint_choice_is_drawn(store_dir, exports, tmp_path, capsys):
     for a referral it gets right, the target's box and no wrong-choice box; for a forced wrong
     choice, the wrong-choice box."""
     from sparsegps.eval.grounding_model import predict_referrals
-    from sparsegps.train.pretrain import load_pretrained_model
     from sparsegps.viz.pictures import draw_scene
 
-    model, _ = load_pretrained_model(exports[0])
+    model, _ = load_model(exports[0])
     predictions = predict_referrals(model, store_dir, VOXEL, "cpu", progress=False)
     store = SceneStore(store_dir)
     right = [p for p in predictions if p.predicted_id == store[p.scene_index].texts[p.text_index].target_id]
@@ -307,7 +301,6 @@ def test_checkpoint_choice_is_drawn(store_dir, exports, tmp_path, capsys):
 def test_segmentation_export_draws_truth_against_prediction(store_dir, exports, tmp_path, capsys):
     import torch
 
-    from sparsegps.train.finetune_seg import load_segmentation_model
     from sparsegps.viz.predict import segment_points
 
     out = tmp_path / "seg.png"
@@ -315,7 +308,7 @@ def test_segmentation_export_draws_truth_against_prediction(store_dir, exports, 
                      "--device", "cpu"]) == 0
     assert png_pixels(out).shape[1] >= 1200
     # per-point predictions are the voxel predictions of each point's voxel
-    model, _ = load_segmentation_model(str(exports[1]))
+    model, _ = load_model(exports[1])
     scene = SceneStore(store_dir)[2]
     points = segment_points(model, scene, VOXEL)
     from sparsegps.data import GridSample, collate_scenes
@@ -332,7 +325,6 @@ def test_segmentation_export_draws_truth_against_prediction(store_dir, exports, 
 def test_gallery_follows_its_rule(store_dir, exports, tmp_path):
     """The demo's gallery step: pictures exist, and each picked referral's right/wrong matches the
     model's choice computed through `show`'s own path (GPSModel.forward)."""
-    from sparsegps.train.pretrain import load_pretrained_model
     from sparsegps.viz.gallery import write_gallery
     from sparsegps.viz.predict import ground_text
 
@@ -341,7 +333,7 @@ def test_gallery_follows_its_rule(store_dir, exports, tmp_path):
     index = json.loads((tmp_path / "gallery" / "index.json").read_text())
     assert [e["file"] for e in index["pictures"]] == [p.name for p in paths]
     assert all(p.exists() for p in paths) and paths[-1].name == "segmentation_s0.png"
-    model, _ = load_pretrained_model(exports[0])
+    model, _ = load_model(exports[0])
     store = SceneStore(store_dir)
     referrals = [e for e in index["pictures"] if e["kind"] == "referral"]
     assert referrals and len({e["scene"] for e in referrals}) == len(referrals)  # one per scene

@@ -21,7 +21,7 @@ from sparsegps.data import (SCHEMA_VERSION, SceneFormatError, SceneStore, Scenes
                             collate_scenes, upgrade_shards, write_scenes)
 from sparsegps.data.transforms import GridSample, scene_to_sample
 
-from conftest import VOCAB, make_scene
+from helpers import VOCAB, make_scene
 
 NO_AUGMENT = TransformConfig(voxel_size=0.05, augment=False)
 
@@ -195,7 +195,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     import numpy as np
     sys.path.insert(0, {tests!r})
-    from conftest import VOCAB, make_scene
+    from helpers import VOCAB, make_scene
     from sparsegps.data import write_scenes
 
     def scenes():

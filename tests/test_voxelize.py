@@ -14,7 +14,7 @@ from sparsegps.data.sharing import _array_from_tensor, _reduce_array, share_arra
 from sparsegps.data.transforms import ColorJitter, GridSample, RandomJitter, scene_to_sample, standard_normal
 from sparsegps.data.voxelize import voxelize
 
-from conftest import VOCAB, make_scene
+from helpers import VOCAB, make_scene
 
 
 def reference_grid_sample(xyz, rgb, instance, semantic, voxel_size):

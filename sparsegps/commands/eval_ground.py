@@ -8,9 +8,9 @@ and predictions), and prints the table. With ground-truth boxes it also writes t
 diagnostics, OUT/grounding.{json,md,png}: class and within-class accuracy against the class prior
 (1 / objects of the target's class), by relation, shape, same-class count and view dependence.
 
-    sparsegps eval-ground --checkpoint runs/ground/nr3d/export.pt --data runs/data/scannet/nr3d_val \\
+    sparsegps eval-ground --checkpoint runs/ground/nr3d/export.safetensors --data runs/data/scannet/nr3d_val \\
         --benchmark nr3d
-    sparsegps eval-ground --checkpoint runs/ground/scanrefer/export.pt --data runs/data/scannet/scanrefer_val \\
+    sparsegps eval-ground --checkpoint runs/ground/scanrefer/export.safetensors --data runs/data/scannet/scanrefer_val \\
         --benchmark scanrefer --proposals mask3d_val_boxes.json"""
 from __future__ import annotations
 
@@ -41,30 +41,21 @@ def run(args) -> int:
     from sparsegps.eval.grounding import format_table, save_report, write_submission
     from sparsegps.eval.grounding_model import ProposalError, evaluate_grounding, save_predictions
     from sparsegps.device import pick_device
-    from sparsegps.train.finetune_ground import load_grounding_export
-    from sparsegps.train.loop import resolve_precision
-    from sparsegps.train.pretrain import load_pretrained_model
+    from sparsegps.errors import UsageError
+    from sparsegps.exports import load_model
+    from sparsegps.train.run import resolve_precision
 
     if args.proposals and args.benchmark != "scanrefer":
-        print(f"error: --proposals is for ScanRefer (Acc@k of proposal boxes), not {args.benchmark}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--proposals is for ScanRefer (Acc@k of proposal boxes), not {args.benchmark}")
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)
-    try:
-        blob = load_grounding_export(args.checkpoint)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    task = blob.get("task", "pretraining")
+    model, info = load_model(args.checkpoint, device, ("pretraining", "grounding"), "eval-ground")
+    task = info.task
     if task != "grounding":
         print(f"note: {args.checkpoint} is a {task} export (not fine-tuned for grounding)", file=sys.stderr)
-    voxel_size = args.voxel_size or blob.get("voxel_size")
-    if voxel_size is None:
-        print(f"error: {args.checkpoint} records no voxel size; pass --voxel-size", file=sys.stderr)
-        return 2
-    model, _ = load_pretrained_model(args.checkpoint, device)
+    voxel_size = args.voxel_size or info.require_voxel_size(args.checkpoint)
     try:
         report, records = evaluate_grounding(
             model, args.data, args.benchmark, voxel_size, device, proposals_path=args.proposals,
@@ -73,7 +64,7 @@ def run(args) -> int:
     except ProposalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report.update(checkpoint=str(args.checkpoint), task=task, step=blob.get("step"))
+    report.update(checkpoint=str(args.checkpoint), task=task, step=info.step)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_ground_{args.benchmark}"
     out.mkdir(parents=True, exist_ok=True)
     diagnostics = report.pop("grounding_diagnostics", None)

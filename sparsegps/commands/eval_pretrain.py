@@ -22,11 +22,11 @@ def run(args) -> int:
     from sparsegps.data import TransformConfig
     from sparsegps.eval.pretrain import evaluate_pretraining
     from sparsegps.device import pick_device
-    from sparsegps.train.pretrain import load_pretrained_model
+    from sparsegps.exports import load_model
 
     device = pick_device(args.device)
-    model, blob = load_pretrained_model(args.checkpoint, device)
-    voxel = args.voxel_size or blob.get("voxel_size") or 0.02
+    model, info = load_model(args.checkpoint, device, ("pretraining", "grounding"), "eval-pretrain")
+    voxel = args.voxel_size or info.require_voxel_size(args.checkpoint)
     result = evaluate_pretraining(model, args.data, TransformConfig(voxel_size=voxel, augment=False), device,
                                   batch_size=args.batch_size, max_scenes=args.max_scenes)
     report = result.pop("grounding_diagnostics")

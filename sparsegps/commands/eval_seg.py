@@ -16,7 +16,8 @@ from sparsegps.errors import UsageError
 
 def add_arguments(parser):
     parser.add_argument("--checkpoint", required=True,
-                        help="export of a finetune-seg run (RUN/export.pt); with --zero-shot, of a pre-training run")
+                        help="export of a finetune-seg run (RUN/export.safetensors); with --zero-shot, of a "
+                             "pre-training run")
     parser.add_argument("--zero-shot", action="store_true", help="segment with the pre-trained model by class names")
     parser.add_argument("--classes", default=None, help="comma-separated class names (--zero-shot)")
     parser.add_argument("--data", nargs="+", required=True, help="shards or directories")
@@ -33,23 +34,25 @@ def run(args) -> int:
     from sparsegps.data import SceneStore
     from sparsegps.eval.segmentation import evaluate_segmentation, format_table, write_report
     from sparsegps.device import pick_device
-    from sparsegps.train.finetune_seg import load_segmentation_model
+    from sparsegps.exports import load_model
 
     device = pick_device(args.device)
     if device.type == "cpu":
         import torch
         torch.set_flush_denormal(True)
     if args.zero_shot:
-        model, blob, seen = zero_shot_model(args.checkpoint, args.classes, device)
+        model, info, seen = zero_shot_model(args.checkpoint, args.classes, device)
     else:
         if args.classes:
             raise UsageError("--classes goes with --zero-shot (a fine-tuned head has its own classes)")
-        model, blob = load_segmentation_model(args.checkpoint, device)
+        model, info = load_model(args.checkpoint, device, ("segmentation",),
+                                 "eval-seg (without --zero-shot; run `sparsegps finetune-seg` first)")
     names = model.class_names
     vocabulary = SceneStore(args.data).vocabulary
     index = {n: i for i, n in enumerate(names)}
     remap = np.array([index.get(v, -1) for v in vocabulary], dtype=np.int64)
-    report, conf = evaluate_segmentation(model, args.data, blob["voxel_size"], device, len(names), names, remap,
+    report, conf = evaluate_segmentation(model, args.data, info.require_voxel_size(args.checkpoint), device,
+                                         len(names), names, remap,
                                          args.tta, args.batch_size, args.max_scenes)
     if args.zero_shot:
         report.update(zero_shot_split(report, seen))
@@ -68,21 +71,22 @@ def run(args) -> int:
 
 
 def zero_shot_model(path: str, classes: str | None, device):
-    """The pre-trained model as a `ZeroShotSegmenter`, its export, and the classes it was trained on."""
+    """The pre-trained model as a `ZeroShotSegmenter`, its export's metadata, and the classes it was
+    trained on."""
+    from sparsegps.exports import load_model
     from sparsegps.models.seg_heads import ZeroShotSegmenter
-    from sparsegps.train.pretrain import load_pretrained_model
 
-    gps, blob = load_pretrained_model(path, device)
+    gps, info = load_model(path, device, ("pretraining", "grounding"), "eval-seg --zero-shot")
     if gps.cfg.loss.dense_text <= 0:
         print(f"warning: {path} was pre-trained without the dense_text loss; its voxel features were never "
               f"aligned with class names", file=sys.stderr)
-    seen = list(blob.get("trained_classes") or gps.cfg.class_names or blob.get("vocabulary", []))
+    seen = list(info.trained_classes or gps.cfg.class_names or info.vocabulary)
     # every class of the pre-training store, those held out of pre-training (`trained_classes` lacks
     # them) included
-    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else list(blob.get("vocabulary") or seen)
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else list(info.vocabulary or seen)
     if not names:
         raise UsageError(f"{path}: no class names stored; pass --classes")
-    return ZeroShotSegmenter(gps, names).to(device), blob, seen
+    return ZeroShotSegmenter(gps, names).to(device), info, seen
 
 
 def majority_class_baseline(confusion, seen: list[str], names: list[str]) -> dict:

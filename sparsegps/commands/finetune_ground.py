@@ -2,8 +2,8 @@
 (--pretrained) or from scratch, then score the held-out shards of the config with the benchmark's
 metrics (report in OUTPUT_DIR/ground_report.json and .md).
 
-    sparsegps finetune-ground --pretrained runs/pretrain/export.pt --config configs/ground/nr3d.yaml
-    torchrun --nproc_per_node 8 -m sparsegps.cli finetune-ground --pretrained runs/pretrain/export.pt \\
+    sparsegps finetune-ground --pretrained runs/pretrain/export.safetensors --config configs/ground/nr3d.yaml
+    torchrun --nproc_per_node 8 -m sparsegps.cli finetune-ground --pretrained runs/pretrain/export.safetensors \\
         --config configs/ground/scanrefer.yaml --deepspeed configs/deepspeed/zero2.json
     sparsegps finetune-ground --config configs/ground/synthetic_cpu.yaml --set loss.referral_object=0.5"""
 from __future__ import annotations
@@ -24,7 +24,7 @@ def run(args) -> int:
     from sparsegps.train.finetune_ground import GroundConfig, finetune_grounding
 
     cfg = load_training_config(GroundConfig, args)
-    summary = finetune_grounding(cfg, args.pretrained)
+    summary = finetune_grounding(cfg)
     print(json.dumps(summary, indent=1))
     if "report" in summary:
         print()

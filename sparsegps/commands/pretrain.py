@@ -11,7 +11,7 @@ restarts a run. SIGTERM or SIGUSR1 saves a checkpoint after the current step and
 Any config key can be overridden: --set steps=200 --set data.train=[runs/data/train].
 
 GPS's two stages: `--stage objects` trains object classification of the pooled tokens alone; a second
-run with `--set init_from=STAGE1/export.pt` trains everything from those weights."""
+run with `--set init_from=STAGE1/export.safetensors` trains everything from those weights."""
 from __future__ import annotations
 
 import json

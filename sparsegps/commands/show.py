@@ -5,8 +5,8 @@ picks for that text, and a segmentation export shows predicted classes against t
 --ply writes the same colouring as a coloured point cloud, with the boxes as a line set beside it.
 
     sparsegps show runs/demo/data/val --scene synth_0001_000003 --list
-    sparsegps show runs/demo/data/val --scene synth_0001_000003 --text 5 --checkpoint runs/demo/pretrain/export.pt
-    sparsegps show runs/demo/data/val --scene synth_0001_000003 --checkpoint runs/demo/seg/export.pt
+    sparsegps show runs/demo/data/val --scene synth_0001_000003 --text 5 --checkpoint runs/demo/pretrain/export.safetensors
+    sparsegps show runs/demo/data/val --scene synth_0001_000003 --checkpoint runs/demo/seg/export.safetensors
     sparsegps show runs/demo/data/val --scene synth_0001_000003 --color semantic --ply scene.ply"""
 from __future__ import annotations
 
@@ -73,18 +73,16 @@ def run(args) -> int:
         return 2
     view = ViewConfig(width=args.width)
 
-    loaded, choice, predicted = None, None, None
+    model, choice, predicted = None, None, None
     if args.checkpoint:
         from sparsegps.device import pick_device
-        from sparsegps.viz.predict import ground_text, load_model, segment_points
+        from sparsegps.exports import load_model
+        from sparsegps.viz.predict import ground_text, segment_points
 
         device = pick_device(args.device)
-        try:
-            loaded = load_model(args.checkpoint, device)
-        except (OSError, ValueError, KeyError) as e:
-            print(f"error: cannot load {args.checkpoint}: {e}", file=sys.stderr)
-            return 2
-        if loaded.task == "segmentation":
+        model, info = load_model(args.checkpoint, device)
+        voxel_size = info.require_voxel_size(args.checkpoint)
+        if info.task == "segmentation":
             if args.text is not None:
                 print(f"error: {args.checkpoint} is a segmentation export: it draws classes, not a text's "
                       f"object; drop --text or give a pre-training or grounding export", file=sys.stderr)
@@ -93,7 +91,7 @@ def run(args) -> int:
                 print(f"error: a segmentation export draws its predicted classes; --color {args.color} "
                       f"does not apply", file=sys.stderr)
                 return 2
-            predicted = segment_points(loaded.model, scene, loaded.voxel_size, device)
+            predicted = segment_points(model, scene, voxel_size, device)
         else:
             if args.text is None:
                 print(f"error: {args.checkpoint} grounds sentences: pass --text N (see --list)", file=sys.stderr)
@@ -103,7 +101,7 @@ def run(args) -> int:
                       file=sys.stderr)
                 return 2
             try:
-                choice = ground_text(loaded.model, scene, args.text, loaded.voxel_size, device)
+                choice = ground_text(model, scene, args.text, voxel_size, device)
             except ValueError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
@@ -119,10 +117,10 @@ def run(args) -> int:
         from sparsegps.viz.pictures import draw_segmentation
         from sparsegps.viz.predict import truth_in_classes
 
-        truth = truth_in_classes(scene, vocabulary, loaded.class_names)
+        truth = truth_in_classes(scene, vocabulary, model.class_names)
         out = Path(args.out or f"{scene.scene_id}_seg.png")
-        draw_segmentation(scene, loaded.class_names, truth, predicted, out, view)
-        colors, _ = point_colors(scene, "prediction", loaded.class_names, predicted)
+        draw_segmentation(scene, model.class_names, truth, predicted, out, view)
+        colors, _ = point_colors(scene, "prediction", model.class_names, predicted)
     else:
         from sparsegps.viz.pictures import draw_scene
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 def add_training_arguments(parser, config_help: str, pretrained: bool = True) -> None:
     parser.add_argument("--config", required=True, help=config_help)
     if pretrained:
-        parser.add_argument("--pretrained", help="export of a pre-training run (RUN/export.pt); omit for scratch")
+        parser.add_argument("--pretrained", help="export of a pre-training run (RUN/export.safetensors); omit for "
+                            "scratch (config key: pretrained)")
     parser.add_argument("--deepspeed", help="DeepSpeed JSON (configs/deepspeed/zero{1,2,3}.json)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--output-dir", help="run directory (overrides output_dir)")
@@ -16,11 +17,13 @@ def add_training_arguments(parser, config_help: str, pretrained: bool = True) ->
 
 
 def load_training_config(cls, args):
-    """The run's config from --config, --set, --deepspeed, --output-dir and --resume; a bad one
-    raises ConfigError before any work starts (the command line prints it as one line)."""
+    """The run's config from --config, --set, --pretrained, --deepspeed, --output-dir and --resume; a
+    bad one raises ConfigError before any work starts (the command line prints it as one line)."""
     from sparsegps.config import load_config
 
     overrides = list(args.set)
+    if getattr(args, "pretrained", None):
+        overrides.append(f"pretrained={args.pretrained}")
     if args.deepspeed:
         overrides.append(f"deepspeed={args.deepspeed}")
     if args.output_dir:

@@ -75,8 +75,8 @@ def evaluate_pretraining(model, paths, transforms: TransformConfig, device, prec
             records += grounding_records(batch, out)
             if "caption_scene" in out:
                 rows = keep[out["caption_scene"]]
-                scene_emb.append(out["scene_embedding"][rows])
-                caption_emb.append(out["caption_embedding"][rows])
+                scene_emb.append(F.normalize(out["scene_embedding"][rows].float(), dim=-1))
+                caption_emb.append(F.normalize(out["caption_embedding"][rows].float(), dim=-1))
             hits, total = _object_caption_hits(model, batch, out["objects"], device)
             counts[0] += hits
             counts[1] += total

@@ -5,15 +5,17 @@
     texts  --TextEncoder--> token features --proj--> [N,T,D]
     (referral, its scene's objects) --GroundingEncoder--> fused objects --GroundingHead--> logits
 
-Losses (weights in `LossWeights`): object-text and scene-text InfoNCE, referral-object
-contrast, grounding cross-entropy, and MLM on the fused text tokens.
+The model computes features, tokens and logits; `sparsegps.criterion.GPSCriterion` turns them into
+the losses (weights in `LossWeights`: object-text and scene-text InfoNCE, referral-object contrast,
+grounding cross-entropy, MLM on the fused text tokens, object classification, dense voxel-text
+alignment), with the cross-rank gathers and the normalisation over the global batch.
 """
 from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import hashlib
 
@@ -22,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsegps import losses as L
-from sparsegps.distributed import all_reduce_sum, gather_rows
 
 from .backbone import SpUNet, SpUNetConfig
 from .grounding import GroundingEncoder, GroundingHead, MLMHead
@@ -235,81 +236,53 @@ class GPSModel(nn.Module):
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, batch: dict) -> dict:
-        """Every loss of one micro-batch, the grounding logits and the retrieval embeddings.
+        """The features and logits of one micro-batch that the losses of `cfg.loss` read
+        (`sparsegps.criterion.GPSCriterion` turns them into losses), and the retrieval embeddings.
 
         Whatever the batch holds (no referrals, no captions, no objects), the same modules run in
-        the same order and the same collectives are issued: a missing kind of text is replaced by
-        one empty placeholder text whose terms have weight zero. So ranks with different data stay
-        in step, under ZeRO-3 too. Each loss is this rank's share of the mean of its terms over all
-        ranks (`losses.global_mean_share`): the counts of terms are summed over ranks once per
-        forward."""
+        the same order: a missing kind of text is replaced by one empty placeholder text (a
+        referral with `real` False), so ranks with different data make the same module calls, under
+        ZeRO-3 too. The model issues no collective; the criterion does.
+
+        Keys: objects (tokens, pad, boxes, voxel_feats); referrals (`Referrals`), grounding_logits
+        [R, L] (-inf on padded objects), referral_logits [R, L] (referral-object contrast); with MLM,
+        mlm_logits and mlm_labels of the masked tokens; with object_text, object_text_embedding (the
+        objects that have a text), object_text_keys (their texts' keys), text_embedding and text_keys
+        (the batch's distinct object texts; key 0: the placeholder), object_scale; with scene_text,
+        scene_embedding and caption_embedding of the scenes with a caption (caption_scene: their
+        index in the batch), scene_scale; with object_class, object_class_logits of the valid objects;
+        with dense_text, dense_logits of every voxel."""
         device, w = batch["feats"].device, self.cfg.loss
         objects = self.encode_objects(batch)
         referrals = Referrals.of(batch, device)
         text = self.encode_text(referrals.texts, device, mask=self.training and w.mlm > 0)
-        object_rows, object_texts = self._object_text_pairs(batch, objects)
-        masked = text["labels"] != L.IGNORE_INDEX if text["labels"] is not None else torch.zeros_like(text["pad"])
-        counts = global_counts(referrals=referrals.count, masked_tokens=masked.sum(), object_texts=len(object_rows),
-                               labelled_objects=(batch["object_label"] >= 0).sum(),
-                               labelled_voxels=(batch["voxel_semantic"] >= 0).sum(), device=device)
-
-        out = {"objects": objects, **self._referral_losses(referrals, text, masked, objects, counts)}
+        fused_text, fused_obj, logits = self.ground(text, referrals.scene_index, objects)
+        out = {"objects": objects, "referrals": referrals, "grounding_logits": logits,
+               "referral_logits": self._referral_logits(fused_text, fused_obj, text)}
+        if text["labels"] is not None:
+            masked = text["labels"] != L.IGNORE_INDEX
+            out["mlm_logits"] = self.mlm_head(fused_text[masked], self.text.word_embeddings.weight)
+            out["mlm_labels"] = text["labels"][masked]
         if w.object_text > 0:
-            out["loss_object_text"] = self._object_text_loss(objects, object_rows, object_texts,
-                                                             counts["object_texts"], device)
+            out.update(self._object_text(batch, objects, device))
         if w.scene_text > 0:
             out.update(self._scene_text(batch, objects, device))
         if w.object_class > 0 or w.dense_text > 0:
-            out.update(self._class_losses(batch, objects, counts, device))
-        total = objects["tokens"].sum() * 0.0
-        for name in LOSS_NAMES:
-            value = out.setdefault(f"loss_{name}", total * 0.0)
-            total = total + getattr(w, name) * value
-        out["loss"] = total
+            classes = self.class_embeddings(self.cfg.class_names, device)
+            if w.object_class > 0:
+                out["object_class_logits"] = L.scaled_cosine(
+                    self.object_class_proj(objects["tokens"][~objects["pad"]]), classes, self.class_scale())
+            if w.dense_text > 0:
+                out["dense_logits"] = self.dense_class_logits(objects["voxel_feats"], classes)
         return out
 
-    def _referral_losses(self, referrals: "Referrals", text: dict, masked: torch.Tensor, objects: dict,
-                         counts: dict) -> dict:
-        """Grounding cross-entropy, referral-object contrast and MLM over the fused referrals."""
-        real, scene, target = referrals.real, referrals.scene_index, referrals.target
-        fused_text, fused_obj, logits = self.ground(text, scene, objects)
-        # padding is masked on real rows only: the placeholder's row stays finite (weight zero)
-        obj_pad = objects["pad"][scene] & real[:, None]
-        grounding = L.masked_object_cross_entropy(logits.masked_fill(~real[:, None], 0.0), obj_pad, target)
+    def _referral_logits(self, fused_text: torch.Tensor, fused_obj: torch.Tensor, text: dict) -> torch.Tensor:
+        """Referral-object contrast [R, L]: GPS's fused objects against the fused [CLS] by plain
+        cosine, or the projected form (sentence vs fused objects, learnable temperature)."""
         if self.cfg.referral_contrast == "gps":
-            contrast = L.referral_contrastive_logits(fused_obj, fused_text[:, 0], torch.ones((), device=real.device))
-        else:
-            contrast = L.referral_contrastive_logits(self.fused_proj(fused_obj), self.text_proj(text["sentence"]),
-                                                     self.referral_scale())
-        referral = L.masked_object_cross_entropy(contrast, obj_pad, target)
-        n = referrals.count
-        out = {"loss_grounding": L.global_mean_share((grounding * real).sum(), counts["referrals"]),
-               "loss_referral_object": L.global_mean_share((referral * real).sum(), counts["referrals"]),
-               "grounding_logits": logits[:n], "grounding_target": target[:n], "grounding_scene": scene[:n]}
-        if text["labels"] is not None:
-            mlm_logits = self.mlm_head(fused_text[masked], self.text.word_embeddings.weight)
-            mlm = L.mlm_loss(mlm_logits, text["labels"][masked])
-            out["loss_mlm"] = L.global_mean_share(mlm.sum() + mlm_logits.sum() * 0.0, counts["masked_tokens"])
-        return out
-
-    def _class_losses(self, batch: dict, objects: dict, counts: dict, device) -> dict:
-        """Object classification and dense voxel alignment against the class-name embeddings."""
-        w, out = self.cfg.loss, {}
-        classes = self.class_embeddings(self.cfg.class_names, device)
-        if w.object_class > 0:
-            logits = L.scaled_cosine(self.object_class_proj(objects["tokens"][~objects["pad"]]), classes,
-                                     self.class_scale())
-            per_object = L.labelled_cross_entropy(logits, batch["object_label"].to(device),
-                                                  self.cfg.object_class_smoothing)
-            out["loss_object_class"] = L.global_mean_share(per_object.sum(), counts["labelled_objects"])
-        if w.dense_text > 0:
-            logits = self.dense_class_logits(objects["voxel_feats"], classes)
-            labels = batch["voxel_semantic"].to(device)
-            per_voxel = L.labelled_cross_entropy(logits, labels)
-            if self.cfg.dense_class_balance > 0:
-                per_voxel = per_voxel * L.class_balance_weights(labels, len(classes), self.cfg.dense_class_balance)
-            out["loss_dense_text"] = L.global_mean_share(per_voxel.sum(), counts["labelled_voxels"])
-        return out
+            return L.referral_contrastive_logits(fused_obj, fused_text[:, 0], torch.ones((), device=fused_obj.device))
+        return L.referral_contrastive_logits(self.fused_proj(fused_obj), self.text_proj(text["sentence"]),
+                                             self.referral_scale())
 
     def class_embeddings(self, class_names: list[str], device) -> torch.Tensor:
         """Text-space embeddings [K, E] of the "a <class>" prompts."""
@@ -321,7 +294,7 @@ class GPSModel(nn.Module):
         """Each voxel's scaled cosine [V, K] with the class embeddings: segmentation by naming classes."""
         return L.scaled_cosine(self.dense_proj(voxel_feats), classes, self.dense_scale())
 
-    def _object_text_pairs(self, batch: dict, objects: dict) -> tuple[list[int], list[str]]:
+    def _object_text_pairs(self, batch: dict) -> tuple[list[int], list[str]]:
         """The objects (rows of the flattened valid tokens) that have a text, and that text: their
         first caption ("caption") or "a <class>" ("class_name"; objects whose class name was held
         out have none)."""
@@ -335,32 +308,23 @@ class GPSModel(nn.Module):
         rows = [i for i, name in enumerate(batch["object_names"]) if name]  # "": a class held out of training
         return rows, [f"a {batch['object_names'][i]}" for i in rows]
 
-    def _object_text_loss(self, objects: dict, rows: list[int], texts: list[str], global_rows: torch.Tensor,
-                          device) -> torch.Tensor:
-        """Object tokens against the texts of all ranks' objects (multi-positive InfoNCE).
-
-        Each rank encodes its distinct texts; the candidates are the distinct texts over all ranks
-        (gathered with gradients, a text held by several ranks counted once), so the loss does not
-        depend on how the batch is split over ranks."""
+    def _object_text(self, batch: dict, objects: dict, device) -> dict:
+        """Embeddings of the objects that have a text, and of the batch's distinct object texts, with
+        the keys that match them (`text_key`; the criterion gathers the texts of every rank)."""
+        rows, texts = self._object_text_pairs(batch)
         flat = objects["tokens"][~objects["pad"]]  # [O, D] in batch object order
         unique = sorted(set(texts))
         encoded = self.text_proj(self.encode_text(unique or [""], device)["sentence"])
-        keys = torch.tensor([text_key(s) for s in unique] or [0], device=device)  # 0: the placeholder
-        all_encoded, _ = gather_rows(encoded)
-        all_keys, _ = gather_rows(keys)
-        keep = first_occurrences(all_keys) & (all_keys != 0)
-        row_keys = torch.tensor([text_key(s) for s in texts], device=device, dtype=torch.int64)
-        positive = row_keys[:, None] == all_keys[keep][None, :]
-        per_row = L.multi_positive_info_nce(self.object_proj(flat[rows]), all_encoded[keep], positive,
-                                            self.object_scale())
-        anchor = all_encoded.sum() * 0.0  # the placeholder and duplicates stay in the graph
-        return L.global_mean_share(per_row.sum() + anchor, global_rows)
+        return {"object_text_embedding": self.object_proj(flat[rows]),
+                "object_text_keys": torch.tensor([text_key(t) for t in texts], device=device, dtype=torch.int64),
+                "text_embedding": encoded,
+                "text_keys": torch.tensor([text_key(t) for t in unique] or [0], device=device, dtype=torch.int64),
+                "object_scale": self.object_scale()}
 
     def _scene_text(self, batch: dict, objects: dict, device) -> dict:
-        """Mean of a scene's valid object tokens against its scene caption, candidates from all ranks.
-
-        Returns the loss and, for retrieval metrics, the normalised scene and caption embeddings of
-        the scenes that have a caption (`caption_scene`: their index in the batch)."""
+        """The mean of each scene's valid object tokens and its scene caption, in the contrastive
+        space, for the scenes that have a caption (`caption_scene`: their index in the batch; a
+        batch without captions encodes one placeholder, which `caption_embedding` leaves out)."""
         caption: dict[int, str] = {}
         for t in batch["texts"]:
             if t["kind"] == "scene_caption":
@@ -368,66 +332,11 @@ class GPSModel(nn.Module):
         scenes = sorted(caption)
         valid = (~objects["pad"]).unsqueeze(-1).to(objects["tokens"].dtype)
         pooled = (objects["tokens"] * valid).sum(1) / valid.sum(1).clamp(min=1)
-        scene_emb = self.scene_proj(pooled[scenes])
         text = self.text_proj(self.encode_text([caption[s] for s in scenes] or [""], device,
                                                max_length=self.cfg.text.scene_caption_max_length)["sentence"])
-        per_row, global_rows = L.symmetric_info_nce(scene_emb, text[: len(scenes)], self.scene_scale(),
-                                                    gather_grad=self.cfg.scene_text_gather == "autograd")
-        loss = L.global_mean_share(per_row.sum() + text.sum() * 0.0, global_rows)
-        return {"loss_scene_text": loss, "caption_scene": torch.tensor(scenes, device=device, dtype=torch.int64),
-                "scene_embedding": F.normalize(scene_emb.float(), dim=-1),
-                "caption_embedding": F.normalize(text[: len(scenes)].float(), dim=-1)}
-
-    # ------------------------------------------------------------------------------ helpers
-    def parameter_groups(self, no_decay: NoDecayRule = "gps") -> dict[str, list[nn.Parameter]]:
-        """Optimizer groups by role: text encoder, U-Net backbone, transformers (pooling, spatial,
-        grounding), heads. Parameters exempt from weight decay by `no_decay` (see
-        `no_decay_parameter_names`) go to "<role>/no_decay" groups."""
-        body = ("pooling.", "spatial.", "grounding.", "text_to_model.")
-
-        def role(name: str) -> str:
-            return ("text_encoder" if name.startswith("text.") else "backbone" if name.startswith("backbone.")
-                    else "transformers" if name.startswith(body) else "heads")
-
-        return optimizer_groups(self, role, no_decay)
-
-
-NoDecayRule = Literal["gps", "norms_embeddings", "none"]
-
-
-def optimizer_groups(model: nn.Module, role: Callable[[str], str],
-                     no_decay: NoDecayRule = "gps") -> dict[str, list[nn.Parameter]]:
-    """The trainable parameters of `model` by `role(name)`, those exempt from weight decay (see
-    `no_decay_parameter_names`) in "<role>/no_decay" groups."""
-    exempt = no_decay_parameter_names(model, no_decay)
-    groups: dict[str, list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault(role(name) + ("/no_decay" if name in exempt else ""), []).append(p)
-    return groups
-
-
-def no_decay_parameter_names(model: nn.Module, rule: NoDecayRule = "gps") -> set[str]:
-    """Parameters exempt from weight decay.
-
-    gps: GPS's `no_decay_param_group` (SceneVerse optim/utils.py): names containing "bias" or
-    "LayerNorm." (BERT's norms; other norms and embeddings are decayed). norms_embeddings: every
-    parameter of fewer than 2 dimensions (biases, norm weights, temperatures), embedding tables and
-    token-type embeddings, the common practice since. none: decay everything."""
-    names = set()
-    for module_name, module in model.named_modules():
-        for name, p in module.named_parameters(recurse=False):
-            full = f"{module_name}.{name}" if module_name else name
-            if rule == "gps":
-                exempt = "bias" in full or "LayerNorm." in full
-            elif rule == "norms_embeddings":
-                exempt = p.ndim < 2 or isinstance(module, nn.Embedding) or name == "token_type"
-            else:
-                exempt = False
-            if exempt:
-                names.add(full)
-    return names
-
+        return {"scene_embedding": self.scene_proj(pooled[scenes]), "caption_embedding": text[: len(scenes)],
+                "caption_placeholder": text[len(scenes):], "scene_scale": self.scene_scale(),
+                "caption_scene": torch.tensor(scenes, device=device, dtype=torch.int64)}
 
 @dataclass
 class Referrals:
@@ -451,12 +360,6 @@ class Referrals:
         target = torch.tensor([t["target"] for t in rows] or [0], device=device)
         target = (target - batch["object_offsets"].to(device)[scene]).where(real, 0)
         return cls([t["text"] for t in rows] or [""], scene, target, real)
-
-
-def global_counts(device, **local) -> dict[str, torch.Tensor]:
-    """Each count summed over ranks, in one collective."""
-    values = torch.tensor([float(v) for v in local.values()], device=device, dtype=torch.float64)
-    return dict(zip(local, all_reduce_sum(values).unbind()))
 
 
 def text_key(text: str) -> int:

@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     step("pretrain", ["pretrain", "--config", str(configs / "pretrain/grounding_cpu.yaml"), "--output-dir",
                       str(out / "pretrain"), "--set", f"data.train=[{stores['pretrain']}]", "--set", "data.val=[]",
                       "--set", f"seed={args.seed}", *steps(args.pretrain_steps)])
-    step("pretrain_test", ["eval-pretrain", "--checkpoint", str(out / "pretrain/export.pt"), "--data",
+    step("pretrain_test", ["eval-pretrain", "--checkpoint", str(out / "pretrain/export.safetensors"), "--data",
                            str(stores["test"]), "--out", str(out / "pretrain")])
-    step("finetune", ["finetune-ground", "--pretrained", str(out / "pretrain/export.pt"), "--config",
+    step("finetune", ["finetune-ground", "--pretrained", str(out / "pretrain/export.safetensors"), "--config",
                       str(configs / "ground/synthetic_cpu.yaml"), "--output-dir", str(out / "ground"),
                       "--set", f"data.train=[{stores['finetune']}]", "--set", f"data.val=[{stores['test']}]",
                       "--set", f"seed={args.seed}", *steps(args.finetune_steps)])

@@ -1,5 +1,5 @@
 """Atomic, verifiable DeepSpeed checkpoints that keep the last K, resumable on any number of ranks,
-and the fp32 export.
+and their consolidated fp32 state (which `sparsegps.exports` writes as an export).
 
 A checkpoint is written by `engine.save_checkpoint` under a hidden temporary tag, with each rank's
 RNG states beside it, described by a manifest (every file and its size, the world size and ZeRO
@@ -40,8 +40,6 @@ from sparsegps.files import atomic_write_text
 
 MANIFEST = "manifest.json"
 UNIVERSAL = "universal"  # the folder of a checkpoint's universal conversion, inside it
-EXPORT_FORMAT = "sparsegps-export"
-EXPORT_METADATA = ("step", "model_config", "backbone_config", "vocabulary", "voxel_size", "task")
 
 
 def _rank() -> int:
@@ -298,9 +296,10 @@ def remove_checkpoints(directory: str | Path) -> list[str]:
     return tags
 
 
-def export_state_dict(checkpoint_dir: str | Path, out_path: str | Path, tag: str | None = None,
-                      extra: dict | None = None) -> Path:
-    """Consolidate a DeepSpeed checkpoint (any ZeRO stage) into one fp32 state dict file.
+def consolidated_state(checkpoint_dir: str | Path, tag: str | None = None) -> tuple[dict, dict, str]:
+    """The fp32 state dict of a DeepSpeed checkpoint (any ZeRO stage; the newest complete one when
+    `tag` is None), its model-states file (DeepSpeed's entries and the client state the run saved
+beside them) and its tag.
 
     ZeRO 1-3 keep fp32 master weights in their optimizer partitions, which DeepSpeed's
     `zero_to_fp32` merges; without ZeRO the module states are cast to fp32."""
@@ -315,45 +314,12 @@ def export_state_dict(checkpoint_dir: str | Path, out_path: str | Path, tag: str
     # "mp_rank_00_model_states.pt"; under ZeRO-3 "zero_pp_rank_0_mp_rank_00_model_states.pt"
     states_file = sorted(folder.glob("*mp_rank_00_model_states.pt"), key=lambda p: len(p.name))[0]
     model_states = torch.load(states_file, map_location="cpu", weights_only=True)
-    metadata = {k: model_states[k] for k in EXPORT_METADATA if k in model_states}
     if list(folder.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+        with contextlib.redirect_stdout(io.StringIO()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     else:
         state = model_states["module"]
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    torch.save({"format": EXPORT_FORMAT, "state_dict": state, "tag": tag, **metadata, **(extra or {})}, tmp)
-    tmp.replace(out_path)
-    return out_path
-
-
-HOW_TO_EXPORT = "write one with `sparsegps export RUN/checkpoints --out FILE` (training runs leave RUN/export.pt)"
-
-
-def load_export(path: str | Path) -> dict:
-    """Read a file written by `export_state_dict` (tensors and plain data only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: no such export file; {HOW_TO_EXPORT}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or a pickle with code in it
-        raise UsageError(f"{path}: not a sparsegps export (unreadable: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:160]}); {HOW_TO_EXPORT}") from None
-    if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
-        raise UsageError(f"{path}: not a sparsegps export (expected format {EXPORT_FORMAT!r}); {HOW_TO_EXPORT}")
-    return blob
-
-
-def load_weights(module: torch.nn.Module, state_dict: dict, path: str | Path, strict: bool = True) -> None:
-    """`module.load_state_dict`, failing with one line naming the export when the shapes differ."""
-    try:
-        module.load_state_dict(state_dict, strict=strict)
-    except RuntimeError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
-        raise UsageError(f"{path}: its weights do not fit this model ({detail[:300]}); use an export of the same "
-                         f"architecture, or the config it was trained with") from None
+    return state, {k: v for k, v in model_states.items() if k != "module"}, tag

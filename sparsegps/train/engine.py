@@ -6,12 +6,16 @@ import math
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from sparsegps.launch import export_world
+
+
+NoDecayRule = Literal["gps", "norms_embeddings", "none"]
 
 
 @dataclass
@@ -31,7 +35,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     # which parameters get no weight decay: gps (biases and BERT's LayerNorms, as GPS), or
     # norms_embeddings (also every norm, embedding table and temperature), or none
-    no_decay: Literal["gps", "norms_embeddings", "none"] = "gps"
+    no_decay: NoDecayRule = "gps"
     warmup_steps: int = 500
     min_lr_ratio: float = 0.0
     gradient_clipping: float = 5.0
@@ -63,6 +67,56 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# GPSModel's parameters by role: each role has its learning rate (OptimConfig.lr_<role>).
+GPS_TRANSFORMERS = ("pooling.", "spatial.", "grounding.", "text_to_model.")
+
+
+def gps_role(name: str) -> str:
+    """The optimizer role of a GPSModel parameter: text encoder, U-Net backbone, transformers
+    (pooling, spatial, grounding), heads."""
+    return ("text_encoder" if name.startswith("text.") else "backbone" if name.startswith("backbone.")
+            else "transformers" if name.startswith(GPS_TRANSFORMERS) else "heads")
+
+
+def segmentation_role(name: str) -> str:
+    """The optimizer role of a segmentation model's parameter: backbone or head."""
+    return "backbone" if name.startswith("backbone.") else "heads"
+
+
+def optimizer_groups(model: nn.Module, role: Callable[[str], str],
+                     no_decay: NoDecayRule = "gps") -> dict[str, list[nn.Parameter]]:
+    """The trainable parameters of `model` by `role(name)`, those exempt from weight decay (see
+    `no_decay_parameter_names`) in "<role>/no_decay" groups."""
+    exempt = no_decay_parameter_names(model, no_decay)
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(role(name) + ("/no_decay" if name in exempt else ""), []).append(p)
+    return groups
+
+
+def no_decay_parameter_names(model: nn.Module, rule: NoDecayRule = "gps") -> set[str]:
+    """Parameters exempt from weight decay.
+
+    gps: GPS's `no_decay_param_group` (SceneVerse optim/utils.py): names containing "bias" or
+    "LayerNorm." (BERT's norms; other norms and embeddings are decayed). norms_embeddings: every
+    parameter of fewer than 2 dimensions (biases, norm weights, temperatures), embedding tables and
+    token-type embeddings, the common practice since. none: decay everything."""
+    names = set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if rule == "gps":
+                exempt = "bias" in full or "LayerNorm." in full
+            elif rule == "norms_embeddings":
+                exempt = p.ndim < 2 or isinstance(module, nn.Embedding) or name == "token_type"
+            else:
+                exempt = False
+            if exempt:
+                names.add(full)
+    return names
 
 
 def build_optimizer(groups: dict[str, list], cfg: OptimConfig, global_batch: int, device_type: str):

@@ -27,7 +27,7 @@ from .checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, seed
 from .meter import MetricsLog, TrainMeter, peak_memory_mb
 from .order import RankSampler, SampleOrder
 from .preemption import STOP_SIGNALS, CheckpointClock, StopSignals, ignore_stop_signals_in_worker, signal_name
-from .run import Run, RunConfig, build_engine, resolve_precision, setup_run
+from .run import Run
 
 # Batches each DataLoader worker prepares ahead: 2 x workers micro-batches wait in shared memory.
 PREFETCH_FACTOR = 2
@@ -140,12 +140,12 @@ def restore(run: Run, engine, order: SampleOrder) -> Position:
     return Position(step, samples)
 
 
-def train_loop(run: Run, engine, dataset, *, client_state: dict, progress: bool = True, desc: str = "train",
-               evaluate: Callable[[], dict] | None = None) -> dict:
-    """Run `run.cfg.steps` optimizer steps of `engine` (whose forward returns a dict with "loss" and
-    "loss_*" parts) on `dataset`, from the newest checkpoint when the run resumes. Returns throughput
-    and the last logged losses. SIGTERM or SIGUSR1 on any rank: every rank finishes the step, a
-    complete checkpoint is saved and `Preempted` is raised."""
+def train_loop(run: Run, engine, dataset, criterion: Callable[[object, dict], dict], *, client_state: dict,
+               progress: bool = True, desc: str = "train", evaluate: Callable[[], dict] | None = None) -> dict:
+    """Run `run.cfg.steps` optimizer steps of `engine` on `dataset`, `criterion(engine(batch), batch)`
+    giving the losses (a dict with "loss" and "loss_*" parts), from the newest checkpoint when the
+    run resumes. Returns throughput and the last logged losses. SIGTERM or SIGUSR1 on any rank: every
+    rank finishes the step, a complete checkpoint is saved and `Preempted` is raised."""
     from tqdm.auto import tqdm
 
     cfg = run.cfg
@@ -166,12 +166,12 @@ def train_loop(run: Run, engine, dataset, *, client_state: dict, progress: bool 
         with StopSignals() as signals:
             for batch in batches:
                 with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16"):
-                    outputs = engine(batch)
-                agreed = agree(outputs["loss"], signals, clock)
-                check_finite(agreed, outputs, batch, position, order)
-                engine.backward(outputs["loss"])
+                    losses = criterion(engine(batch), batch)
+                agreed = agree(losses["loss"], signals, clock)
+                check_finite(agreed, losses, batch, position, order)
+                engine.backward(losses["loss"])
                 engine.step()
-                meter.add(outputs, batch)
+                meter.add(losses, batch)
                 if position.micro % run.grad_accum:
                     continue
                 position.step += 1
@@ -219,5 +219,4 @@ def is_collective_failure(error: BaseException) -> bool:
         word in text for word in ("gloo", "nccl", "timed out", "timeout", "connection closed", "connection reset"))
 
 
-__all__ = ["CollectiveError", "NonFiniteLossError", "Position", "Run", "RunConfig", "SampleOrder", "Schedule",
-           "build_engine", "resolve_precision", "setup_run", "train_loop"]
+__all__ = ["CollectiveError", "NonFiniteLossError", "Position", "Schedule", "train_loop"]

@@ -1,37 +1,31 @@
 """GPS pre-training on shards with DeepSpeed, from one CPU process to many GPUs on many nodes.
 
-`pretrain(cfg)` builds the data pipeline, the model and a DeepSpeed engine (ZeRO stage from the
-JSON named by `cfg.deepspeed`), runs `cfg.steps` optimizer steps of `cfg.global_batch` scenes
-(micro-batches of `cfg.micro_batch` scenes per rank, accumulated over
-`global_batch / (micro_batch * world)` micro-steps), evaluates on held-out scenes, and exports a
-consolidated fp32 state dict that the fine-tuning commands load.
+`pretrain(cfg)` runs the pre-training task (`sparsegps.train.task`): the training scenes (with any
+classes held out), `GPSModel` and `GPSCriterion`, GPS's optimizer groups, `cfg.steps` optimizer steps
+of `cfg.global_batch` scenes (micro-batches of `cfg.micro_batch` scenes per rank, accumulated over
+`global_batch / (micro_batch * world)` micro-steps), held-out grounding and retrieval, and the export
+the fine-tuning commands load (RUN/export.safetensors).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-import torch.distributed as dist
-
-from sparsegps.config import from_dict, to_dict
-from sparsegps.data import SceneStore, ScenesDataset, TransformConfig
+from sparsegps.criterion import GPSCriterion
+from sparsegps.data import SceneStore, ScenesDataset
 from sparsegps.errors import UsageError
-from sparsegps.files import atomic_write_text
+from sparsegps.exports import ExportInfo, expect_task, load_weights, read_export
 from sparsegps.models.gps import LOSS_NAMES, GPSModel, LossWeights, ModelConfig
 
-from .checkpoint import export_state_dict, load_export, load_weights
-from .engine import OptimConfig, zero_stage
-from .loop import RunConfig, build_engine, setup_run, train_loop
+from .engine import OptimConfig, gps_role, optimizer_groups
+from .run import DataConfig, Run, RunConfig
+from .task import TrainingTask, run_task
 
 
 @dataclass
-class DataConfig:
-    train: list[str] = field(default_factory=list)  # shard files or directories
-    val: list[str] = field(default_factory=list)
-    transforms: TransformConfig = field(default_factory=TransformConfig)
+class PretrainDataConfig(DataConfig):
     eval_max_scenes: int | None = 256
     # Classes held out of pre-training (for zero-shot evaluation of classes it never saw): their
     # points take the ignore label, their objects no class target, and texts that name them are
@@ -43,17 +37,82 @@ class DataConfig:
 @dataclass
 class PretrainConfig(RunConfig):
     output_dir: str = "runs/pretrain"
-    data: DataConfig = field(default_factory=DataConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     # all: every loss of model.loss. objects: GPS's first stage, object classification of the pooled
     # tokens against the class-name texts alone (model.loss is replaced by object_class=1); a second
-    # run with `init_from: STAGE1/export.pt` then trains everything from those weights.
+    # run with `init_from: STAGE1/export.safetensors` then trains everything from those weights.
     stage: Literal["all", "objects"] = "all"
     init_from: str | None = None  # a pre-training export whose weights start this run
 
 
 OBJECT_STAGE_LOSS = LossWeights(**{**{name: 0.0 for name in LOSS_NAMES}, "object_class": 1.0})
+LABEL_KINDS = ("texts", "object_classes", "voxel_classes")
+
+
+class PretrainTask(TrainingTask):
+    name = "pretrain"
+    summary_prefix = "pretrain"
+
+    def configure(self) -> None:
+        cfg = self.cfg
+        self.vocabulary = SceneStore(cfg.data.train).vocabulary  # held-out classes are checked by `dataset`
+        self.cfg = cfg = with_class_names(cfg, [c for c in self.vocabulary if c not in cfg.data.holdout_classes])
+        if cfg.stage == "objects":
+            self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss=OBJECT_STAGE_LOSS))
+        self.init = read_export(cfg.init_from) if cfg.init_from else None
+        if self.init is not None:
+            expect_task(self.init, ("pretraining",), "init_from")
+        self.diagnostics: list[dict] = []
+
+    def dataset(self) -> ScenesDataset:
+        return training_set(self.cfg)
+
+    def model(self, initialise: bool) -> GPSModel:
+        model = GPSModel(self.cfg.model)
+        if self.init is not None and initialise:
+            load_weights(model, self.init.state_dict, self.init.path)
+        return model
+
+    def criterion(self, model) -> GPSCriterion:
+        return GPSCriterion.of(self.cfg.model)
+
+    def parameter_groups(self, model) -> dict:
+        return optimizer_groups(model, gps_role, self.cfg.optim.no_decay)
+
+    def export_info(self, dataset) -> ExportInfo:
+        cfg, labels = self.cfg, consumed_labels(self.cfg.model)
+        from sparsegps.config import to_dict
+
+        return ExportInfo("pretraining", to_dict(cfg.model), vocabulary=list(self.vocabulary),
+                          voxel_size=cfg.data.transforms.voxel_size, trained_classes=list(cfg.model.class_names),
+                          holdout_classes=list(cfg.data.holdout_classes), preset=preset_name(labels),
+                          labels_consumed=labels)
+
+    def monitor(self, run: Run, model) -> dict | None:
+        if not self.cfg.data.val or not self.cfg.eval_every:
+            return None
+        return self._held_out(run, model)
+
+    def evaluate(self, run: Run, model, export: Path) -> dict:
+        if not self.cfg.data.val:
+            return {}
+        result = self._held_out(run, model)
+        if run.rank == 0 and self.diagnostics[-1]["referrals"]:
+            from sparsegps.eval.grounding_diagnostics import save_diagnostics
+
+            save_diagnostics(self.diagnostics[-1], run.out, "grounding", "held-out grounding after pre-training")
+        return result
+
+    def _held_out(self, run: Run, model) -> dict:
+        from sparsegps.eval.pretrain import evaluate_pretraining
+
+        cfg = self.cfg
+        result = evaluate_pretraining(model, cfg.data.val, cfg.data.transforms, run.device, run.precision,
+                                      cfg.micro_batch, cfg.data.eval_max_scenes, progress=False)
+        self.diagnostics.append(result.pop("grounding_diagnostics"))
+        return result
 
 
 def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
@@ -61,50 +120,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     final losses, held-out metrics). With held-out data, the grounding diagnostics go to
     RUN/grounding.{json,md,png}. A stop signal raises `sparsegps.errors.Preempted` after a complete
     checkpoint."""
-    from sparsegps.eval.grounding_diagnostics import save_diagnostics
-    from sparsegps.eval.pretrain import evaluate_pretraining
-
-    if not cfg.data.train:
-        raise UsageError("data.train names no shards")
-    train_set = training_set(cfg)
-    cfg = with_class_names(cfg, train_set.classes)
-    if cfg.stage == "objects":
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss=OBJECT_STAGE_LOSS))
-    run = setup_run(cfg)
-    model = GPSModel(cfg.model)
-    if cfg.init_from and not run.resumes:
-        load_weights(model, load_export(cfg.init_from)["state_dict"], cfg.init_from)
-    engine, ds_config = build_engine(run, model, model.parameter_groups(cfg.optim.no_decay), cfg.optim)
-
-    def evaluate() -> dict:
-        result = evaluate_pretraining(engine.module, cfg.data.val, cfg.data.transforms, run.device, run.precision,
-                                      cfg.micro_batch, cfg.data.eval_max_scenes, progress=False)
-        diagnostics.append(result.pop("grounding_diagnostics"))
-        return result
-
-    diagnostics: list[dict] = []
-
-    labels = consumed_labels(cfg.model)
-    extra = {"model_config": to_dict(cfg.model), "vocabulary": train_set.vocabulary,
-             "trained_classes": train_set.classes, "holdout_classes": list(cfg.data.holdout_classes),
-             "preset": preset_name(labels), "labels_consumed": labels, "voxel_size": cfg.data.transforms.voxel_size}
-    stats = train_loop(run, engine, train_set, client_state=extra, progress=progress,
-                       desc="pretrain", evaluate=evaluate if cfg.data.val else None)
-    summary = {"pretrain_steps": stats.pop("steps"), "pretrain_scenes_per_s": stats.pop("scenes_per_s"),
-               "pretrain_voxels_per_s": stats.pop("voxels_per_s"), "world_size": run.world,
-               "zero_stage": zero_stage(ds_config), "precision": run.precision, "train_scenes": len(train_set),
-               **stats}
-    if cfg.data.val:
-        summary.update(evaluate())
-    if run.rank == 0:
-        export_state_dict(run.out / "checkpoints", run.out / "export.pt", extra=extra)
-        atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=1))
-        if diagnostics and diagnostics[-1]["referrals"]:
-            save_diagnostics(diagnostics[-1], run.out, "grounding", f"held-out grounding after {summary['pretrain_steps']} "
-                             "pre-training steps")
-    if dist.is_initialized():
-        dist.barrier()
-    return summary
+    return run_task(PretrainTask(cfg), progress)
 
 
 def training_set(cfg: PretrainConfig) -> ScenesDataset:
@@ -137,9 +153,6 @@ def with_class_names(cfg: PretrainConfig, classes: list[str]) -> PretrainConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, class_names=list(classes)))
 
 
-LABEL_KINDS = ("texts", "object_classes", "voxel_classes")
-
-
 def consumed_labels(model: ModelConfig) -> list[str]:
     """The kinds of labels a pre-training with these losses consumes: "texts" (what the captions and
     referrals say, their target objects included), "object_classes" (each object's class: object
@@ -162,9 +175,5 @@ def preset_name(labels: list[str]) -> str:
     return "dense" if "voxel_classes" in labels else "objects" if "object_classes" in labels else "language"
 
 
-def load_pretrained_model(path: str | os.PathLike, device="cpu") -> tuple[GPSModel, dict]:
-    """A `GPSModel` with the weights of an export (see `sparsegps export`), and the export's metadata."""
-    blob = load_export(path)
-    model = GPSModel(from_dict(ModelConfig, blob["model_config"]))
-    load_weights(model, blob["state_dict"], path)
-    return model.to(device), blob
+__all__ = ["OBJECT_STAGE_LOSS", "PretrainConfig", "PretrainDataConfig", "PretrainTask", "consumed_labels", "pretrain",
+           "preset_name", "training_set", "with_class_names"]

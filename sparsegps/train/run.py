@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -15,12 +15,23 @@ import torch.distributed as dist
 
 from sparsegps.config import save_config
 from sparsegps.data.store import raise_open_file_limit
+from sparsegps.data.transforms import TransformConfig
 from sparsegps.device import pick_device
 from sparsegps.errors import UsageError
 from sparsegps.launch import export_world
 
 from .checkpoint import complete_checkpoints, remove_checkpoints
 from .engine import OptimConfig, build_optimizer, deepspeed_config, init_distributed, initialize_engine, lr_factor
+
+
+@dataclass
+class DataConfig:
+    """The data of a training run; each recipe's data config extends it."""
+
+    train: list[str] = field(default_factory=list)  # shard files or directories
+    val: list[str] = field(default_factory=list)  # held-out shards evaluated during and after training
+    transforms: TransformConfig = field(default_factory=TransformConfig)
+    eval_max_scenes: int | None = None  # held-out scenes evaluated (None: all)
 
 
 @dataclass

@@ -48,16 +48,16 @@ def write_gallery(out_dir: str | os.PathLike, data, grounding_export: str | os.P
     from sparsegps.data import SceneStore
     from sparsegps.eval.grounding_model import predict_referrals
 
-    from .predict import load_model, segment_points, truth_in_classes
+    from sparsegps.exports import load_model
+
+    from .predict import segment_points, truth_in_classes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     store = SceneStore(data)
-    grounding = load_model(grounding_export, device)
-    if grounding.task != "grounding":
-        raise ValueError(f"{grounding_export}: expected a pre-training or grounding export, got {grounding.task}")
-    predictions = predict_referrals(grounding.model, data, grounding.voxel_size, device, max_scenes=max_scenes,
-                                    progress=False)
+    grounding, info = load_model(grounding_export, device, ("pretraining", "grounding"), "the gallery's referrals")
+    predictions = predict_referrals(grounding, data, info.require_voxel_size(grounding_export), device,
+                                    max_scenes=max_scenes, progress=False)
     picked = pick_referrals(store, predictions, right, wrong)
     entries, paths = [], []
     jobs = len(picked) + (segmentation_export is not None)
@@ -72,9 +72,9 @@ def write_gallery(out_dir: str | os.PathLike, data, grounding_export: str | os.P
         paths.append(path)
         bar.update()
     if segmentation_export is not None:
-        seg = load_model(segmentation_export, device)
+        seg, seg_info = load_model(segmentation_export, device, ("segmentation",), "the gallery's segmentation")
         scene = store[0]
-        predicted = segment_points(seg.model, scene, seg.voxel_size, device)
+        predicted = segment_points(seg, scene, seg_info.require_voxel_size(segmentation_export), device)
         truth = truth_in_classes(scene, store.vocabulary, seg.class_names)
         path = out / f"segmentation_{scene.scene_id}.png"
         draw_segmentation(scene, seg.class_names, truth, predicted, path)

@@ -3,43 +3,11 @@ class a segmentation model gives every point. Both voxelize the stored scene as 
 (no augmentation) and run the model in eval mode."""
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from sparsegps.data import GridSample, Scene, SceneText, collate_scenes, move_batch
 from sparsegps.data.transforms import scene_to_sample
-
-
-@dataclass
-class LoadedModel:
-    task: str  # "grounding" (a pre-training or grounding export) or "segmentation"
-    model: torch.nn.Module
-    voxel_size: float
-    class_names: list[str] | None  # segmentation classes
-
-
-def load_model(path: str | os.PathLike, device="cpu") -> LoadedModel:
-    """The model of an export: a GPS model (pre-training, grounding) or a segmentation model."""
-    from sparsegps.train.checkpoint import load_export
-
-    blob = load_export(path)
-    voxel_size = blob.get("voxel_size")
-    if voxel_size is None:
-        raise ValueError(f"{path}: the export records no voxel size")
-    if blob.get("task") == "segmentation":
-        from sparsegps.train.finetune_seg import load_segmentation_model
-
-        model, _ = load_segmentation_model(str(path), device)
-        return LoadedModel("segmentation", model.eval(), float(voxel_size), list(model.class_names))
-    if "model_config" not in blob:
-        raise ValueError(f"{path}: neither a GPS nor a segmentation export (task {blob.get('task')!r})")
-    from sparsegps.train.pretrain import load_pretrained_model
-
-    model, _ = load_pretrained_model(path, device)
-    return LoadedModel("grounding", model.eval(), float(voxel_size), None)
 
 
 def _batch(scene: Scene, voxel_size: float, texts: list[SceneText], device) -> dict:

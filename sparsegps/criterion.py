@@ -1,0 +1,132 @@
+"""The criteria: what a model's outputs cost, over the global batch.
+
+`GPSCriterion` turns `GPSModel`'s features and logits into GPS's losses (and sparsegps's two that
+train the backbone for what follows); `SegmentationCriterion` turns per-voxel logits into the
+segmentation cross-entropy. Each loss is this rank's share of the mean of its terms over all ranks
+(`losses.global_mean_share`): the counts of terms are summed over ranks once per call, and the
+contrastive candidates are gathered from every rank (with gradients), so splitting a batch over
+more ranks changes nothing but speed. Every rank issues the same collectives in the same order,
+whatever its batch holds: a missing kind of text arrives as a placeholder whose terms weigh zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sparsegps import losses as L
+from sparsegps.distributed import all_reduce_sum, gather_rows
+from sparsegps.models.gps import LOSS_NAMES, LossWeights, ModelConfig, first_occurrences
+
+
+def global_counts(device, **local) -> dict[str, torch.Tensor]:
+    """Each count summed over ranks, in one collective."""
+    values = torch.tensor([float(v) for v in local.values()], device=device, dtype=torch.float64)
+    return dict(zip(local, all_reduce_sum(values).unbind()))
+
+
+@dataclass
+class GPSCriterion:
+    """`criterion(outputs, batch) -> {"loss", "loss_<name>" for every name of LossWeights}`: the
+    weighted sum and its parts (zero, still in the graph, for a weight of 0)."""
+
+    weights: LossWeights
+    object_class_smoothing: float = 0.3
+    dense_class_balance: float = 0.0
+    scene_text_gather: str = "autograd"  # or "gps": GPS's gather without gradient
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "GPSCriterion":
+        return cls(cfg.loss, cfg.object_class_smoothing, cfg.dense_class_balance, cfg.scene_text_gather)
+
+    def __call__(self, out: dict, batch: dict) -> dict:
+        w, objects, referrals = self.weights, out["objects"], out["referrals"]
+        device = objects["tokens"].device
+        counts = global_counts(
+            device, referrals=referrals.count, masked_tokens=len(out["mlm_labels"]) if "mlm_labels" in out else 0,
+            object_texts=len(out["object_text_keys"]) if "object_text_keys" in out else 0,
+            labelled_objects=(batch["object_label"] >= 0).sum(), labelled_voxels=(batch["voxel_semantic"] >= 0).sum())
+        losses = self._referral_losses(out, counts)
+        if "object_text_embedding" in out:
+            losses["loss_object_text"] = self._object_text(out, counts["object_texts"])
+        if "scene_embedding" in out:
+            losses["loss_scene_text"] = self._scene_text(out)
+        if "object_class_logits" in out:
+            per_object = L.labelled_cross_entropy(out["object_class_logits"], batch["object_label"].to(device),
+                                                  self.object_class_smoothing)
+            losses["loss_object_class"] = L.global_mean_share(per_object.sum(), counts["labelled_objects"])
+        if "dense_logits" in out:
+            logits, labels = out["dense_logits"], batch["voxel_semantic"].to(device)
+            per_voxel = L.labelled_cross_entropy(logits, labels)
+            if self.dense_class_balance > 0:
+                per_voxel = per_voxel * L.class_balance_weights(labels, logits.shape[1], self.dense_class_balance)
+            losses["loss_dense_text"] = L.global_mean_share(per_voxel.sum(), counts["labelled_voxels"])
+        total = objects["tokens"].sum() * 0.0
+        for name in LOSS_NAMES:
+            value = losses.setdefault(f"loss_{name}", total * 0.0)
+            total = total + getattr(w, name) * value
+        losses["loss"] = total
+        return losses
+
+    def _referral_losses(self, out: dict, counts: dict) -> dict:
+        """Grounding cross-entropy, referral-object contrast and MLM over the fused referrals."""
+        referrals = out["referrals"]
+        real, target = referrals.real, referrals.target
+        # padding is masked on real rows only: the placeholder's row stays finite (weight zero)
+        obj_pad = out["objects"]["pad"][referrals.scene_index] & real[:, None]
+        grounding = L.masked_object_cross_entropy(out["grounding_logits"].masked_fill(~real[:, None], 0.0), obj_pad,
+                                                  target)
+        referral = L.masked_object_cross_entropy(out["referral_logits"], obj_pad, target)
+        losses = {"loss_grounding": L.global_mean_share((grounding * real).sum(), counts["referrals"]),
+                  "loss_referral_object": L.global_mean_share((referral * real).sum(), counts["referrals"])}
+        if "mlm_logits" in out:
+            mlm_logits = out["mlm_logits"]
+            mlm = L.mlm_loss(mlm_logits, out["mlm_labels"])
+            losses["loss_mlm"] = L.global_mean_share(mlm.sum() + mlm_logits.sum() * 0.0, counts["masked_tokens"])
+        return losses
+
+    def _object_text(self, out: dict, global_rows: torch.Tensor) -> torch.Tensor:
+        """Object tokens against the distinct object texts of all ranks (multi-positive InfoNCE):
+        gathered with gradients, a text held by several ranks counted once, so the loss does not
+        depend on how the batch is split over ranks."""
+        all_encoded, _ = gather_rows(out["text_embedding"])
+        all_keys, _ = gather_rows(out["text_keys"])
+        keep = first_occurrences(all_keys) & (all_keys != 0)
+        positive = out["object_text_keys"][:, None] == all_keys[keep][None, :]
+        per_row = L.multi_positive_info_nce(out["object_text_embedding"], all_encoded[keep], positive,
+                                            out["object_scale"])
+        anchor = all_encoded.sum() * 0.0  # the placeholder and duplicates stay in the graph
+        return L.global_mean_share(per_row.sum() + anchor, global_rows)
+
+    def _scene_text(self, out: dict) -> torch.Tensor:
+        """Scene against scene caption, candidates from all ranks (symmetric InfoNCE)."""
+        per_row, global_rows = L.symmetric_info_nce(out["scene_embedding"], out["caption_embedding"],
+                                                    out["scene_scale"], gather_grad=self.scene_text_gather == "autograd")
+        anchor = out["caption_placeholder"].sum() * 0.0
+        return L.global_mean_share(per_row.sum() + anchor, global_rows)
+
+
+@dataclass
+class SegmentationCriterion:
+    """Per-voxel cross-entropy (ignore label -1) over the labelled voxels of all ranks, classes
+    weighted by `class_balance` (see `losses.class_balance_weights`). `remap` [store labels] maps the
+    batch's label ids to the head's classes (-1: ignore)."""
+
+    remap: torch.Tensor
+    class_balance: float = 0.0
+
+    def __call__(self, logits: torch.Tensor, batch: dict) -> dict:
+        logits = logits.float()
+        labels = batch["voxel_semantic"]
+        remap = self.remap.to(labels.device)
+        target = torch.where(labels >= 0, remap[labels.clamp(min=0)], torch.full_like(labels, -1))
+        per_voxel = F.cross_entropy(logits, target, ignore_index=-1, reduction="none")
+        if self.class_balance > 0:
+            per_voxel = per_voxel * L.class_balance_weights(target, logits.shape[1], self.class_balance)
+        labelled = all_reduce_sum((target >= 0).sum().to(torch.float64))
+        loss = L.global_mean_share(per_voxel.sum(), labelled)
+        return {"loss": loss, "loss_ce": loss}
+
+
+__all__ = ["GPSCriterion", "SegmentationCriterion", "global_counts"]

@@ -1,0 +1,214 @@
+"""Exports: a trained model's weights and everything that rebuilds it, in one self-describing file.
+
+`RUN/export.safetensors` holds the fp32 state dict as safetensors (tensors only: reading one runs
+no code) and, in the file's header under "sparsegps", the metadata (`ExportInfo`) as JSON:
+
+    task             pretraining, segmentation or grounding
+    model_config     the model's config (GPSModel's, or the segmentation model's)
+    vocabulary       segmentation: the head's classes; otherwise the training store's classes
+    trained_classes  the classes whose labels pre-training consumed (without `holdout_classes`)
+    holdout_classes  the classes held out of pre-training
+    preset           language, objects or dense: named by `labels_consumed`
+    labels_consumed  texts, object_classes, voxel_classes
+    voxel_size       the voxel size it was trained at (read back here, and only here)
+    sparsegps_version, source (the run folder), step
+
+`load_model(path, device)` returns the model and its `ExportInfo`, whatever the task; every command,
+fine-tuning and picture loads through it. Exports of earlier versions (`.pt`: a pickled dict of
+tensors and plain data, read with `torch.load(weights_only=True)`) still load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from sparsegps.errors import UsageError
+
+EXPORT_FORMAT = "sparsegps-export"
+EXPORT_NAME = "export.safetensors"
+Task = Literal["pretraining", "segmentation", "grounding"]
+TASKS: tuple[str, ...] = ("pretraining", "segmentation", "grounding")
+HOW_TO_EXPORT = f"write one with `sparsegps export RUN/checkpoints --out FILE` (training runs leave RUN/{EXPORT_NAME})"
+
+
+@dataclass
+class ExportInfo:
+    """What an export says about itself (see the module docstring)."""
+
+    task: Task
+    model_config: dict
+    vocabulary: list[str] = field(default_factory=list)
+    voxel_size: float | None = None
+    trained_classes: list[str] = field(default_factory=list)
+    holdout_classes: list[str] = field(default_factory=list)
+    preset: str | None = None
+    labels_consumed: list[str] = field(default_factory=list)
+    sparsegps_version: str = ""
+    source: str = ""
+    step: int | None = None
+
+    def require_voxel_size(self, path) -> float:
+        if self.voxel_size is None:
+            raise UsageError(f"{path}: the export records no voxel size; pass --voxel-size")
+        return float(self.voxel_size)
+
+    @classmethod
+    def from_state(cls, state: dict, **changes) -> "ExportInfo":
+        """The fields of `state` (a checkpoint's client state, or an earlier version's export) that
+        an ExportInfo has; `task` defaults to pretraining, the model config to a segmentation
+        export's backbone config."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in state.items() if k in names}
+        values.setdefault("task", "pretraining")
+        if "model_config" not in values and "backbone_config" in state:  # earliest segmentation exports
+            values["model_config"] = {"backbone": state["backbone_config"]}
+        values.setdefault("model_config", {})
+        return cls(**{**values, **changes})
+
+
+@dataclass
+class Export:
+    """An export as read: where it came from, its metadata and its fp32 state dict."""
+
+    path: Path
+    info: ExportInfo
+    state_dict: dict[str, torch.Tensor]
+
+
+def _version() -> str:
+    from sparsegps import __version__
+    return __version__
+
+
+def save_export(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], info: ExportInfo) -> Path:
+    """Write `state_dict` and `info` as a safetensors export, atomically (temp file, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    from sparsegps.files import fsync_dir
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = dataclasses.replace(info, sparsegps_version=info.sparsegps_version or _version())
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    header = {"format": EXPORT_FORMAT, "sparsegps": json.dumps(dataclasses.asdict(info))}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=header)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def export_checkpoint(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, tag: str | None = None,
+                      source: str | None = None) -> Path:
+    """Write the export of a training checkpoint (any ZeRO stage; the newest complete one by
+    default): its consolidated fp32 weights, and the metadata the run saved beside them."""
+    from sparsegps.train.checkpoint import consolidated_state
+
+    state, client, tag = consolidated_state(checkpoint_dir, tag)
+    info = ExportInfo.from_state(client, step=client.get("step"), source=source or str(Path(checkpoint_dir).parent))
+    if info.task == "segmentation":  # trained inside a loss wrapper before model and criterion were apart
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    return save_export(out_path, state, info)
+
+
+def read_export(path: str | os.PathLike) -> Export:
+    """An export as written by `save_export`, or by an earlier version (`.pt`); one-line errors for
+    a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such export file; {HOW_TO_EXPORT}")
+    with open(path, "rb") as f:
+        head = f.read(9)  # safetensors: the header's length (u64, little-endian), then its JSON
+    if len(head) == 9 and int.from_bytes(head[:8], "little") < path.stat().st_size and head[8:] == b"{":
+        return _read_safetensors(path)
+    return _read_pickled(path)
+
+
+def _read_safetensors(path: Path) -> Export:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # a truncated or foreign file
+        raise UsageError(f"{path}: not a sparsegps export (unreadable: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]}); {HOW_TO_EXPORT}") from None
+    if header.get("format") != EXPORT_FORMAT or "sparsegps" not in header:
+        raise UsageError(f"{path}: a safetensors file without sparsegps metadata; {HOW_TO_EXPORT}")
+    return Export(path, ExportInfo.from_state(json.loads(header["sparsegps"])), state)
+
+
+def _read_pickled(path: Path) -> Export:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or a pickle with code in it
+        raise UsageError(f"{path}: not a sparsegps export (unreadable: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]}); {HOW_TO_EXPORT}") from None
+    if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
+        raise UsageError(f"{path}: not a sparsegps export (expected format {EXPORT_FORMAT!r}); {HOW_TO_EXPORT}")
+    state = blob["state_dict"]
+    if blob.get("task") == "segmentation":  # trained inside a loss wrapper: its keys began "model."
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    return Export(path, ExportInfo.from_state(blob), state)
+
+
+def load_weights(module: nn.Module, state_dict: dict, path: str | os.PathLike, strict: bool = True) -> None:
+    """`module.load_state_dict`, failing with one line naming the export when the shapes differ."""
+    try:
+        module.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise UsageError(f"{path}: its weights do not fit this model ({detail[:300]}); use an export of the same "
+                         f"architecture, or the config it was trained with") from None
+
+
+def expect_task(export: Export, tasks: tuple[str, ...], purpose: str) -> None:
+    """One line when the export's task is not one of `tasks`."""
+    if export.info.task not in tasks:
+        raise UsageError(f"{export.path}: a {export.info.task} export; {purpose} needs a "
+                         f"{' or '.join(tasks)} export")
+
+
+def build_model(export: Export, device: torch.device | str = "cpu") -> nn.Module:
+    """The model an export describes, with its weights, in eval mode: a `GPSModel` for pre-training
+    and grounding exports, a `SegmentationModel` for segmentation ones."""
+    from sparsegps.config import from_dict
+
+    info = export.info
+    if info.task == "segmentation":
+        from sparsegps.models.seg_heads import LanguageSegHead, SegmentationModel, SegModelConfig
+
+        cfg = from_dict(SegModelConfig, info.model_config)
+        head = None
+        if cfg.head == "language":  # its class embeddings are in the export: no text encoder to build
+            head = LanguageSegHead(cfg.backbone.dec_channels[-1], export.state_dict["head.class_embeddings"])
+        model = SegmentationModel(cfg, info.vocabulary, head=head)
+    else:
+        from sparsegps.models.gps import GPSModel, ModelConfig
+
+        model = GPSModel(from_dict(ModelConfig, info.model_config))
+    load_weights(model, export.state_dict, export.path)
+    return model.to(device).eval()
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
+               tasks: tuple[str, ...] = TASKS, purpose: str = "this") -> tuple[nn.Module, ExportInfo]:
+    """The model of the export at `path` and its metadata; an export of a task not in `tasks` is
+    refused in one line."""
+    export = read_export(path)
+    expect_task(export, tasks, purpose)
+    return build_model(export, device), export.info
+
+
+__all__ = ["EXPORT_NAME", "Export", "ExportInfo", "TASKS", "build_model", "expect_task", "export_checkpoint",
+           "load_model", "load_weights", "read_export", "save_export"]

@@ -1,0 +1,109 @@
+"""One training run, whatever it trains: config -> data -> model -> engine -> loop -> evaluation ->
+export, written once.
+
+A recipe (pre-training, segmentation or grounding fine-tuning) is a `TrainingTask`: it checks and
+completes its config, names its data, builds its model, criterion and optimizer groups, says what
+it monitors during training and evaluates after, and what its export records. `run_task` runs the
+parts in that order, the same for every recipe: user errors are found before any work starts, the
+run is set up (process group, device, run folder, resume), the engine built, the loop run, the
+export written (rank 0) and the summary saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch.distributed as dist
+from torch import nn
+
+from sparsegps.errors import UsageError
+from sparsegps.exports import EXPORT_NAME, ExportInfo, export_checkpoint
+from sparsegps.files import atomic_write_text
+
+from .engine import zero_stage
+from .loop import train_loop
+from .run import Run, build_engine, setup_run
+
+
+class TrainingTask:
+    """The parts of one recipe. `cfg` is a RunConfig subclass with `data.train`, `optim` and, for
+    fine-tuning, `pretrained`. Subclasses set `name` (the command, on the progress bar) and
+    `summary_prefix` (of the summary's keys: pretrain_steps, seg_steps...) and implement the methods
+    that raise NotImplementedError."""
+
+    name = "train"
+    summary_prefix = "train"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def configure(self) -> None:
+        """Check the config and complete it (class names, an export's architecture), before any work
+        starts: raise `UsageError` for what the user can fix."""
+
+    def dataset(self):
+        raise NotImplementedError
+
+    def model(self, initialise: bool) -> nn.Module:
+        """The module the engine trains (with pre-trained weights when `initialise`: not when the run
+        resumes, whose checkpoint holds them)."""
+        raise NotImplementedError
+
+    def criterion(self, model: nn.Module) -> Callable[[object, dict], dict]:
+        """`criterion(model outputs, batch) -> {"loss", "loss_<part>"...}`."""
+        raise NotImplementedError
+
+    def parameter_groups(self, model: nn.Module) -> dict:
+        raise NotImplementedError
+
+    def export_info(self, dataset) -> ExportInfo:
+        raise NotImplementedError
+
+    def monitor(self, run: Run, model: nn.Module) -> dict | None:
+        """Held-out metrics every `eval_every` steps (every rank takes part); None: none."""
+        return None
+
+    def evaluate(self, run: Run, model: nn.Module, export: Path) -> dict:
+        """The held-out metrics of the trained model (every rank calls it, after the export)."""
+        return {}
+
+
+def run_task(task: TrainingTask, progress: bool = True) -> dict:
+    """Train `task`; returns its summary (also in RUN/summary.json). A stop signal raises
+    `sparsegps.errors.Preempted` after a complete checkpoint."""
+    if not task.cfg.data.train:
+        raise UsageError("data.train names no shards; set data.train in the config or with --set data.train=[DIR]")
+    task.configure()
+    dataset = task.dataset()
+    run = setup_run(task.cfg)
+    model = task.model(initialise=not run.resumes)
+    engine, ds_config = build_engine(run, model, task.parameter_groups(model), task.cfg.optim)
+    info = task.export_info(dataset)
+    evaluate = (lambda: task.monitor(run, engine.module) or {}) if _has_monitor(task) else None
+    stats = train_loop(run, engine, dataset, task.criterion(engine.module), client_state=dataclasses.asdict(info),
+                       progress=progress, desc=task.name, evaluate=evaluate)
+    prefix = task.summary_prefix
+    summary = {f"{prefix}_steps": stats.pop("steps"), f"{prefix}_scenes_per_s": stats.pop("scenes_per_s"),
+               f"{prefix}_voxels_per_s": stats.pop("voxels_per_s"), "world_size": run.world,
+               "zero_stage": zero_stage(ds_config), "precision": run.precision, "train_scenes": len(dataset),
+               "pretrained": getattr(task.cfg, "pretrained", None), **stats}
+    export = run.out / EXPORT_NAME
+    if run.rank == 0:
+        export_checkpoint(run.checkpoints, export, source=str(run.out))
+    if dist.is_initialized():
+        dist.barrier()
+    summary.update(task.evaluate(run, engine.module, export))
+    if run.rank == 0:
+        atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=1))
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+def _has_monitor(task: TrainingTask) -> bool:
+    return type(task).monitor is not TrainingTask.monitor
+
+
+__all__ = ["TrainingTask", "run_task"]
