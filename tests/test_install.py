@@ -188,3 +188,21 @@ def test_stand_in_wheel_satisfies_requirements_offline(tmp_path):
 
     dists = list(metadata.distributions(path=[str(tmp_path / "target")]))
     assert [(d.metadata["Name"], d.version, d.requires) for d in dists] == [("torch", "2.13.0+standin", None)]
+
+
+def test_the_repository_kernels_folder_does_not_shadow_the_pypi_kernels_package(tmp_path):
+    # From the repository's root `kernels/` is importable as a top-level package, the name of a PyPI
+    # package transformers imports; under that name it must be that package, or absent.
+    script = ("import importlib.metadata as m, sys\n"
+              "try:\n    import kernels\nexcept ModuleNotFoundError:\n    kernels = None\n"
+              "try:\n    m.version('kernels'); installed = True\nexcept m.PackageNotFoundError:\n    installed = False\n"
+              "where = getattr(kernels, '__file__', None) or ''\n"
+              "assert (kernels is not None) == installed, (installed, where)\n"
+              "assert not where.startswith(sys.argv[1]), where\n"
+              "from transformers import AutoModel  # imports `kernels` where installed\n"
+              "print('ok')\n")
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", script, root + "/kernels"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    from sparsegps.kernels import spatial_attention  # the package's own name still reaches the kernels
+    assert callable(spatial_attention)
