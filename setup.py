@@ -27,8 +27,8 @@ SPCONV_EXTRAS = {name: list(build.requirements) for name, build in install.SPCON
 setup(
     name="sparsegps",
     version=VERSION,
-    description="Fast GPS (SceneVerse) pre-training: spconv U-Net, fused Triton spatial attention, "
-    "HDF5 scene shards, DeepSpeed ZeRO",
+    description="GPS (SceneVerse) grounded 3D vision-language pre-training at scale: spconv U-Net, "
+    "fused Triton spatial attention, HDF5 scene shards, DeepSpeed ZeRO",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

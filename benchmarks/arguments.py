@@ -9,6 +9,8 @@ from typing import Sequence
 
 import torch
 
+from sparsegps.runtime import configure_process
+
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags every benchmark takes: device, quick mode, output folder, repeats, seed."""
@@ -34,8 +36,7 @@ def resolve_common(args: argparse.Namespace, *, repeats: int = 3, warmup: int = 
         raise SystemExit("error: --repeats must be >= 1 and --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was asked for but torch sees no CUDA device")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    configure_process(threads=args.threads)
     return args
 
 

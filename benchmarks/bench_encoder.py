@@ -133,8 +133,6 @@ def run(args: argparse.Namespace) -> dict:
     presets = args.presets or (["tiny"] if args.quick else ["tiny", "base"])
     voxel_sizes = args.voxel_sizes or ([0.05] if args.quick else [0.05, 0.02])
     device = args.device
-    if device == "cpu":
-        torch.set_flush_denormal(True)
     machine = machine_info(device)
     result = Result(NAME, command_line(NAME, getattr(args, "argv", None)), dict(vars(args)),
                     baseline="GPS's PointNet++ object encoder at the same object count and mode")

@@ -241,8 +241,6 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: {e}") from None
     cfg = with_class_names(cfg, SYNTH_VOCABULARY)  # the label ids of the benchmark's scenes
     precision = resolve_precision(cfg.precision, device)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # denormal gradients slow spconv on CPU tenfold
     machine = machine_info(args.device)
     result = ScalingResult(NAME, command_line(NAME, getattr(args, "argv", None)), dict(vars(args)),
                     baseline="the smallest size of the same sweep and workload, same run")

@@ -38,9 +38,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from sparsegps.benchmarks.common import (Result, add_common_arguments, command_line, finish, machine_info, main_for,
-                                         memory_method, peak_memory, ratio, resolve_common, synchronize, target,
-                                         time_call)
+from sparsegps.benchmarks.arguments import add_common_arguments, command_line, main_for, resolve_common
+from sparsegps.benchmarks.machine import machine_info
+from sparsegps.benchmarks.memory import memory_method, peak_memory
+from sparsegps.benchmarks.report import Result, finish, ratio, target
+from sparsegps.benchmarks.timing import synchronize, time_call
 from sparsegps.models.spatial_attention import pairwise_features, reference_spatial_attention, valid_object_mask
 from sparsegps.spatial_attention_spec import GATE_FLOOR, PAIR_EPS
 

@@ -271,8 +271,6 @@ def run(args: argparse.Namespace) -> dict:
     if min(micro_batches) < 1 or scenes_n < 1:
         raise SystemExit("error: --micro-batches and --scenes must be at least 1")
     precision = resolve_precision(cfg.precision, device)
-    if not cuda:
-        torch.set_flush_denormal(True)  # denormal gradients slow spconv on CPU tenfold
     machine = machine_info(args.device)
     result = Result(NAME, command_line(NAME, getattr(args, "argv", None)), dict(vars(args)),
                     baseline="ZeRO-0 (DeepSpeed engine without ZeRO) at the same micro-batch, same run")

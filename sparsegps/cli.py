@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     from sparsegps.errors import Preempted
     from sparsegps.launch import rank_in_environment
+    from sparsegps.runtime import configure_process
+
+    configure_process()
 
     try:
         return int(module.run(args) or 0)

@@ -195,6 +195,18 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
+def differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, value in a, value in b) of every field where two configs of one class differ."""
+    out = []
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x) and dataclasses.is_dataclass(y):
+            out += differences(x, y, f"{prefix}{f.name}.")
+        elif x != y:
+            out.append((f"{prefix}{f.name}", x, y))
+    return out
+
+
 def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config as YAML next to a run's output (atomically)."""
     from sparsegps.files import atomic_write_text

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sparsegps import cli
-from sparsegps.benchmarks import bench_batch_prep, bench_data, bench_encoder, common
+from sparsegps.benchmarks import bench_batch_prep, bench_data, bench_encoder, flops, memory, report, scenes, timing
 from sparsegps.commands import bench as bench_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,20 +146,20 @@ def test_benchmark_runs_as_a_script():
 # ------------------------------------------------------------------------------------------ helpers
 
 def test_time_interleaved_can_track_cpu_time():
-    timings = common.time_interleaved({"spin": lambda: sum(range(200_000)), "sleep": lambda: time.sleep(0.05)},
+    timings = timing.time_interleaved({"spin": lambda: sum(range(200_000)), "sleep": lambda: time.sleep(0.05)},
                                       repeats=2, warmup=0, track_cpu=True)
     assert timings["sleep"].median >= 0.05 and timings["sleep"].to_dict()["cpu_seconds"] < 0.04
     assert timings["spin"].to_dict()["cpu_seconds"] > 0
-    assert "cpu_seconds" not in common.time_call(lambda: None, repeats=1, warmup=0).to_dict()
+    assert "cpu_seconds" not in timing.time_call(lambda: None, repeats=1, warmup=0).to_dict()
 
 
 def test_time_call_runs_warmup_then_repeats_and_takes_the_median():
     calls = []
-    timing = common.time_call(lambda: calls.append(1), repeats=3, warmup=2, before_each=lambda: calls.append(0))
+    measured = timing.time_call(lambda: calls.append(1), repeats=3, warmup=2, before_each=lambda: calls.append(0))
     assert calls == [1, 1, 0, 1, 0, 1, 0, 1]
-    assert len(timing.times) == 3
-    assert common.Timing([3.0, 1.0, 2.0]).median == 2.0
-    assert common.Timing([3.0, 1.0, 2.0]).to_dict() == {"seconds": 2.0, "seconds_min": 1.0, "seconds_max": 3.0,
+    assert len(measured.times) == 3
+    assert timing.Timing([3.0, 1.0, 2.0]).median == 2.0
+    assert timing.Timing([3.0, 1.0, 2.0]).to_dict() == {"seconds": 2.0, "seconds_min": 1.0, "seconds_max": 3.0,
                                                          "repeats": 3}
 
 
@@ -171,35 +171,35 @@ def test_peak_memory_sees_a_large_allocation():
         t += 1  # touch every page
         return float(t[-1])
 
-    peak = common.peak_memory(allocate)
+    peak = memory.peak_memory(allocate)
     assert 0.8 * size <= peak <= 2.5 * size
-    assert common.peak_memory(lambda: None) < 0.2 * size
+    assert memory.peak_memory(lambda: None) < 0.2 * size
 
 
 def test_count_flops_of_a_matmul():
     a, b = torch.randn(8, 16), torch.randn(16, 4)
-    assert common.count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+    assert flops.count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
 
 
 def test_random_room_has_the_sizes_asked_for_and_is_valid():
-    scene = common.random_room("r", np.random.default_rng(0), num_objects=7, num_points=5000)
+    scene = scenes.random_room("r", np.random.default_rng(0), num_objects=7, num_points=5000)
     scene.validate()
     assert scene.num_points == 5000
     assert len(scene.objects) == 7
     assert set(np.unique(scene.instance).tolist()) == set(range(7)) | {-1}
-    again = common.random_room("r", np.random.default_rng(0), num_objects=7, num_points=5000)
+    again = scenes.random_room("r", np.random.default_rng(0), num_objects=7, num_points=5000)
     assert again == scene
 
 
 def test_markdown_table_and_ratio():
-    table = common.markdown_table([{"a": 1.23456, "b": None}, {"a": 12345.6, "b": "x"}], ["a", "b"])
+    table = report.markdown_table([{"a": 1.23456, "b": None}, {"a": 12345.6, "b": "x"}], ["a", "b"])
     assert table.splitlines() == ["| a | b |", "| --- | --- |", "| 1.23 | - |", "| 12,346 | x |"]
-    assert common.ratio(3.0, 1.5) == 2.0
-    assert common.target("t", 2.0, 3.0) == {"name": "t", "ratio": 2.0, "target": 3.0, "met": False}
+    assert report.ratio(3.0, 1.5) == 2.0
+    assert report.target("t", 2.0, 3.0) == {"name": "t", "ratio": 2.0, "target": 3.0, "met": False}
 
 
 def test_pth_layout_round_trips_with_weights_only(tmp_path):
-    scene = common.random_room("room_a", np.random.default_rng(0), num_objects=3, num_points=500)
+    scene = scenes.random_room("room_a", np.random.default_rng(0), num_objects=3, num_points=500)
     (tmp_path / "pcd").mkdir()
     (tmp_path / "inst_to_label").mkdir()
     bench_data.write_pth(scene, tmp_path)

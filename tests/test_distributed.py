@@ -42,6 +42,7 @@ def _gather_worker(rank, world, port, out_dir):
     gps_loss = L.global_mean_share(gps_rows.sum(), count)
     torch.save({"grad_a": a.grad, "grad_b": b.grad, "loss": loss.detach(), "gps_loss": gps_loss.detach(),
                 "gps_requires_grad": gps_loss.requires_grad}, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()  # no collective still in flight on either rank when the group goes
     dist.destroy_process_group()
 
 
@@ -92,7 +93,7 @@ def _pretrain_worker(rank, world, port, data, out, stage, micro_batch):
                  deepspeed=deepspeed_json, checkpoint_every=100, eval_every=2, dist_timeout_s=120,
                  data=data_config(Path(data)))
     captured = {}
-    import sparsegps.train.pretrain as module
+    import sparsegps.train.task as module  # where the training skeleton builds its engine
 
     original = module.build_engine
 
@@ -167,6 +168,7 @@ def _split_batch_worker(rank, world, port, data, out):
         dist.all_reduce(g)
         g /= world
     torch.save({"loss": loss / world, "grads": grads}, Path(out) / f"split{rank}.pt")
+    dist.barrier()  # no collective still in flight on either rank when the group goes
     dist.destroy_process_group()
 
 

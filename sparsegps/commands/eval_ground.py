@@ -49,8 +49,6 @@ def run(args) -> int:
         raise UsageError(f"--proposals is for ScanRefer (Acc@k of proposal boxes), not {args.benchmark}")
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
     model, info = load_model(args.checkpoint, device, ("pretraining", "grounding"), "eval-ground")
     task = info.task
     if task != "grounding":

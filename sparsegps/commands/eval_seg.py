@@ -37,9 +37,6 @@ def run(args) -> int:
     from sparsegps.exports import load_model
 
     device = pick_device(args.device)
-    if device.type == "cpu":
-        import torch
-        torch.set_flush_denormal(True)
     if args.zero_shot:
         model, info, seen = zero_shot_model(args.checkpoint, args.classes, device)
     else:

@@ -23,6 +23,7 @@ from sparsegps.data.labels import load_label_map
 from sparsegps.data.scene import Scene, SceneFormatError
 from sparsegps.data.store import INDEX_NAME, write_scenes
 from sparsegps.files import atomic_write_text
+from sparsegps.runtime import configure_process
 
 from . import pointcept, scannet, sceneverse
 from .common import PROBLEM_KINDS, Annotation, Problem, attach_texts
@@ -207,7 +208,7 @@ def convert(job: SceneJob) -> SceneResult:
 
 
 def _init_worker() -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
+    configure_process(threads=1)
 
 
 def convert_all(jobs: list[SceneJob], workers: int = 1) -> Iterator[SceneResult]:

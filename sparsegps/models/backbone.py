@@ -201,8 +201,6 @@ class SpUNet(nn.Module):
         for module in self.modules():
             if isinstance(module, SparseConvolution):
                 module.algo = algo
-        if device_type == "cpu":
-            torch.set_flush_denormal(True)
         self._algo_device_type = device_type
 
     def _precision_context(self, features: torch.Tensor):

@@ -36,7 +36,6 @@ class TextEncoder(nn.Module):
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 

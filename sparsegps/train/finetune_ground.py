@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sparsegps.config import from_dict, to_dict
+from sparsegps.config import differences, from_dict, to_dict
 from sparsegps.criterion import GPSCriterion
 from sparsegps.data import ScenesDataset, TransformConfig
 from sparsegps.errors import UsageError
@@ -102,18 +102,6 @@ def grounding_model_config(cfg: GroundConfig, export) -> ModelConfig:
             warnings.warn(f"the pre-trained export's architecture replaces {len(replaced)} value(s) of the config: "
                           + ", ".join(replaced), stacklevel=2)
     return dataclasses.replace(base, loss=LossWeights(**dataclasses.asdict(cfg.loss)))
-
-
-def differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, value in a, value in b) of every field where two configs of one class differ."""
-    out = []
-    for f in dataclasses.fields(a):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if dataclasses.is_dataclass(x) and dataclasses.is_dataclass(y):
-            out += differences(x, y, f"{prefix}{f.name}.")
-        elif x != y:
-            out.append((f"{prefix}{f.name}", x, y))
-    return out
 
 
 class GroundingTask(TrainingTask):

@@ -9,6 +9,7 @@ evaluates mIoU on the held-out shards.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from sparsegps.config import from_dict, to_dict
+from sparsegps.config import differences, from_dict, to_dict
 from sparsegps.criterion import SegmentationCriterion
 from sparsegps.data import SceneStore, ScenesDataset
 from sparsegps.errors import UsageError
@@ -79,7 +80,11 @@ class SegmentationTask(TrainingTask):
         if self.export is not None:
             expect_task(self.export, ("pretraining", "grounding"), "finetune-seg --pretrained")
             backbone = from_dict(SpUNetConfig, self.export.info.model_config["backbone"])
-            if cfg.model.backbone != backbone:  # the backbone's shape comes from the pre-trained model
+            replaced = [f"model.backbone.{key} {mine!r} -> {theirs!r}"
+                        for key, mine, theirs in differences(cfg.model.backbone, backbone)]
+            if replaced:  # the backbone's shape comes from the pre-trained model
+                warnings.warn(f"the pre-trained export's backbone replaces {len(replaced)} value(s) of the config: "
+                              + ", ".join(replaced), stacklevel=2)
                 self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone))
         if cfg.model.head_init == "zero_shot" and (cfg.model.head != "language" or self.export is None):
             raise UsageError(f"model.head_init=zero_shot needs model.head=language (got {cfg.model.head}) and "

@@ -57,13 +57,13 @@ class PretrainTask(TrainingTask):
 
     def configure(self) -> None:
         cfg = self.cfg
+        self.init = read_export(cfg.init_from) if cfg.init_from else None
+        if self.init is not None:
+            expect_task(self.init, ("pretraining",), "init_from")
         self.vocabulary = SceneStore(cfg.data.train).vocabulary  # held-out classes are checked by `dataset`
         self.cfg = cfg = with_class_names(cfg, [c for c in self.vocabulary if c not in cfg.data.holdout_classes])
         if cfg.stage == "objects":
             self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss=OBJECT_STAGE_LOSS))
-        self.init = read_export(cfg.init_from) if cfg.init_from else None
-        if self.init is not None:
-            expect_task(self.init, ("pretraining",), "init_from")
         self.diagnostics: list[dict] = []
 
     def dataset(self) -> ScenesDataset:

@@ -105,8 +105,6 @@ def setup_run(cfg: RunConfig) -> Run:
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        torch.set_flush_denormal(True)  # denormal gradients slow spconv on CPU tenfold
     rank, world = init_distributed(device.type, cfg.dist_timeout_s)
     if rank == 0 and world > 1:
         print(f"{world} ranks, rendezvous at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)

@@ -1,0 +1,62 @@
+"""Process-wide settings, applied once at start-up by entry points (the `sparsegps` command, the
+demo, the recipes, each benchmark and the workers they fork). Library modules never change
+global state; they may assume these settings hold.
+
+- Denormals are flushed to zero on CPU: spconv's CPU kernels run about ten times slower on the
+  subnormal values that small gradients reach.
+- Hugging Face libraries stay offline: weights come from local directories, never a hub.
+- glibc's malloc keeps a fixed mmap threshold and returns freed heap tops to the system. Its
+  default raises the threshold each time a large block is freed, after which every tensor of
+  a varying-size batch comes from the heap, which fragments: a long CPU fine-tuning's resident
+  memory then grows several-fold and its steps slow down. `SPARSEGPS_MALLOC=default` keeps
+  glibc's own policy (for comparison); other C libraries are left alone.
+- `threads` sets torch's intra-op thread count where a caller asks for one.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+import torch
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+"""Blocks of at least 1 MiB are mapped on their own and unmapped when freed."""
+TRIM_THRESHOLD_BYTES = 64 << 20
+"""Free memory above 64 MiB at the top of the heap goes back to the system."""
+
+_applied: dict | None = None
+
+
+def configure_process(threads: int | None = None) -> dict:
+    """Apply the process-wide settings (once; later calls only change `threads`). Returns what was
+    applied: {"flush_denormal", "hf_offline", "malloc", "threads"}."""
+    global _applied
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if _applied is None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        _applied = {"flush_denormal": bool(torch.set_flush_denormal(True)), "hf_offline": True,
+                    "malloc": _configure_malloc()}
+    return dict(_applied, threads=torch.get_num_threads())
+
+
+def _configure_malloc() -> str:
+    """'glibc: mmap >= 1 MiB, trim > 64 MiB', or why nothing was changed."""
+    if os.environ.get("SPARSEGPS_MALLOC", "") == "default":
+        return "unchanged (SPARSEGPS_MALLOC=default)"
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # glibc only: musl and macOS have no mallopt of this meaning
+    except (OSError, AttributeError, TypeError):
+        return "unchanged (not glibc)"
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) != 1 or mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) != 1:
+        return "unchanged (mallopt refused)"
+    return f"glibc: mmap >= {MMAP_THRESHOLD_BYTES >> 20} MiB, trim > {TRIM_THRESHOLD_BYTES >> 20} MiB"

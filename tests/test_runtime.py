@@ -1,0 +1,52 @@
+"""Process-wide settings are applied once, by entry points, and nowhere else."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from sparsegps.runtime import configure_process
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_configure_process_flushes_denormals_and_sets_threads():
+    threads = torch.get_num_threads()
+    applied = configure_process(threads=1)
+    try:
+        assert applied["threads"] == 1 and torch.get_num_threads() == 1
+        subnormal = torch.tensor([1e-40], dtype=torch.float32)  # below float32's smallest normal
+        assert (subnormal * 1.0).item() == 0.0
+        assert torch.tensor([1e-37]).mul(1.0).item() != 0.0  # normal values are untouched
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_malloc_policy_applies_on_glibc_and_can_be_kept():
+    script = "from sparsegps.runtime import configure_process; print(configure_process()['malloc'])"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("glibc: mmap >= 1 MiB") or out.startswith("unchanged (not glibc)")
+    kept = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**__import__("os").environ, "SPARSEGPS_MALLOC": "default"}).stdout
+    assert kept.strip() == "unchanged (SPARSEGPS_MALLOC=default)"
+
+
+# Entry points may set process state; library modules may not.
+# (bench attention --quick on CPU turns the Triton interpreter on before the kernels are imported)
+ENTRY_POINTS = {"sparsegps/runtime.py", "sparsegps/cli.py", "sparsegps/launch.py", "benchmarks/bench_spatial_attention.py"}
+GLOBAL_STATE = re.compile(r"set_flush_denormal|set_num_threads|os\.environ\[[^]]+\]\s*=|os\.environ\.(update|setdefault)")
+
+
+def test_library_modules_change_no_global_state():
+    offenders = []
+    for path in sorted((ROOT / "sparsegps").rglob("*.py")) + sorted((ROOT / "benchmarks").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if rel in ENTRY_POINTS:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if GLOBAL_STATE.search(line.split("#")[0]):
+                offenders.append(f"{rel}:{number}: {line.strip()}")
+    assert offenders == [], "\n".join(offenders)

@@ -1,0 +1,56 @@
+"""Every training command refuses what a user can fix in one line with exit status 2, before any
+work starts: no training shards, a missing export, an export of another task."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsegps import cli
+from sparsegps.exports import EXPORT_FORMAT
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"pretrain": "configs/pretrain/tiny_cpu.yaml", "finetune-seg": "configs/seg/synthetic_cpu.yaml",
+           "finetune-ground": "configs/ground/synthetic_cpu.yaml"}
+EXPORT_KEY = {"pretrain": "init_from", "finetune-seg": "pretrained", "finetune-ground": "pretrained"}
+OTHER_TASK = {"pretrain": "segmentation", "finetune-seg": "segmentation", "finetune-ground": "segmentation"}
+
+
+def run(capsys, command: str, tmp_path: Path, *settings: str) -> tuple[int, str]:
+    capsys.readouterr()
+    status = cli.main([command, "--config", str(ROOT / CONFIGS[command]), "--output-dir", str(tmp_path / "run"),
+                       *[a for s in settings for a in ("--set", s)]])
+    err = capsys.readouterr().err.strip()
+    return status, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", list(CONFIGS))
+def test_empty_training_data_is_one_line(command, capsys, tmp_path):
+    status, err = run(capsys, command, tmp_path, "data.train=[]", f"{EXPORT_KEY[command]}=null")
+    assert status == 2
+    assert "data.train names no shards" in one_line_error(err)
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+@pytest.mark.parametrize("command", list(CONFIGS))
+def test_missing_export_is_one_line(command, capsys, tmp_path):
+    status, err = run(capsys, command, tmp_path, f"data.train=[{tmp_path}]",
+                      f"{EXPORT_KEY[command]}={tmp_path / 'nowhere.safetensors'}")
+    assert status == 2
+    assert "nowhere.safetensors: no such export file" in one_line_error(err)
+
+
+@pytest.mark.parametrize("command", list(CONFIGS))
+def test_export_of_another_task_is_one_line(command, capsys, tmp_path):
+    other = tmp_path / "other.pt"  # an earlier version's export of a task this command cannot start from
+    torch.save({"format": EXPORT_FORMAT, "state_dict": {}, "task": OTHER_TASK[command], "model_config": {}}, other)
+    status, err = run(capsys, command, tmp_path, f"data.train=[{tmp_path}]", f"{EXPORT_KEY[command]}={other}")
+    assert status == 2
+    assert f"other.pt: a {OTHER_TASK[command]} export" in one_line_error(err)
