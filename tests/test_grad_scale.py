@@ -1,5 +1,6 @@
 """Gradient scaling through the sparse U-Net: exact in fp32, recovers what an fp16 backward flushes,
-skips the backbone's step on an overflow and adapts its scale, survives checkpoints."""
+skips the backbone's step on an overflow and adapts its scale, survives checkpoints; LAMB is
+refused under ZeRO."""
 from __future__ import annotations
 
 import copy
@@ -10,10 +11,11 @@ import torch
 pytest.importorskip("spconv.pytorch")
 
 from sparsegps.config import ConfigError, from_dict  # noqa: E402
+from sparsegps.errors import UsageError  # noqa: E402
 from sparsegps.models.backbone import SpUNet, SpUNetConfig  # noqa: E402
 from sparsegps.models.grad_scale import BackboneGradScaler, finish_grad_scaling_step  # noqa: E402
 
-from helpers import tiny_model_config  # noqa: E402
+from helpers import ROOT, pretrain_config, tiny_model_config, write_pretrain_shards  # noqa: E402
 
 SCALE = 2.0 ** 16
 
@@ -300,3 +302,29 @@ def test_config_checks_the_scale():
     cfg = from_dict(SpUNetConfig, {"grad_scale": "constant", "grad_scale_init": 1024})
     assert (cfg.grad_scale, cfg.grad_scale_init) == ("constant", 1024.0)
     assert (SpUNetConfig().grad_scale, SpUNetConfig().grad_scale_init) == ("dynamic", SCALE)
+
+
+# ------------------------------------------------------------------------------------ LAMB + ZeRO
+
+def test_lamb_is_refused_under_zero():
+    from sparsegps.train.engine import check_optimizer_fits_zero
+
+    for stage in (1, 2, 3):
+        with pytest.raises(UsageError, match=f"lamb cannot run under ZeRO stage {stage}") as caught:
+            check_optimizer_fits_zero("lamb", stage)
+        assert "\n" not in str(caught.value) and "partition" in str(caught.value)
+    check_optimizer_fits_zero("lamb", 0)
+    check_optimizer_fits_zero("adamw", 3)
+
+
+def test_pretraining_with_lamb_and_zero_stops_before_starting(tmp_path):
+    import torch.distributed as dist
+
+    from sparsegps.train.pretrain import pretrain
+
+    shards = write_pretrain_shards(tmp_path / "data")
+    cfg = pretrain_config(shards, tmp_path / "run", deepspeed=str(ROOT / "configs/deepspeed/zero2.json"),
+                          optim={"optimizer": "lamb"})
+    with pytest.raises(UsageError, match="ZeRO stage 2"):
+        pretrain(cfg, progress=False)
+    assert not dist.is_initialized() and not (tmp_path / "run").exists()
