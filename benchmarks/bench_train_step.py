@@ -128,6 +128,7 @@ class EngineUnderTest:
 
     def step(self, record: bool = True) -> dict[str, float]:
         from sparsegps.data import collate_scenes, move_batch
+        from sparsegps.models.grad_scale import finish_grad_scaling_step
 
         n = len(self.dataset)
         indices = [(self.next_scene + j) % n for j in range(self.micro_batch)]
@@ -143,6 +144,7 @@ class EngineUnderTest:
         synchronize(self.device)
         t2 = time.perf_counter()
         self.engine.backward(loss)
+        finish_grad_scaling_step(self.engine.module)
         synchronize(self.device)
         t3 = time.perf_counter()
         self.engine.step()

@@ -10,7 +10,10 @@ read from it), in about 8 minutes on one H100/H200:
 4. `bench attention` (B=64, H=12, Dh=64; L 80, 256, 1024);
 5. `bench encoder --device cuda` (tiny and base SpUNet; spconv under fp16 autocast);
 6. `bench train-step` on configs/pretrain/base_gpu.yaml with ZeRO-0 and ZeRO-2 (bf16, the Triton
-   kernel in the model).
+   kernel in the model);
+7. the backbone's parameter gradients under bf16 autocast (the U-Net in fp16), without and with
+   gradient scaling, against fp32: relative error and share of zero gradients, at gradients the
+   size of global batches of 8, 64 and 512 scenes.
 
 Writes OUT/gpu_check.json and OUT/gpu_check.md (each step's status, time and output tail, the
 compile report and the benchmark tables) and every step's log under OUT/logs/. A failing step
@@ -44,7 +47,7 @@ class Step:
 
 
 def steps(out: Path) -> list[Step]:
-    """The checks in order, each with its time budget (480 s in all)."""
+    """The checks in order, each with its time budget (510 s in all)."""
     py = sys.executable
     cli = [py, "-m", "sparsegps.cli"]
     config = REPO / "configs" / "pretrain" / "base_gpu.yaml"
@@ -65,6 +68,8 @@ def steps(out: Path) -> list[Step]:
                                   "--set", "precision=bf16", "--set", "model.attention_backend=triton",
                                   "--out", str(out / "train_step")], 90,
              reports=[str(out / "train_step" / "train_step.md")]),
+        Step("backbone gradients in fp16", [py, "-m", "sparsegps.benchmarks.gpu_check", "--grad-precision",
+                                            "--out", str(out)], 30, reports=[str(out / "grad_precision.md")]),
     ]
 
 
@@ -146,6 +151,78 @@ def compile_report(out: Path) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------- backbone gradients in fp16
+
+GRAD_PRECISION_PRESETS = ("tiny", "base")
+GRAD_PRECISION_GLOBAL_BATCHES = (8, 64, 512)
+GRAD_PRECISION_SCENES = 8  # synth demo rooms at 0.1 m in the batch
+
+
+def _backbone_parameter_gradients(model, batch: dict, upstream, autocast: bool):
+    """The backbone's parameter gradients, flattened, for the loss sum(output * upstream), and
+    whether the scaled backward overflowed."""
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    device_type = batch["feats"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(batch["coords"], batch["feats"], batch["batch_size"], batch["spatial_shape"])
+    (out * upstream).sum().backward()
+    overflowed = bool(model.grad_scaler.found_overflow)
+    model.grad_scaler.finish_step()
+    return torch.cat([p.grad.flatten().float() for p in model.parameters()]), overflowed
+
+
+def grad_precision(out: Path, device: str = "cuda") -> list[dict]:
+    """The SpUNet's parameter gradients under bf16 autocast (on CUDA the U-Net runs in fp16) with
+    `grad_scale` none and constant (S = grad_scale_init), against fp32 on the same batch: the
+    gradient at the output is a global-batch mean's (1 / voxels of the global batch), for global
+    batches of 8, 64 and 512 scenes. On CPU both run in fp32 (a check of this function only)."""
+    import torch
+
+    from sparsegps.benchmarks.bench_grad_underflow import demo_batch
+    from sparsegps.data import move_batch
+    from sparsegps.data.transforms import TransformConfig
+    from sparsegps.models.backbone import SpUNet, SpUNetConfig
+
+    batch = move_batch(demo_batch(GRAD_PRECISION_SCENES, TransformConfig(voxel_size=0.1), seed=0), device)
+    voxels = int(batch["coords"].shape[0])
+    rows = []
+    for preset in GRAD_PRECISION_PRESETS:
+        torch.manual_seed(0)
+        model = SpUNet(SpUNetConfig.preset(preset, grad_scale="constant")).to(device).train()
+        scale = model.config.grad_scale_init
+        direction = torch.randn(voxels, model.out_channels, device=device)
+        for global_batch in GRAD_PRECISION_GLOBAL_BATCHES:
+            upstream = direction / (voxels * global_batch / GRAD_PRECISION_SCENES)
+            reference, _ = _backbone_parameter_gradients(model, batch, upstream, autocast=False)
+            nonzero = reference != 0
+            for mode in ("none", "constant"):
+                model.grad_scaler.mode = mode
+                grads, overflowed = _backbone_parameter_gradients(model, batch, upstream, autocast=True)
+                lost = (grads == 0) & nonzero
+                rows.append({"preset": preset, "global_batch": global_batch,
+                             "scaling": "none" if mode == "none" else f"S={scale:g}",
+                             "relative_error": float((grads - reference).norm() / reference.norm()),
+                             "zero_where_fp32_nonzero_pct": 100.0 * float(lost.sum() / nonzero.sum()),
+                             "overflow": overflowed})
+            model.grad_scaler.mode = "constant"
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU: fp32 both ways"
+    lines = [f"### backbone gradients in fp16 ({where})", "",
+             f"{GRAD_PRECISION_SCENES} synth demo rooms at 0.1 m ({voxels:,} voxels); loss sum(output x g), g random "
+             f"/ (voxels x global batch / {GRAD_PRECISION_SCENES}); parameter gradients under bf16 autocast (U-Net in "
+             "fp16) against fp32 on the same batch.", "",
+             "| preset | global batch | scaling | relative error | zero where fp32 is not (%) | overflow |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['preset']} | {r['global_batch']} | {r['scaling']} | {r['relative_error']:.3g} | "
+              f"{r['zero_where_fp32_nonzero_pct']:.3g} | {r['overflow']} |" for r in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "grad_precision.md", "\n".join(lines) + "\n")
+    _write(out / "grad_precision.json", json.dumps(rows, indent=1))
+    print("\n".join(lines))
+    return rows
+
+
 # ---------------------------------------------------------------------------------- report
 
 def _write(path: Path, text: str) -> None:
@@ -175,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/gpu-check"))
     parser.add_argument("--compile-report", action="store_true", help="only the kernel's compile report")
+    parser.add_argument("--grad-precision", action="store_true",
+                        help="only the backbone's gradients under bf16 autocast, without and with scaling")
     args = parser.parse_args(argv)
     import torch
 
@@ -183,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.compile_report:
         compile_report(args.out)
+        return 0
+    if args.grad_precision:
+        grad_precision(args.out)
         return 0
     gpu = torch.cuda.get_device_name()
     logs = args.out / "logs"

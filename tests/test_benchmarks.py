@@ -117,6 +117,45 @@ def test_bench_batch_prep_quick(tmp_path):
         assert row["cpu_seconds"] > 0 and row["cpu_ratio_vs_baseline"] > 0
 
 
+def test_bench_grad_underflow_quick_through_the_cli(tmp_path):
+    assert cli.main(["bench", "grad-underflow", "--quick", "--out", str(tmp_path)]) == 0
+    data = load(tmp_path, "grad_underflow")
+    assert TOP_KEYS <= set(data) and data["command"].startswith("sparsegps bench grad-underflow")
+    rows = {(r["where"], r["global_batch"], r["method"]): r for r in data["rows"]}
+    assert set(rows) == {(w, b, m) for w in ("output", "input", "parameters") for b in (8, 64, 512)
+                         for m in ("S=1", "S=2^16")}
+    for where in ("output", "input", "parameters"):
+        plain = [rows[where, b, "S=1"] for b in (8, 64, 512)]
+        # the gradient is rescaled as 1 / global batch (quick: 2 scenes measured)
+        assert plain[1]["median_abs"] == pytest.approx(plain[0]["median_abs"] / 8, rel=1e-9)
+        assert plain[0]["lost_pct"] <= plain[1]["lost_pct"] <= plain[2]["lost_pct"]
+        for b in (8, 64, 512):
+            scaled = rows[where, b, "S=2^16"]
+            assert scaled["median_abs"] == pytest.approx(rows[where, b, "S=1"]["median_abs"] * 2 ** 16, rel=1e-9)
+            assert scaled["lost_pct"] <= rows[where, b, "S=1"]["lost_pct"]
+    assert plain[2]["lost_pct"] > 0  # the parameters' gradient at 512 scenes loses some elements unscaled
+    assert [t["name"].split(" gradient")[0] for t in data["targets"]] == ["percent of the output",
+                                                                         "percent of the input"]
+
+
+def test_fp16_shares_agree_with_rounding_to_fp16():
+    from sparsegps.benchmarks.bench_grad_underflow import fp16_shares
+
+    magnitudes = torch.logspace(-12, 7, 2001, dtype=torch.float64)
+    values = torch.cat([magnitudes, -magnitudes, torch.zeros(10, dtype=torch.float64)])
+    values = values[(values.abs() - 2.0 ** -25).abs() > 1e-12]  # away from the rounding boundaries
+    values = values[(values.abs() - 65504).abs() > 16]
+    half = values.half()
+    nonzero = values != 0
+    shares = fp16_shares(values)
+    n = int(nonzero.sum())
+    assert shares["zero_pct"] == pytest.approx(100 * 10 / len(values))
+    assert shares["lost_pct"] == pytest.approx(100 * int(((half == 0) & nonzero).sum()) / n)
+    assert shares["overflow_pct"] == pytest.approx(100 * int(half.isinf().sum()) / n)
+    subnormal_or_zero = half.abs() < torch.finfo(torch.float16).tiny
+    assert shares["below_normal_pct"] == pytest.approx(100 * int((subnormal_or_zero & nonzero).sum()) / n, abs=0.1)
+
+
 def test_bench_list_reports_missing_benchmarks(capsys, monkeypatch):
     monkeypatch.setitem(bench_command.BENCHMARKS, "future", ("sparsegps.benchmarks.bench_not_written", "later"))
     assert cli.main(["bench", "list"]) == 0
@@ -133,7 +172,8 @@ def test_bench_table_names_the_planned_modules():
         "batch-prep": "sparsegps.benchmarks.bench_batch_prep",
         "attention": "sparsegps.benchmarks.bench_spatial_attention",
         "train-step": "sparsegps.benchmarks.bench_train_step", "scaling": "sparsegps.benchmarks.bench_scaling",
-        "transfer": "sparsegps.benchmarks.bench_transfer", "shards": "sparsegps.benchmarks.bench_shards"}
+        "transfer": "sparsegps.benchmarks.bench_transfer", "shards": "sparsegps.benchmarks.bench_shards",
+        "grad-underflow": "sparsegps.benchmarks.bench_grad_underflow"}
 
 
 def test_benchmark_runs_as_a_script():

@@ -20,12 +20,12 @@ def test_without_a_gpu_it_says_so_and_exits_zero(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_steps_fit_the_eight_minute_budget(tmp_path):
+def test_steps_fit_the_eight_and_a_half_minute_budget(tmp_path):
     plan = gpu_check.steps(tmp_path)
-    assert sum(s.timeout_s for s in plan) <= 8 * 60
+    assert sum(s.timeout_s for s in plan) <= 8.5 * 60
     names = [s.name for s in plan]
     assert names == ["doctor", "pytest -m gpu", "kernel compile report", "bench attention", "bench encoder",
-                     "bench train-step"]
+                     "bench train-step", "backbone gradients in fp16"]
     train = next(s for s in plan if s.name == "bench train-step").command
     assert "base_gpu.yaml" in " ".join(train) and train[train.index("--zero-stages") + 1:][:2] == ["0", "2"]
     assert "model.attention_backend=triton" in train
@@ -51,6 +51,18 @@ def test_a_step_records_status_output_and_timeout(tmp_path):
     assert [s["status"] for s in data["steps"]] == ["ok", "exit 3", slow.status]
     report = (tmp_path / "gpu_check.md").read_text()
     assert "| failing | exit 3 |" in report and "### bench" in report
+
+
+def test_grad_precision_compares_every_preset_batch_and_scaling(tmp_path, monkeypatch):
+    """On CPU both sides run in fp32: the check's plumbing, with exact agreement."""
+    monkeypatch.setattr(gpu_check, "GRAD_PRECISION_PRESETS", ("tiny",))
+    monkeypatch.setattr(gpu_check, "GRAD_PRECISION_SCENES", 1)
+    rows = gpu_check.grad_precision(tmp_path, device="cpu")
+    assert [(r["global_batch"], r["scaling"]) for r in rows] == [
+        (b, s) for b in (8, 64, 512) for s in ("none", "S=65536")]
+    assert all(r["relative_error"] == 0 and r["zero_where_fp32_nonzero_pct"] == 0 and not r["overflow"] for r in rows)
+    assert json.loads((tmp_path / "grad_precision.json").read_text()) == rows
+    assert "| tiny | 512 | S=65536 | 0 | 0 | False |" in (tmp_path / "grad_precision.md").read_text()
 
 
 @pytest.mark.slow

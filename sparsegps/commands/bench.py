@@ -27,6 +27,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                   "fused spatial attention kernel vs the materialised PyTorch reference"),
     "train-step": ("sparsegps.benchmarks.bench_train_step", "one pre-training step, end to end"),
     "scaling": ("sparsegps.benchmarks.bench_scaling", "throughput as batch size and scene size grow"),
+    "grad-underflow": ("sparsegps.benchmarks.bench_grad_underflow",
+                       "how much of the U-Net's gradient fp16 loses, with and without gradient scaling"),
     "transfer": ("sparsegps.benchmarks.bench_transfer",
                  "what pre-training buys: fine-tuning per preset vs scratch, seeds, test rooms (a learning benchmark)"),
 }

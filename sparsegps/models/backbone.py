@@ -19,6 +19,9 @@ Devices and precision:
 - spconv has no bf16 kernels. Under an active CUDA autocast (bf16 or fp16) the backbone runs under
   an fp16 autocast, so convs, norms and skips agree on one half type; under a CPU autocast it runs
   in fp32 with autocast off. The output features are always fp32.
+- The gradient entering the fp16 U-Net is scaled by a power of two and unscaled on the way out
+  (`grad_scale`, see `sparsegps.models.grad_scale`): the losses' gradients per voxel lie mostly
+  below fp16's normal range. Only under a CUDA autocast; on CPU and in fp32 nothing changes.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ import torch.nn as nn
 from spconv.pytorch import ConvAlgo
 from spconv.pytorch.conv import SparseConvolution
 from torch.utils.checkpoint import checkpoint
+
+from .grad_scale import BackboneGradScaler, GradScaleMode, is_power_of_two
 
 # spconv's own default for kernel volumes <= 32 on a CUDA build; every conv here has volume <= 27.
 _CUDA_CONV_ALGO = ConvAlgo.MaskImplicitGemm
@@ -50,6 +55,14 @@ class SpUNetConfig:
     enc_blocks: list[int] = field(default_factory=lambda: [2, 3, 4, 6])
     dec_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     checkpoint_decoder: bool = False
+    grad_scale: GradScaleMode = "dynamic"
+    """Scaling of the gradient through the U-Net when it runs in fp16 (under bf16 training on a GPU):
+    none; constant, by `grad_scale_init`; dynamic, from `grad_scale_init`, halved on an overflow and
+    doubled after `grad_scale_growth_interval` steps without one. On CPU and in fp32: no effect."""
+    grad_scale_init: float = 2.0 ** 16
+    """The first (constant: the only) gradient scale; a power of two, so scaling is exact."""
+    grad_scale_growth_interval: int = 1000
+    """Dynamic scaling: optimizer steps without an overflow after which the scale doubles."""
 
     def __post_init__(self):
         stages = len(self.enc_channels)
@@ -63,6 +76,11 @@ class SpUNetConfig:
             if any(n < 1 for n in getattr(self, name)):
                 raise ValueError(f"SpUNetConfig.{name}: every stage needs at least one block, "
                                  f"got {getattr(self, name)}")
+        if not is_power_of_two(self.grad_scale_init) or self.grad_scale_init < 1:
+            raise ValueError(f"SpUNetConfig.grad_scale_init: {self.grad_scale_init} is not a power of two >= 1")
+        if self.grad_scale_growth_interval < 1:
+            raise ValueError(f"SpUNetConfig.grad_scale_growth_interval: must be at least 1, "
+                             f"got {self.grad_scale_growth_interval}")
 
     @property
     def num_stages(self) -> int:
@@ -191,6 +209,8 @@ class SpUNet(nn.Module):
             self.decoder.append(DecoderStage(in_channels, level_channels[level], channels, num_blocks, level))
             in_channels = channels
 
+        self.grad_scaler = BackboneGradScaler(config.grad_scale, config.grad_scale_init,
+                                              config.grad_scale_growth_interval)
         self._algo_device_type: str | None = None
 
     def _select_conv_algo(self, device_type: str) -> None:
@@ -242,6 +262,9 @@ class SpUNet(nn.Module):
             raise ValueError(f"SpUNet: feats must be [V={coords.shape[0]}, {self.config.in_channels}], "
                              f"got {list(feats.shape)}")
         self._select_conv_algo(feats.device.type)
+        scaled = self.grad_scaler.start_forward(self.parameters(), feats.device.type)
+        if scaled:
+            feats = self.grad_scaler.at_input(feats)
         with self._precision_context(feats):
             if not torch.is_autocast_enabled(feats.device.type):
                 feats = feats.float()
@@ -255,7 +278,8 @@ class SpUNet(nn.Module):
             skips.pop()
             for stage in self.decoder:
                 x = self._run_decoder_stage(stage, x, skips.pop())
-        return x.replace_feature(x.features.float())
+        features = x.features.float()
+        return x.replace_feature(self.grad_scaler.at_output(features) if scaled else features)
 
     def forward(self, coords: torch.Tensor, feats: torch.Tensor, batch_size: int, spatial_shape) -> torch.Tensor:
         """coords int32 [V, 4] (batch, x, y, z), feats [V, in_channels] -> fp32 features [V, out_channels].

@@ -26,7 +26,8 @@ class OptimConfig:
     (global_batch / reference_batch) ** power (power 1: linear rule, 0.5: square-root rule, 0: off),
     with `warmup_steps` of linear warmup from zero, as large-batch training needs."""
 
-    optimizer: str = "adamw"  # adamw, or lamb (DeepSpeed's fused LAMB, GPU only) for the largest batches
+    # adamw, or lamb (DeepSpeed's fused LAMB, GPU only, without ZeRO) for the largest batches
+    optimizer: str = "adamw"
     lr_text_encoder: float = 1e-5
     lr_backbone: float = 1e-4  # the U-Net (GPS: its frozen, separately trained PointNet++ had none)
     lr_transformers: float | None = None  # pooling, spatial and grounding transformers; None: lr_backbone
@@ -142,11 +143,16 @@ def build_optimizer(groups: dict[str, list], cfg: OptimConfig, global_batch: int
 MONITOR_KEYS = {"csv": "csv_monitor", "tensorboard": "tensorboard", "wandb": "wandb"}
 
 
+def read_deepspeed_json(json_path: str | None) -> dict:
+    """The DeepSpeed JSON at `json_path` as written; without one, ZeRO stage 0."""
+    return json.loads(Path(json_path).read_text()) if json_path else {"zero_optimization": {"stage": 0}}
+
+
 def deepspeed_config(json_path: str | None, *, micro_batch: int, grad_accum: int, clipping: float,
                      precision: str, monitor: str = "none", monitor_dir: Path | None = None) -> dict:
     """The DeepSpeed JSON (ZeRO stage etc.) with batch, clipping, precision and the monitor filled
     in from our config."""
-    ds = json.loads(Path(json_path).read_text()) if json_path else {"zero_optimization": {"stage": 0}}
+    ds = read_deepspeed_json(json_path)
     ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
               gradient_clipping=clipping, zero_allow_untested_optimizer=True, steps_per_print=10 ** 9,
               wall_clock_breakdown=False)
@@ -176,6 +182,18 @@ def check_monitor_installed(monitor: str) -> None:
 
 def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_optimizer_fits_zero(optimizer: str, stage: int) -> None:
+    """Refuse LAMB under ZeRO: ZeRO 1-3 hand the optimizer each rank's flat partition of the
+    parameters, so LAMB's trust ratio (weight norm / update norm, per parameter) would be computed
+    per partition, spanning pieces of several parameters, and change with the number of GPUs."""
+    from sparsegps.errors import UsageError
+
+    if optimizer == "lamb" and stage >= 1:
+        raise UsageError(f"optim.optimizer=lamb cannot run under ZeRO stage {stage}: ZeRO hands LAMB flat "
+                         f"partitions, so its per-parameter trust ratio would be computed per partition and "
+                         f"change with the number of GPUs; use adamw with ZeRO, or lamb without --deepspeed")
 
 
 def initialize_engine(model, optimizer, scheduler, ds_config: dict):

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from sparsegps.data import collate_scenes, move_batch
 from sparsegps.distributed import all_reduce_sum
 from sparsegps.errors import Preempted, UsageError
+from sparsegps.models.grad_scale import finish_grad_scaling_step
 
 from .checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, seed_rng, set_rng_state
 from .meter import MetricsLog, TrainMeter, peak_memory_mb
@@ -170,6 +171,8 @@ def train_loop(run: Run, engine, dataset, criterion: Callable[[object, dict], di
                 agreed = agree(losses["loss"], signals, clock)
                 check_finite(agreed, losses, batch, position, order)
                 engine.backward(losses["loss"])
+                if position.micro % run.grad_accum == 0:  # the optimizer steps in engine.step()
+                    finish_grad_scaling_step(engine.module)
                 engine.step()
                 meter.add(losses, batch)
                 if position.micro % run.grad_accum:

@@ -21,7 +21,8 @@ from sparsegps.errors import UsageError
 from sparsegps.launch import export_world
 
 from .checkpoint import complete_checkpoints, remove_checkpoints
-from .engine import OptimConfig, build_optimizer, deepspeed_config, init_distributed, initialize_engine, lr_factor
+from .engine import (OptimConfig, build_optimizer, check_optimizer_fits_zero, deepspeed_config, init_distributed,
+                     initialize_engine, lr_factor, zero_stage)
 
 
 @dataclass
@@ -184,12 +185,13 @@ def decide_resume(mode: str, checkpoints: Path) -> bool:
 
 
 def build_engine(run: Run, model: torch.nn.Module, groups: dict, optim: OptimConfig):
-    """AdamW (or LAMB) with warmup + cosine, wrapped in a DeepSpeed engine from the run's JSON."""
-    optimizer = build_optimizer(groups, optim, run.cfg.global_batch, run.device.type)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, optim.warmup_steps, run.cfg.steps, optim.min_lr_ratio))
+    """AdamW (or LAMB, without ZeRO) with warmup + cosine, wrapped in a DeepSpeed engine from the run's JSON."""
     ds_config = deepspeed_config(run.cfg.deepspeed, micro_batch=run.cfg.micro_batch, grad_accum=run.grad_accum,
                                  clipping=optim.gradient_clipping, precision=run.precision,
                                  monitor=run.cfg.monitor, monitor_dir=run.out / "monitor")
+    check_optimizer_fits_zero(optim.optimizer, zero_stage(ds_config))
+    optimizer = build_optimizer(groups, optim, run.cfg.global_batch, run.device.type)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, optim.warmup_steps, run.cfg.steps, optim.min_lr_ratio))
     engine, _, _ = initialize_engine(model.to(run.device), optimizer, scheduler, ds_config)
     return engine, ds_config

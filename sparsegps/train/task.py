@@ -22,7 +22,7 @@ from sparsegps.errors import UsageError
 from sparsegps.exports import EXPORT_NAME, ExportInfo, export_checkpoint
 from sparsegps.files import atomic_write_text
 
-from .engine import zero_stage
+from .engine import check_optimizer_fits_zero, read_deepspeed_json, zero_stage
 from .loop import train_loop
 from .run import Run, build_engine, setup_run
 
@@ -76,6 +76,7 @@ def run_task(task: TrainingTask, progress: bool = True) -> dict:
     if not task.cfg.data.train:
         raise UsageError("data.train names no shards; set data.train in the config or with --set data.train=[DIR]")
     task.configure()
+    check_optimizer_fits_zero(task.cfg.optim.optimizer, zero_stage(read_deepspeed_json(task.cfg.deepspeed)))
     dataset = task.dataset()
     run = setup_run(task.cfg)
     model = task.model(initialise=not run.resumes)
