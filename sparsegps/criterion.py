@@ -11,6 +11,7 @@ whatever its batch holds: a missing kind of text arrives as a placeholder whose 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ class GPSCriterion:
     weights: LossWeights
     object_class_smoothing: float = 0.3
     dense_class_balance: float = 0.0
-    scene_text_gather: str = "autograd"  # or "gps": GPS's gather without gradient
+    scene_text_gather: Literal["autograd", "gps"] = "autograd"  # gps: GPS's gather without gradient
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> "GPSCriterion":

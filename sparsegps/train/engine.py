@@ -27,7 +27,7 @@ class OptimConfig:
     with `warmup_steps` of linear warmup from zero, as large-batch training needs."""
 
     # adamw, or lamb (DeepSpeed's fused LAMB, GPU only, without ZeRO) for the largest batches
-    optimizer: str = "adamw"
+    optimizer: Literal["adamw", "lamb"] = "adamw"
     lr_text_encoder: float = 1e-5
     lr_backbone: float = 1e-4  # the U-Net (GPS: its frozen, separately trained PointNet++ had none)
     lr_transformers: float | None = None  # pooling, spatial and grounding transformers; None: lr_backbone

@@ -25,6 +25,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def resident_memory_mb() -> float | None:
+    """The process's resident memory now (Linux; None elsewhere): with the peak, whether a long run's
+    memory stays flat."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class TrainMeter:
     def __init__(self, device: torch.device):
         self.device = device
@@ -55,7 +65,7 @@ class TrainMeter:
         scenes, voxels = summed[-2], summed[-1]
         row = {k: v / (self.micro * world_size()) for k, v in zip(names, summed)}
         row.update(scenes_per_s=scenes / elapsed, voxels_per_s=voxels / elapsed,
-                   peak_memory_mb=peak_memory_mb(self.device))
+                   peak_memory_mb=peak_memory_mb(self.device), rss_mb=resident_memory_mb())
         self.total_scenes += scenes
         self.total_voxels += voxels
         self.total_time += elapsed

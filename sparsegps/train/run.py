@@ -40,8 +40,8 @@ class RunConfig:
     micro_batch: int = 8  # scenes per rank per forward
     global_batch: int = 8  # scenes per optimizer step, over all ranks and accumulation
     steps: int = 1000  # optimizer steps
-    device: str = "auto"  # auto, cpu, cuda
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     deepspeed: str | None = None  # DeepSpeed JSON (configs/deepspeed/zero{1,2,3}.json); None: no ZeRO
     seed: int = 0
     output_dir: str = "runs/run"  # one folder every rank sees (a shared file system across nodes)
