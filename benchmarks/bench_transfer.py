@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--configs", type=Path, default=Path("configs"), help="folder of the YAML configs")
     parser.add_argument("--presets", nargs="+", default=list(PRESET_CONFIGS), choices=list(PRESET_CONFIGS))
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per arm")
+    parser.add_argument("--long-seeds", type=int, default=None,
+                        help="seeds of the step counts beyond the first (default: --seeds)")
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 1500], help="fine-tuning step counts")
     parser.add_argument("--long-arms", nargs="+", default=["dense", "scratch"],
                         help="arms fine-tuned at step counts beyond the first (the rest: the first only)")
@@ -203,7 +205,7 @@ def run(args) -> dict:
             for k, steps in enumerate(args.steps):
                 if k and (arm not in args.long_arms or rooms not in args.long_rooms):
                     continue
-                for seed in range(args.seeds):
+                for seed in range(args.seeds if k == 0 else (args.long_seeds or args.seeds)):
                     runs.append(finetune_job(args, stores, arm, rooms, steps, seed, chosen[arm], "test",
                                              f"test/{arm}/{rooms}/{steps}/seed{seed}"))
     # scratch with the supervised steps of a label-consuming pre-training and its fine-tuning

@@ -32,6 +32,10 @@ def test_malloc_policy_applies_on_glibc_and_can_be_kept():
     kept = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                           env={**__import__("os").environ, "SPARSEGPS_MALLOC": "default"}).stdout
     assert kept.strip() == "unchanged (SPARSEGPS_MALLOC=default)"
+    if out.startswith("glibc"):
+        eight = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                               env={**__import__("os").environ, "SPARSEGPS_MALLOC": "8"}).stdout
+        assert eight.startswith("glibc: mmap >= 8 MiB")
 
 
 # Entry points may set process state; library modules may not.
