@@ -325,6 +325,7 @@ def test_pretraining_with_lamb_and_zero_stops_before_starting(tmp_path):
     shards = write_pretrain_shards(tmp_path / "data")
     cfg = pretrain_config(shards, tmp_path / "run", deepspeed=str(ROOT / "configs/deepspeed/zero2.json"),
                           optim={"optimizer": "lamb"})
+    joined = dist.is_initialized()  # an earlier in-process run of the suite may have joined a group of one
     with pytest.raises(UsageError, match="ZeRO stage 2"):
         pretrain(cfg, progress=False)
-    assert not dist.is_initialized() and not (tmp_path / "run").exists()
+    assert dist.is_initialized() == joined and not (tmp_path / "run").exists()  # refused before setup
