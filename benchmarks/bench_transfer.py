@@ -18,26 +18,21 @@ A learning benchmark beside the throughput ones. On the five disjoint stores of
 
 Results: mean and standard deviation over seeds of test mIoU per arm, and of the paired difference
 pre-trained - scratch; JSON, markdown and a PNG. Every job is a `sparsegps` command run in its own
-process (`--jobs` at a time, one thread each); a job whose output exists is not run again, so a
-killed benchmark continues where it stopped. `--quick` is a smoke test (tiny stores, a few steps).
+process (`--jobs` at a time, the cores shared; `sparsegps.recipes.steps`); a job whose output
+exists is not run again, so a killed benchmark continues where it stopped. `--quick` is a smoke test (tiny stores, a few steps).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from sparsegps.files import atomic_write_text
+from sparsegps.recipes.steps import Job, Jobs
 from sparsegps.synth.splits import FEW_ROOMS, HOLDOUT_CLASSES, check_disjoint, synth_command
 
 from .arguments import command_line
@@ -69,24 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finetune-rooms", type=int, default=160)
     parser.add_argument("--val-rooms", type=int, default=40)
     parser.add_argument("--test-rooms", type=int, default=40)
-    parser.add_argument("--jobs", type=int, default=2, help="commands run at once (one thread each)")
+    parser.add_argument("--jobs", type=int, default=2, help="commands run at once (the cores shared)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny stores, a few steps, 1 seed")
     parser.add_argument("--seed", type=int, default=0, help="seed of the stores")
-
-
-@dataclass
-class Job:
-    """One `sparsegps` command, its output folder, and the jobs it waits for."""
-
-    name: str
-    argv: list[str]
-    out: Path
-    after: list[str] = field(default_factory=list)
-    result: str = "summary.json"
-
-    @property
-    def done(self) -> bool:
-        return (self.out / self.result).exists()
 
 
 def _quick(args) -> None:
@@ -101,7 +81,7 @@ def plan(args) -> tuple[dict[str, Path], list[Job], dict]:
     counts = {"pretrain": args.pretrain_rooms, "finetune": args.finetune_rooms, "finetune_few": FEW_ROOMS,
               "val": args.val_rooms, "test": args.test_rooms}
     stores = {name: out / "data" / name for name in counts}
-    jobs = [Job(f"synth_{name}", synth_command(name, n, stores[name], args.seed), stores[name], result="index.json")
+    jobs = [Job(f"synth_{name}", synth_command(name, n, stores[name], args.seed), result=stores[name] / "index.json")
             for name, n in counts.items()]
     synths = [j.name for j in jobs]
     holdout = "[" + ",".join(HOLDOUT_CLASSES) + "]"
@@ -111,12 +91,12 @@ def plan(args) -> tuple[dict[str, Path], list[Job], dict]:
             "pretrain", "--config", str(configs / PRESET_CONFIGS[preset]), "--output-dir", str(run),
             "--set", f"steps={args.pretrain_steps}", "--set", f"data.train=[{stores['pretrain']}]",
             "--set", "data.val=[]", "--set", f"data.holdout_classes={holdout}", "--set", "num_workers=0"],
-            run, synths))
+            synths, run / "summary.json"))
         if preset in ZERO_SHOT_PRESETS:
             jobs.append(Job(f"zero_shot_{preset}", [
                 "eval-seg", "--checkpoint", str(run / "export.safetensors"), "--data", str(stores["test"]), "--zero-shot",
-                "--out", str(out / "zero_shot" / preset)], out / "zero_shot" / preset, [f"pretrain_{preset}"],
-                result="seg_report.json"))
+                "--out", str(out / "zero_shot" / preset)], [f"pretrain_{preset}"],
+                out / "zero_shot" / preset / "seg_report.json"))
     arms = ["scratch", *args.presets]
     for arm in arms:
         for lr in args.lrs:
@@ -142,49 +122,7 @@ def finetune_job(args, stores: dict[str, Path], arm: str, rooms: str, steps: int
         init = "zero_shot" if arm in ZERO_SHOT_PRESETS else "text"
         argv += ["--pretrained", str(export), "--set", "model.head=language", "--set", f"model.head_init={init}"]
         after.append(f"pretrain_{arm}")
-    return Job(name, argv, run, after)
-
-
-class Runner:
-    """Runs jobs `jobs` at a time, each after the jobs it waits for; skips jobs whose output exists."""
-
-    def __init__(self, out: Path, jobs: int):
-        self.logs = out / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.pool = ThreadPoolExecutor(jobs)
-        self.futures: dict[str, object] = {}
-        self.lock = threading.Lock()
-        self.done = 0
-
-    def submit(self, job: Job, total: int):
-        waits = [self.futures[n] for n in job.after if n in self.futures]
-        self.futures[job.name] = self.pool.submit(self._run, job, waits, total)
-
-    def _run(self, job: Job, waits: list, total: int) -> None:
-        for w in waits:
-            w.result()  # a failed dependency fails this job too
-        if not job.done:
-            log = self.logs / (job.name.replace("/", "_") + ".log")
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-            for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-                env.pop(key, None)
-            start = time.perf_counter()
-            with open(log, "wb") as f:
-                code = subprocess.call([sys.executable, "-m", "sparsegps.cli", *job.argv], stdout=f,
-                                       stderr=subprocess.STDOUT, env=env)
-            if code or not job.done:
-                raise RuntimeError(f"{job.name} failed (exit {code}); see {log}:\n$ sparsegps {shlex.join(job.argv)}")
-            seconds = time.perf_counter() - start
-        else:
-            seconds = 0.0
-        with self.lock:
-            self.done += 1
-            print(f"[{self.done}/{total}] {job.name}" + (f" ({seconds:.0f} s)" if seconds else " (done before)"),
-                  flush=True)
-
-    def wait(self, names: list[str]) -> None:
-        for n in names:
-            self.futures[n].result()
+    return Job(name, argv, after, run / "summary.json")
 
 
 def run(args) -> dict:
@@ -193,10 +131,10 @@ def run(args) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     stores, jobs, info = plan(args)
-    runner = Runner(args.out, args.jobs)
+    runner = Jobs(args.out / "logs", parallel=args.jobs)
     for job in jobs:
-        runner.submit(job, len(jobs))
-    runner.wait([j.name for j in jobs])
+        runner.add(job)
+    runner.wait()
     check_disjoint(stores)
     chosen = {arm: choose_lr(args.out, arm, args.lrs) for arm in info["arms"]}
     runs = []
@@ -214,11 +152,9 @@ def run(args) -> dict:
         for seed in range(args.seeds):
             runs.append(finetune_job(args, stores, "scratch+", "few", steps, seed, chosen["scratch"], "test",
                                      f"test/scratch+/few/{steps}/seed{seed}"))
-    total = len(jobs) + len(runs)
-    runner.done = len(jobs)
     for job in runs:
-        runner.submit(job, total)
-    runner.wait([j.name for j in runs])
+        runner.add(job)
+    runner.wait()
     measured = collect(args.out, args.presets, args.seeds)
     result = aggregate(measured, args.presets, baseline_steps=args.steps[0], pretrain_steps=args.pretrain_steps)
     result.update(benchmark="transfer", command=command_line("transfer", getattr(args, "argv", None)),

@@ -12,17 +12,19 @@ was chosen on it).
                              within-class accuracy, by relation (a bar chart)
 4. `sparsegps eval-seg --zero-shot`  segmentation by the pre-trained model alone, naming classes;
                              classes seen and held out of pre-training apart, against the majority class
-5. `sparsegps finetune-seg`  segmentation from the pre-trained model (its zero-shot segmenter as the
-                             starting head) and from scratch (the same language head, its own
-                             learning rate), on all fine-tuning rooms and on 16 of them; since the
-                             `dense` preset consumed per-voxel class labels of other rooms, scratch on
-                             16 rooms also gets as many supervised steps as pre-training and fine-
-                             tuning together
+5. `sparsegps finetune-seg`  segmentation on 16 labelled rooms, from the pre-trained model (its
+                             zero-shot segmenter as the starting head) and from scratch (the same
+                             language head, its own learning rate); since the `dense` preset consumed
+                             per-voxel class labels of other rooms, scratch also gets as many
+                             supervised steps as pre-training and fine-tuning together (`scratch+`).
+                             Fine-tuning on all rooms, at more steps, over seeds and presets:
+                             `sparsegps bench transfer`
 6. gallery                   pictures of test referrals (right and wrong) and of one room's
                              segmentation, as `sparsegps show` draws them, in OUT/gallery/
 
-Each step is the documented command, run as its own process; the results table is printed and
-written to OUT/summary.json.
+Each step is the documented command, run as its own process, two at a time on one core each (the
+scratch runs need no pre-training and run beside it); the results table is printed and written to
+OUT/summary.json.
 """
 from __future__ import annotations
 
@@ -33,11 +35,11 @@ import time
 from pathlib import Path
 
 from sparsegps.files import atomic_write_text
-from sparsegps.recipes.steps import Steps
+from sparsegps.recipes.steps import Job, Jobs
 from sparsegps.synth.splits import FEW_ROOMS, HOLDOUT_CLASSES, check_disjoint, synth_command
 
 
-def _gallery(out: Path, test: Path) -> list[Path]:
+def _gallery(out: Path, test: Path, segmenter: Path) -> list[Path]:
     """Pictures of test referrals and one segmentation (see sparsegps.viz.gallery)."""
     import logging
     import warnings
@@ -48,7 +50,7 @@ def _gallery(out: Path, test: Path) -> list[Path]:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"spconv\.")
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
     print(f"\n# gallery of test referrals and one segmentation -> {out / 'gallery'}", flush=True)
-    return write_gallery(out / "gallery", test, out / "pretrain/export.safetensors", out / "seg/export.safetensors")
+    return write_gallery(out / "gallery", test, out / "pretrain/export.safetensors", segmenter)
 
 
 def _read(path: Path) -> dict:
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seg-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="processes that synthesize the rooms")
+    parser.add_argument("--parallel", type=int, default=2, help="commands run at once (the cores shared)")
     parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the pre-training config (repeatable): measure a variant, "
                              "e.g. --pretrain-set model.referral_contrast=projected")
@@ -75,14 +78,13 @@ def main(argv: list[str] | None = None) -> int:
 
     out, configs = Path(args.out), Path(args.configs)
     data = out / "data"
-    step = Steps(out / "logs")
-    timings = step.seconds
-
+    jobs = Jobs(out / "logs", parallel=args.parallel)
     counts = {"pretrain": args.pretrain_scenes, "finetune": args.finetune_scenes, "finetune_few": FEW_ROOMS,
               "val": args.val_scenes, "test": args.test_scenes}
     stores = {name: data / name for name in counts}
     for name, count in counts.items():
-        step(f"synth_{name}", synth_command(name, count, stores[name], args.seed, args.workers))
+        jobs.add(Job(f"synth_{name}", synth_command(name, count, stores[name], args.seed, args.workers)))
+    jobs.wait()
     try:
         check_disjoint(stores)
     except ValueError as e:
@@ -90,41 +92,36 @@ def main(argv: list[str] | None = None) -> int:
     test = str(stores["test"])
 
     holdout = "[" + ",".join(HOLDOUT_CLASSES) + "]"
-    step("pretrain", ["pretrain", "--config", str(configs / "pretrain/tiny_cpu.yaml"), "--output-dir",
-                      str(out / "pretrain"), "--set", f"steps={args.pretrain_steps}", "--set", f"seed={args.seed}",
-                      "--set", f"data.train=[{stores['pretrain']}]", "--set", "data.val=[]",
-                      "--set", f"data.holdout_classes={holdout}",
-                      *(x for item in args.pretrain_set for x in ("--set", item))])
+    jobs.add(Job("pretrain", [
+        "pretrain", "--config", str(configs / "pretrain/tiny_cpu.yaml"), "--output-dir", str(out / "pretrain"),
+        "--set", f"steps={args.pretrain_steps}", "--set", f"seed={args.seed}",
+        "--set", f"data.train=[{stores['pretrain']}]", "--set", "data.val=[]", "--set", f"data.holdout_classes={holdout}",
+        *(x for item in args.pretrain_set for x in ("--set", item))]))
     export = str(out / "pretrain/export.safetensors")
-    step("grounding", ["eval-pretrain", "--checkpoint", export, "--data", test, "--out", str(out / "pretrain")])
-    step("zero_shot", ["eval-seg", "--checkpoint", export, "--data", test, "--zero-shot", "--out",
-                       str(out / "zero_shot")])
+    jobs.add(Job("grounding", ["eval-pretrain", "--checkpoint", export, "--data", test, "--out", str(out / "pretrain")],
+                 after=["pretrain"]))
+    jobs.add(Job("zero_shot", ["eval-seg", "--checkpoint", export, "--data", test, "--zero-shot", "--out",
+                               str(out / "zero_shot")], after=["pretrain"]))
 
+    # 16 rooms are 2 steps an epoch: no DataLoader worker to start anew every other step
     seg = ["finetune-seg", "--config", str(configs / "seg/synthetic_cpu.yaml"), "--set", f"seed={args.seed}",
-           "--set", f"data.val=[{test}]"]
+           "--set", f"data.val=[{test}]", "--set", f"data.train=[{stores['finetune_few']}]", "--set", "num_workers=0"]
     scratch = ["--config", str(configs / "seg/synthetic_cpu_scratch.yaml")]  # its own learning rate
     # from the pre-trained export, fine-tuning starts at its zero-shot segmenter (language head)
     pretrained = ["--pretrained", export, "--set", "model.head=language", "--set", "model.head_init=zero_shot"]
-    rooms = {"all": f"data.train=[{stores['finetune']}]",
-             # 16 rooms are 2 steps an epoch: no DataLoader worker to start anew every other step
-             "few": f"data.train=[{stores['finetune_few']}]"}
-    for key, train in rooms.items():
-        suffix = "" if key == "all" else "_few"
-        common = [*seg, "--set", train, "--set", f"steps={args.seg_steps}"] + (
-            ["--set", "num_workers=0"] if key == "few" else [])
-        step(f"finetune_seg{suffix}", [*common, *pretrained, "--output-dir", str(out / f"seg{suffix}")])
-        step(f"finetune_seg{suffix}_scratch", [*common, *scratch, "--output-dir", str(out / f"seg{suffix}_scratch")])
     # the dense preset consumed per-voxel class labels: scratch also gets its supervised steps
     supervised = args.pretrain_steps + args.seg_steps
-    step("finetune_seg_few_scratch_long", [*seg, *scratch, "--set", rooms["few"], "--set", "num_workers=0",
-                                           "--set", f"steps={supervised}",
-                                           "--output-dir", str(out / "seg_few_scratch_long")])
+    arms = {"seg_few": ([*pretrained, "--set", f"steps={args.seg_steps}"], ["pretrain"]),
+            "seg_few_scratch": ([*scratch, "--set", f"steps={args.seg_steps}"], []),
+            "seg_few_scratch_long": ([*scratch, "--set", f"steps={supervised}"], [])}
+    for name, (extra, after) in arms.items():
+        jobs.add(Job(f"finetune_{name}", [*seg, *extra, "--output-dir", str(out / name)], after=after))
+    jobs.wait()
 
     pre = _read(out / "pretrain/summary.json")
     grounding = _read(out / "pretrain/grounding.json")
     zero_shot = _read(out / "zero_shot/seg_report.json")
-    seg_runs = {name: _read(out / name / "summary.json") for name in (
-        "seg", "seg_scratch", "seg_few", "seg_few_scratch", "seg_few_scratch_long")}
+    seg_runs = {name: _read(out / name / "summary.json") for name in arms}
     from sparsegps.exports import read_export
 
     info = read_export(export).info
@@ -142,16 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         "zero_shot_miou_unseen": zero_shot["miou_unseen"], "zero_shot_baseline": zero_shot["majority_miou"],
         "zero_shot_baseline_seen": zero_shot["majority_miou_seen"],
         "zero_shot_baseline_unseen": zero_shot["majority_miou_unseen"],
-        "seg_miou": seg_runs["seg"]["seg_miou"], "seg_miou_scratch": seg_runs["seg_scratch"]["seg_miou"],
         "seg_miou_few": seg_runs["seg_few"]["seg_miou"], "seg_miou_few_scratch": seg_runs["seg_few_scratch"]["seg_miou"],
         "seg_miou_few_scratch_long": seg_runs["seg_few_scratch_long"]["seg_miou"],
         "seg_steps": args.seg_steps, "seg_steps_scratch_long": supervised, "few_scenes": FEW_ROOMS,
-        "pretrain_overrides": args.pretrain_set, "seconds": timings,
+        "pretrain_overrides": args.pretrain_set, "seconds": jobs.seconds,
     }
     t = time.perf_counter()
-    gallery = _gallery(out, stores["test"])
+    gallery = _gallery(out, stores["test"], out / "seg_few/export.safetensors")
     summary["seconds"]["gallery"] = round(time.perf_counter() - t, 1)
-    summary["total_seconds"] = step.total()
+    summary["total_seconds"] = jobs.total()
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     print_results(summary, out, len(gallery))
     return 0
@@ -172,8 +168,6 @@ def print_results(s: dict, out: Path, pictures: int) -> None:
          f"majority class {s['zero_shot_baseline_seen']:.3f}"),
         ("  classes held out of it", f"{s['zero_shot_miou_unseen']:.3f}",
          f"majority class {s['zero_shot_baseline_unseen']:.3f} ({', '.join(s['holdout_classes'])})"),
-        ("segmentation mIoU, pre-trained", f"{s['seg_miou']:.3f}",
-         f"from scratch {s['seg_miou_scratch']:.3f}; {s['seg_steps']} steps, all fine-tuning rooms"),
         (f"segmentation mIoU, {few} rooms, pre-trained", f"{s['seg_miou_few']:.3f}",
          f"from scratch {s['seg_miou_few_scratch']:.3f} ({s['seg_steps']} steps), "
          f"{s['seg_miou_few_scratch_long']:.3f} ({s['seg_steps_scratch_long']} steps)"),
@@ -183,7 +177,7 @@ def print_results(s: dict, out: Path, pictures: int) -> None:
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>18}  {note}")
     print("-" * 96 + f"\nwritten: {out / 'summary.json'}; loss curve: {out / 'pretrain/loss_curve.png'}; grounding: "
-          f"{out / 'pretrain/grounding.png'}; confusion matrix: {out / 'seg/confusion.png'}\ngallery: {pictures} "
+          f"{out / 'pretrain/grounding.png'}; confusion matrix: {out / 'seg_few/confusion.png'}\ngallery: {pictures} "
           f"pictures in {out / 'gallery'}\ntotal {s['total_seconds']:.0f} s")
 
 

@@ -11,7 +11,9 @@ global state; they may assume these settings hold.
   memory then grows several-fold and its steps slow down. Mapping every block of 1 MiB or more
   costs page faults instead (about 10% of a `tiny_cpu` pre-training step's time on 2 cores, 1.0
   against 1.7 GB resident after 60 steps). `SPARSEGPS_MALLOC=default` keeps glibc's own policy,
-  `SPARSEGPS_MALLOC=8` sets the threshold in MiB; other C libraries are left alone.
+  `SPARSEGPS_MALLOC=8` sets the threshold in MiB; other C libraries are left alone. Smaller blocks
+  still fragment the heap: the training loop hands its free pages back at every logged step
+  (`release_free_memory`, glibc's `malloc_trim`).
 - `threads` sets torch's intra-op thread count where a caller asks for one.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ TRIM_THRESHOLD_BYTES = 64 << 20
 """Free memory above 64 MiB at the top of the heap goes back to the system."""
 
 _applied: dict | None = None
+_malloc_trim = None  # glibc's malloc_trim once the policy is applied, else None
 
 
 def configure_process(threads: int | None = None) -> dict:
@@ -63,4 +66,15 @@ def _configure_malloc() -> str:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     if mallopt(_M_MMAP_THRESHOLD, mmap_bytes) != 1 or mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) != 1:
         return "unchanged (mallopt refused)"
+    global _malloc_trim
+    _malloc_trim = libc.malloc_trim
+    _malloc_trim.argtypes, _malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
     return f"glibc: mmap >= {mmap_bytes / 2**20:g} MiB, trim > {TRIM_THRESHOLD_BYTES >> 20} MiB"
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's `malloc_trim(0)`, a few milliseconds):
+    a long run's varying-size blocks under the mmap threshold leave free chunks all through the heap,
+    which glibc otherwise keeps resident. Does nothing unless `configure_process` set the policy."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)

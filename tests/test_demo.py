@@ -15,7 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("grounding_acc", "grounding_chance", "grounding_class_prior", "grounding_within_class_accuracy",
-          "grounding_class_accuracy", "seg_miou", "seg_miou_scratch", "seg_miou_few", "seg_miou_few_scratch",
+          "grounding_class_accuracy", "seg_miou_few", "seg_miou_few_scratch",
           "seg_miou_few_scratch_long", "zero_shot_miou", "zero_shot_miou_seen", "zero_shot_baseline",
           "pretrain_scenes_per_s", "total_seconds")
 
@@ -53,14 +53,14 @@ def test_demo_runs_every_step_and_reports_every_field(tmp_path):
     assert prints["finetune_few"] <= prints["finetune"]
     names = ["pretrain", "finetune", "val", "test"]
     assert all(not prints[a] & prints[b] for i, a in enumerate(names) for b in names[i + 1:])
-    for name in ("seg", "seg_scratch", "seg_few", "seg_few_scratch", "seg_few_scratch_long"):
+    for name in ("seg_few", "seg_few_scratch", "seg_few_scratch_long"):
         assert yaml.safe_load((out / name / "config.yaml").read_text())["data"]["val"] == [summary["stores"]["test"]]
     assert (out / "pretrain/grounding.png").exists() and (out / "pretrain/loss_curve.png").exists()
     assert summary["pretrain_overrides"] == ["model.referral_contrast=projected", "num_workers=0"]
     used = yaml.safe_load((out / "pretrain/config.yaml").read_text())
     assert used["model"]["referral_contrast"] == "projected" and used["num_workers"] == 0
-    seg = yaml.safe_load((out / "seg/config.yaml").read_text())  # fine-tuned from the zero-shot segmenter
+    seg = yaml.safe_load((out / "seg_few/config.yaml").read_text())  # fine-tuned from the zero-shot segmenter
     assert (seg["model"]["head"], seg["model"]["head_init"]) == ("language", "zero_shot")
-    scratch = yaml.safe_load((out / "seg_scratch/config.yaml").read_text())  # the same head type
+    scratch = yaml.safe_load((out / "seg_few_scratch/config.yaml").read_text())  # the same head type
     assert (scratch["model"]["head"], scratch["model"]["head_init"]) == ("language", "text")
     assert "sparsegps demo results" in proc.stdout and list((out / "gallery").glob("*.png"))

@@ -2,11 +2,13 @@
 language-aligned head, fine-tuning beats the majority class, and export loading."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparsegps.config import from_dict
 from sparsegps.eval.segmentation import confusion_matrix, evaluate_segmentation, segmentation_metrics
@@ -47,6 +49,26 @@ def test_language_head_logits_are_scaled_cosines():
     head.set_classes(classes[:2])  # a new vocabulary: zero-shot
     assert head(feats).shape == (30, 2)
     assert head.scale.log_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+
+def test_language_head_gradients_match_the_direct_formula():
+    """The head scores in its hidden width; gradients must be those of normalising the [V, E]
+    projection (in float64, the direct formula as the oracle), also under bf16 autocast."""
+    torch.manual_seed(1)
+    head = LanguageSegHead(8, torch.randn(5, 48))
+    feats = torch.randn(40, 8) * 3
+    upstream = torch.randn(40, 5)
+    (head(feats) * upstream).sum().backward()
+    mine = {n: p.grad.clone() for n, p in head.named_parameters()}
+    head64 = copy.deepcopy(head).double()
+    head64.zero_grad()
+    direct = head64.scale() * F.normalize(head64.proj(feats.double()), dim=-1) @ head64.class_embeddings.T
+    (direct * upstream.double()).sum().backward()
+    for name, p in head64.named_parameters():
+        assert torch.allclose(mine[name].double(), p.grad, rtol=1e-4, atol=1e-6), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(feats)
+    assert out.dtype == torch.float32 and torch.allclose(out.double(), direct.detach(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ picks for that text, and a segmentation export shows predicted classes against t
 
     sparsegps show runs/demo/data/val --scene synth_0001_000003 --list
     sparsegps show runs/demo/data/val --scene synth_0001_000003 --text 5 --checkpoint runs/demo/pretrain/export.safetensors
-    sparsegps show runs/demo/data/val --scene synth_0001_000003 --checkpoint runs/demo/seg/export.safetensors
+    sparsegps show runs/demo/data/val --scene synth_0001_000003 --checkpoint runs/demo/seg_few/export.safetensors
     sparsegps show runs/demo/data/val --scene synth_0001_000003 --color semantic --ply scene.ply"""
 from __future__ import annotations
 

@@ -66,8 +66,19 @@ class LanguageSegHead(nn.Module):
         self.class_embeddings = F.normalize(class_embeddings.float(), dim=-1).to(self.class_embeddings.device)
 
     def forward(self, voxel_feats: torch.Tensor) -> torch.Tensor:
-        v = F.normalize(self.proj(voxel_feats).float(), dim=-1)
-        return self.scale() * v @ self.class_embeddings.T
+        """`scale * cos(proj(v), t_k)`, scored in the projection's hidden width H: with u = W h + b
+        (h the hidden features, W [E, H] the last layer), u . t = h . (W^T t) + b . t and |u|^2 =
+        h^T (W^T W) h + 2 (W^T b) . h + b . b, so no [voxels, E] tensor is made (E is the text width,
+        384 for MiniLM, H the backbone's, 32 for tiny). fp32 whatever the autocast: the squared norm
+        needs it."""
+        first, activation, last = self.proj
+        with torch.autocast(voxel_feats.device.type, enabled=False):
+            h = activation(first(voxel_feats.float()))
+            w, b, t = last.weight.float(), last.bias.float(), self.class_embeddings
+            dots = h @ (w.T @ t.T) + t @ b
+            squared = ((h @ (w.T @ w)) * h).sum(-1) + 2 * (h @ (w.T @ b)) + b @ b
+            norm = squared.clamp_min(1e-24).sqrt()  # F.normalize's eps, 1e-12, on the norm
+            return self.scale() * dots / norm[:, None]
 
 
 @dataclass

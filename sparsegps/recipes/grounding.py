@@ -23,7 +23,7 @@ from pathlib import Path
 from sparsegps.files import atomic_write_text
 from sparsegps.synth.splits import check_disjoint, synth_command
 
-from .steps import Steps
+from .steps import Job, Jobs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,22 +41,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     out, configs = Path(args.out), Path(args.configs)
-    step = Steps(out / "logs")
+    jobs = Jobs(out / "logs")  # one at a time: each uses every core
     counts = {"pretrain": args.pretrain_scenes, "finetune": args.finetune_scenes, "test": args.test_scenes}
     stores = {name: out / "data" / name for name in counts}
     for name, count in counts.items():
-        step(f"synth_{name}", synth_command(name, count, stores[name], args.seed, args.workers))
+        jobs.add(Job(f"synth_{name}", synth_command(name, count, stores[name], args.seed, args.workers)))
+    jobs.wait()
     check_disjoint(stores)
     steps = (lambda n: ["--set", f"steps={n}"] if n else [])
-    step("pretrain", ["pretrain", "--config", str(configs / "pretrain/grounding_cpu.yaml"), "--output-dir",
-                      str(out / "pretrain"), "--set", f"data.train=[{stores['pretrain']}]", "--set", "data.val=[]",
-                      "--set", f"seed={args.seed}", *steps(args.pretrain_steps)])
-    step("pretrain_test", ["eval-pretrain", "--checkpoint", str(out / "pretrain/export.safetensors"), "--data",
-                           str(stores["test"]), "--out", str(out / "pretrain")])
-    step("finetune", ["finetune-ground", "--pretrained", str(out / "pretrain/export.safetensors"), "--config",
-                      str(configs / "ground/synthetic_cpu.yaml"), "--output-dir", str(out / "ground"),
-                      "--set", f"data.train=[{stores['finetune']}]", "--set", f"data.val=[{stores['test']}]",
-                      "--set", f"seed={args.seed}", *steps(args.finetune_steps)])
+    export = str(out / "pretrain/export.safetensors")
+    jobs.add(Job("pretrain", [
+        "pretrain", "--config", str(configs / "pretrain/grounding_cpu.yaml"), "--output-dir", str(out / "pretrain"),
+        "--set", f"data.train=[{stores['pretrain']}]", "--set", "data.val=[]", "--set", f"seed={args.seed}",
+        *steps(args.pretrain_steps)]))
+    jobs.add(Job("pretrain_test", ["eval-pretrain", "--checkpoint", export, "--data", str(stores["test"]),
+                                   "--out", str(out / "pretrain")], after=["pretrain"]))
+    jobs.add(Job("finetune", [
+        "finetune-ground", "--pretrained", export, "--config", str(configs / "ground/synthetic_cpu.yaml"),
+        "--output-dir", str(out / "ground"), "--set", f"data.train=[{stores['finetune']}]",
+        "--set", f"data.val=[{stores['test']}]", "--set", f"seed={args.seed}", *steps(args.finetune_steps)],
+        after=["pretrain"]))
+    jobs.wait()
     pre = json.loads((out / "pretrain/grounding.json").read_text())
     tuned = json.loads((out / "ground/grounding.json").read_text())
     summary = {"stores": {k: str(v) for k, v in stores.items()}, "measured_on": "test",
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "class_prior", "chance", "referrals")},
                "finetuned": {k: tuned[k] for k in ("accuracy", "class_accuracy", "within_class_accuracy",
                                                    "class_prior", "chance", "referrals")},
-               "seconds": step.seconds, "total_seconds": step.total()}
+               "seconds": jobs.seconds, "total_seconds": jobs.total()}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     print("\n" + "=" * 78 + "\ngrounding recipe (test rooms)\n" + "-" * 78)
     for name in ("pretrained", "finetuned"):

@@ -1,5 +1,11 @@
-"""Run `sparsegps` commands as steps of a recipe: each in its own process, its progress bars and key
-lines shown, its whole output kept in a log, its time recorded."""
+"""Run `sparsegps` commands as the jobs of a recipe (the demo, the grounding recipe, the transfer
+benchmark): each in its own process, after the jobs it waits for, `parallel` at a time with the
+cores shared between them; its whole output kept in LOGS/<name>.log and its time recorded.
+
+One job at a time, a job's progress bars and key lines are shown as it runs; several at a time,
+each job's command is shown when it starts and its time when it ends. A job with a `result` file
+that already exists is not run again, so a killed recipe continues where it stopped.
+"""
 from __future__ import annotations
 
 import os
@@ -7,26 +13,127 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SHOWN = ("%|", "wrote ", "scenes ", "texts ", "resumed", "Error", "error", "zero-shot:")
 
 
-def run_command(args: list[str], log: Path) -> None:
-    """Run `sparsegps ARGS`, showing the command, its progress bars and key lines, keeping the whole
-    output in `log`; a failure ends the recipe naming the log."""
+@dataclass
+class Job:
+    """One `sparsegps` command, the jobs it waits for, and the file whose existence means it is done
+    (None: it always runs)."""
+
+    name: str
+    argv: list[str]
+    after: list[str] = field(default_factory=list)
+    result: Path | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None and self.result.exists()
+
+
+class JobFailed(RuntimeError):
+    """A job exited non-zero; the message names its log and its command."""
+
+
+class Jobs:
+    """`jobs.add(Job(...))` runs a job once the jobs it waits for have ended, at most `parallel` at a
+    time, the earliest added first among those ready; `jobs.wait()` waits for all (a failed job
+    fails the jobs waiting for it and is raised here); `seconds` holds each run job's time."""
+
+    def __init__(self, logs: Path, parallel: int = 1):
+        self.logs, self.parallel = logs, max(1, parallel)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        # torch threads per job: the cores shared between the jobs running at once (one job: as set)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.threads = None if self.parallel == 1 else max(1, cores // self.parallel)
+        self.futures: dict[str, Future] = {}
+        self.seconds: dict[str, float] = {}
+        self.pending: list[Job] = []  # in the order added
+        self.running = 0
+        self.lock = threading.RLock()
+        self.start = time.perf_counter()
+
+    def add(self, job: Job) -> None:
+        with self.lock:
+            self.futures[job.name] = Future()
+            self.pending.append(job)
+            self._dispatch()
+
+    def wait(self, names: list[str] | None = None) -> None:
+        for name in names if names is not None else list(self.futures):
+            self.futures[name].result()
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 1)
+
+    def _dispatch(self) -> None:
+        """Start the ready jobs, earliest added first, while slots are free; fail those whose
+        dependencies failed (called under the lock, on every add and every end)."""
+        for job in list(self.pending):
+            waits = [self.futures[name] for name in job.after if name in self.futures]
+            failed = next((w.exception() for w in waits if w.done() and w.exception()), None)
+            if failed is not None:
+                self.pending.remove(job)
+                self.futures[job.name].set_exception(failed)
+            elif all(w.done() for w in waits) and (job.done or self.running < self.parallel):
+                self.pending.remove(job)
+                if job.done:
+                    self.seconds[job.name] = 0.0
+                    print(f"{job.name}: done before", flush=True)
+                    self.futures[job.name].set_result(None)
+                    continue
+                self.running += 1
+                threading.Thread(target=self._run, args=(job,), name=f"job {job.name}", daemon=True).start()
+
+    def _run(self, job: Job) -> None:
+        t = time.perf_counter()
+        log = self.logs / (job.name.replace("/", "_") + ".log")
+        with self.lock:
+            print(f"\n$ sparsegps {shlex.join(job.argv)}" if self.parallel == 1 else
+                  f"[start] {job.name}: sparsegps {shlex.join(job.argv)}", flush=True)
+        error = None
+        try:
+            code = run_command(job.argv, log, show=self.parallel == 1, threads=self.threads)
+            if code or (job.result is not None and not job.done):
+                error = JobFailed(f"{job.name} failed (exit {code}); see {log}\n$ sparsegps {shlex.join(job.argv)}")
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits
+            error = e
+        with self.lock:
+            self.running -= 1
+            if error is None:
+                self.seconds[job.name] = round(time.perf_counter() - t, 1)
+                if self.parallel > 1:
+                    print(f"[done {len(self.seconds)}/{len(self.futures)}] {job.name} "
+                          f"({self.seconds[job.name]:.0f} s)", flush=True)
+                self.futures[job.name].set_result(None)
+            else:
+                self.futures[job.name].set_exception(error)
+            self._dispatch()
+
+
+def run_command(args: list[str], log: Path, show: bool = True, threads: int | None = None) -> int:
+    """Run `sparsegps ARGS` as a world of its own (not the rendezvous of a process group this
+    process may be in), keeping its whole output in `log` and, with `show`, printing its progress
+    bars and key lines; returns its exit code."""
     cmd = [sys.executable, "-m", "sparsegps.cli", *args]
-    print(f"\n$ sparsegps {shlex.join(args)}", flush=True)
-    # each step is a world of its own: not the rendezvous of a process group this process may be in
-    inherited = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
-    env = {**inherited, "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         pending = b""
         while chunk := proc.stdout.read1(65536):
             f.write(chunk)
+            if not show:
+                continue
             pending += chunk
             *segments, pending = re.split(rb"(?<=[\r\n])", pending)  # progress bars end in \r
             for segment in segments:
@@ -34,24 +141,10 @@ def run_command(args: list[str], log: Path) -> None:
                 if any(key in text for key in SHOWN):
                     sys.stdout.write(text)
                     sys.stdout.flush()
-        if proc.wait():
-            raise SystemExit(f"step failed (exit {proc.returncode}); see {log}")
-    sys.stdout.write("\n")
+        code = proc.wait()
+    if show:
+        sys.stdout.write("\n")
+    return code
 
 
-class Steps:
-    """The steps of one recipe: `steps("name", [...])` runs a command; `seconds` holds each one's time."""
-
-    def __init__(self, logs: Path):
-        self.logs = logs
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.seconds: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    def __call__(self, name: str, args: list[str]) -> None:
-        t = time.perf_counter()
-        run_command(args, self.logs / f"{name}.log")
-        self.seconds[name] = round(time.perf_counter() - t, 1)
-
-    def total(self) -> float:
-        return round(time.perf_counter() - self.start, 1)
+__all__ = ["Job", "JobFailed", "Jobs", "run_command"]

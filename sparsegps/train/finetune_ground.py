@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Literal
 
 from sparsegps.config import differences, from_dict, to_dict
-from sparsegps.criterion import GPSCriterion
 from sparsegps.data import ScenesDataset, TransformConfig
 from sparsegps.errors import UsageError
-from sparsegps.exports import ExportInfo, build_model, expect_task, load_weights, read_export
-from sparsegps.models.gps import GPSModel, LossWeights, ModelConfig
+from sparsegps.exports import ExportInfo, build_model, expect_task, read_export
+from sparsegps.models.gps import LossWeights, ModelConfig
 
-from .engine import OptimConfig, gps_role, optimizer_groups
+from .engine import OptimConfig
 from .run import DataConfig, Run, RunConfig
-from .task import TrainingTask, run_task
+from .task import GPSTrainingTask, run_task
 
 # Model settings that are training choices, not architecture: with a pre-trained export they come
 # from the config's `model` section; everything else comes from the export.
@@ -104,7 +103,7 @@ def grounding_model_config(cfg: GroundConfig, export) -> ModelConfig:
     return dataclasses.replace(base, loss=LossWeights(**dataclasses.asdict(cfg.loss)))
 
 
-class GroundingTask(TrainingTask):
+class GroundingTask(GPSTrainingTask):
     name = "finetune-ground"
     summary_prefix = "ground"
 
@@ -114,10 +113,10 @@ class GroundingTask(TrainingTask):
             raise UsageError(f"data.proposals is for ScanRefer (Acc@k of proposal boxes), not {cfg.data.benchmark}")
         if cfg.loss.grounding <= 0 and cfg.loss.referral_object <= 0:
             raise UsageError("loss.grounding and loss.referral_object are both 0: nothing would learn to ground")
-        self.export = read_export(cfg.pretrained) if cfg.pretrained else None
-        if self.export is not None:
-            expect_task(self.export, ("pretraining", "grounding"), "finetune-ground --pretrained")
-            trained_at = self.export.info.voxel_size
+        self.start_from = read_export(cfg.pretrained) if cfg.pretrained else None
+        if self.start_from is not None:
+            expect_task(self.start_from, ("pretraining", "grounding"), "finetune-ground --pretrained")
+            trained_at = self.start_from.info.voxel_size
             if trained_at not in (None, cfg.data.transforms.voxel_size):
                 warnings.warn(f"{cfg.pretrained} was trained at voxel size {trained_at}, fine-tuning uses "
                               f"{cfg.data.transforms.voxel_size}", stacklevel=2)
@@ -125,23 +124,11 @@ class GroundingTask(TrainingTask):
             warnings.warn("data.transforms.max_referrals is not set: every referral of a scene enters each step",
                           stacklevel=2)
         # config.yaml shows the model trained
-        self.cfg = dataclasses.replace(cfg, model=grounding_model_config(cfg, self.export))
+        self.cfg = dataclasses.replace(cfg, model=grounding_model_config(cfg, self.start_from))
 
     def dataset(self) -> ScenesDataset:
         cfg = self.cfg
         return ReferralScenesDataset(cfg.data.train, cfg.data.transforms, cfg.seed, text_kinds_for(cfg.model))
-
-    def model(self, initialise: bool) -> GPSModel:
-        model = GPSModel(self.cfg.model)
-        if self.export is not None and initialise:
-            load_weights(model, self.export.state_dict, self.export.path)
-        return model
-
-    def criterion(self, model) -> GPSCriterion:
-        return GPSCriterion.of(self.cfg.model)
-
-    def parameter_groups(self, model) -> dict:
-        return optimizer_groups(model, gps_role, self.cfg.optim.no_decay)
 
     def export_info(self, dataset) -> ExportInfo:
         return ExportInfo("grounding", to_dict(self.cfg.model), vocabulary=list(dataset.vocabulary),

@@ -23,6 +23,7 @@ from sparsegps.data import collate_scenes, move_batch
 from sparsegps.distributed import all_reduce_sum
 from sparsegps.errors import Preempted, UsageError
 from sparsegps.models.grad_scale import finish_grad_scaling_step
+from sparsegps.runtime import release_free_memory
 
 from .checkpoint import load_latest_checkpoint, rng_state, save_checkpoint, seed_rng, set_rng_state
 from .meter import MetricsLog, TrainMeter, peak_memory_mb
@@ -186,6 +187,7 @@ def train_loop(run: Run, engine, dataset, criterion: Callable[[object, dict], di
                     log.write({"kind": "train", "step": step, "epoch": order.epoch_of(position.samples), **last,
                                "lr": lrs})
                     bar.set_postfix(loss=f"{last['loss']:.3f}", scenes_s=f"{last['scenes_per_s']:.1f}")
+                    release_free_memory()  # after the resident memory was logged
                 if evaluate is not None and schedule.evaluate(step) and agreed.stop_signal is None:
                     log.write({"kind": "eval", "step": step, **evaluate()})
                     engine.train()

@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sparsegps.criterion import GPSCriterion
+from sparsegps.config import to_dict
 from sparsegps.data import SceneStore, ScenesDataset
 from sparsegps.errors import UsageError
-from sparsegps.exports import ExportInfo, expect_task, load_weights, read_export
-from sparsegps.models.gps import LOSS_NAMES, GPSModel, LossWeights, ModelConfig
+from sparsegps.exports import ExportInfo, expect_task, read_export
+from sparsegps.models.gps import LOSS_NAMES, LossWeights, ModelConfig
 
-from .engine import OptimConfig, gps_role, optimizer_groups
+from .engine import OptimConfig
 from .run import DataConfig, Run, RunConfig
-from .task import TrainingTask, run_task
+from .task import GPSTrainingTask, run_task
 
 
 @dataclass
@@ -51,15 +51,15 @@ OBJECT_STAGE_LOSS = LossWeights(**{**{name: 0.0 for name in LOSS_NAMES}, "object
 LABEL_KINDS = ("texts", "object_classes", "voxel_classes")
 
 
-class PretrainTask(TrainingTask):
+class PretrainTask(GPSTrainingTask):
     name = "pretrain"
     summary_prefix = "pretrain"
 
     def configure(self) -> None:
         cfg = self.cfg
-        self.init = read_export(cfg.init_from) if cfg.init_from else None
-        if self.init is not None:
-            expect_task(self.init, ("pretraining",), "init_from")
+        self.start_from = read_export(cfg.init_from) if cfg.init_from else None
+        if self.start_from is not None:
+            expect_task(self.start_from, ("pretraining",), "init_from")
         self.vocabulary = SceneStore(cfg.data.train).vocabulary  # held-out classes are checked by `dataset`
         self.cfg = cfg = with_class_names(cfg, [c for c in self.vocabulary if c not in cfg.data.holdout_classes])
         if cfg.stage == "objects":
@@ -69,22 +69,8 @@ class PretrainTask(TrainingTask):
     def dataset(self) -> ScenesDataset:
         return training_set(self.cfg)
 
-    def model(self, initialise: bool) -> GPSModel:
-        model = GPSModel(self.cfg.model)
-        if self.init is not None and initialise:
-            load_weights(model, self.init.state_dict, self.init.path)
-        return model
-
-    def criterion(self, model) -> GPSCriterion:
-        return GPSCriterion.of(self.cfg.model)
-
-    def parameter_groups(self, model) -> dict:
-        return optimizer_groups(model, gps_role, self.cfg.optim.no_decay)
-
     def export_info(self, dataset) -> ExportInfo:
         cfg, labels = self.cfg, consumed_labels(self.cfg.model)
-        from sparsegps.config import to_dict
-
         return ExportInfo("pretraining", to_dict(cfg.model), vocabulary=list(self.vocabulary),
                           voxel_size=cfg.data.transforms.voxel_size, trained_classes=list(cfg.model.class_names),
                           holdout_classes=list(cfg.data.holdout_classes), preset=preset_name(labels),

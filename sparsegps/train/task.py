@@ -18,11 +18,13 @@ from typing import Callable
 import torch.distributed as dist
 from torch import nn
 
+from sparsegps.criterion import GPSCriterion
 from sparsegps.errors import UsageError
-from sparsegps.exports import EXPORT_NAME, ExportInfo, export_checkpoint
+from sparsegps.exports import EXPORT_NAME, Export, ExportInfo, export_checkpoint, load_weights
 from sparsegps.files import atomic_write_text
+from sparsegps.models.gps import GPSModel
 
-from .engine import check_optimizer_fits_zero, read_deepspeed_json, zero_stage
+from .engine import check_optimizer_fits_zero, gps_role, optimizer_groups, read_deepspeed_json, zero_stage
 from .loop import train_loop
 from .run import Run, build_engine, setup_run
 
@@ -70,6 +72,26 @@ class TrainingTask:
         return {}
 
 
+class GPSTrainingTask(TrainingTask):
+    """A task that trains the whole `GPSModel` (`cfg.model`) with `GPSCriterion` and GPS's optimizer
+    groups, from the weights of the export `start_from` when `configure` sets one (pre-training's
+    `init_from`, grounding fine-tuning's `pretrained`)."""
+
+    start_from: Export | None = None
+
+    def model(self, initialise: bool) -> GPSModel:
+        model = GPSModel(self.cfg.model)
+        if self.start_from is not None and initialise:
+            load_weights(model, self.start_from.state_dict, self.start_from.path)
+        return model
+
+    def criterion(self, model: nn.Module) -> GPSCriterion:
+        return GPSCriterion.of(self.cfg.model)
+
+    def parameter_groups(self, model: nn.Module) -> dict:
+        return optimizer_groups(model, gps_role, self.cfg.optim.no_decay)
+
+
 def run_task(task: TrainingTask, progress: bool = True) -> dict:
     """Train `task`; returns its summary (also in RUN/summary.json). A stop signal raises
     `sparsegps.errors.Preempted` after a complete checkpoint."""
@@ -107,4 +129,4 @@ def _has_monitor(task: TrainingTask) -> bool:
     return type(task).monitor is not TrainingTask.monitor
 
 
-__all__ = ["TrainingTask", "run_task"]
+__all__ = ["GPSTrainingTask", "TrainingTask", "run_task"]
