@@ -57,8 +57,10 @@ def test_dependencies_parallel_limit_and_priority(tmp_path, fake, monkeypatch):
     assert fake.most == 2 and set(jobs.seconds) == {"a", "b", "c", "d", "e"}
     ev = fake.events
     assert ev.index(("end", "a")) < ev.index(("start", "b")) and ev.index(("end", "c")) < ev.index(("start", "e"))
-    # a and c first; when c ends, d (added before e) takes its place, although both are ready
-    assert fake.order("start")[:3] == ["a", "c", "d"]
+    # a and c first (their threads may record in either order); when c ends, d (added before e)
+    # takes its place, although both are ready
+    starts = fake.order("start")
+    assert set(starts[:2]) == {"a", "c"} and starts[2] == "d"
     assert fake.threads == [2] * 5  # 4 cores shared by 2 jobs
     assert (tmp_path / "logs" / "b.log").read_text() == "b"
 
