@@ -12,7 +12,8 @@ from sparsegps.recipes.steps import Job, JobFailed, Jobs
 
 
 class FakeCommands:
-    """Stands in for `run_command`: each argv is [name, seconds, exit code]; records when each ran."""
+    """Stands in for `run_command`: each argv is [name, seconds, exit code]; records when each ran.
+    A terminated command ends at once with exit -15."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -20,14 +21,18 @@ class FakeCommands:
         self.running = self.most = 0
         self.threads: list[int | None] = []
 
-    def __call__(self, argv, log, show=True, threads=None):
+    def __call__(self, argv, log, show=True, threads=None, started=None):
         name, seconds, code = argv[0], float(argv[1]), int(argv[2])
+        stopped = threading.Event()
         with self.lock:
             self.events.append(("start", name))
             self.running += 1
             self.most = max(self.most, self.running)
             self.threads.append(threads)
-        time.sleep(seconds)
+        if started is not None:
+            started(type("Process", (), {"terminate": lambda _: stopped.set()})())
+        if stopped.wait(seconds):
+            code = -15
         with self.lock:
             self.events.append(("end", name))
             self.running -= 1
@@ -99,3 +104,39 @@ def test_a_job_whose_result_exists_is_not_run_again(tmp_path, fake):
     jobs.add(Job("b", ["b", "0", "0"], after=["a"]))
     jobs.wait()
     assert fake.order("start") == ["a", "b"] and jobs.seconds["a"] == 0.0
+
+
+def test_after_a_failure_nothing_starts_and_running_jobs_are_stopped_before_the_raise(tmp_path, fake):
+    jobs = Jobs(tmp_path / "logs", parallel=2)
+    jobs.add(Job("slow", ["slow", "30", "0"]))
+    jobs.add(Job("bad", ["bad", "0.05", "1"]))
+    jobs.add(Job("later", ["later", "0", "0"]))  # independent, waiting for a slot when bad fails
+    t = time.perf_counter()
+    with pytest.raises(JobFailed, match="bad failed"):  # the first failure, not the stopped job's
+        jobs.wait()
+    assert time.perf_counter() - t < 10  # slow was stopped, not waited for
+    assert "later" not in fake.order("start") and fake.order("end") == ["bad", "slow"]
+    with pytest.raises(JobFailed, match=r"slow failed \(exit -15\)"):
+        jobs.wait(["slow"])
+    with pytest.raises(JobFailed, match="bad failed"):
+        jobs.wait(["later"])
+
+
+def test_the_demo_reports_a_failed_command_in_one_message(tmp_path):
+    """`python -m sparsegps.demo` with a config folder lacking the pre-training config: the failed
+    command and its log are named, without a traceback."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    configs = tmp_path / "configs"
+    shutil.copytree(root / "configs", configs)
+    (configs / "pretrain" / "tiny_cpu.yaml").unlink()
+    proc = subprocess.run([sys.executable, "-m", "sparsegps.demo", "--out", str(tmp_path / "demo"), "--configs",
+                           str(configs), "--pretrain-scenes", "4", "--finetune-scenes", "17", "--val-scenes", "2",
+                           "--test-scenes", "2", "--workers", "1"], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: pretrain failed (exit 2); see ") and "pretrain.log" in proc.stderr

@@ -23,7 +23,7 @@ from pathlib import Path
 from sparsegps.files import atomic_write_text
 from sparsegps.synth.splits import check_disjoint, synth_command
 
-from .steps import Job, Jobs
+from .steps import Job, JobFailed, Jobs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,4 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except JobFailed as e:  # one message naming the failed command and its log, no traceback
+        sys.exit(f"error: {e}")

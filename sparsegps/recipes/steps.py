@@ -8,6 +8,7 @@ that already exists is not run again, so a killed recipe continues where it stop
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import shlex
@@ -18,6 +19,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SHOWN = ("%|", "wrote ", "scenes ", "texts ", "resumed", "Error", "error", "zero-shot:")
@@ -44,8 +46,10 @@ class JobFailed(RuntimeError):
 
 class Jobs:
     """`jobs.add(Job(...))` runs a job once the jobs it waits for have ended, at most `parallel` at a
-    time, the earliest added first among those ready; `jobs.wait()` waits for all (a failed job
-    fails the jobs waiting for it and is raised here); `seconds` holds each run job's time."""
+    time, the earliest added first among those ready; `seconds` holds each run job's time. Once a
+    job fails, no further job starts (those not started fail with it), the running ones are stopped
+    (SIGTERM: a training command saves a checkpoint and exits) and `jobs.wait()` raises the first
+    failure once they have ended: no command outlives the recipe."""
 
     def __init__(self, logs: Path, parallel: int = 1):
         self.logs, self.parallel = logs, max(1, parallel)
@@ -57,6 +61,8 @@ class Jobs:
         self.seconds: dict[str, float] = {}
         self.pending: list[Job] = []  # in the order added
         self.running = 0
+        self.failure: BaseException | None = None  # the first job's failure; nothing starts after it
+        self.processes: dict[str, subprocess.Popen] = {}  # of the running jobs
         self.lock = threading.RLock()
         self.start = time.perf_counter()
 
@@ -67,21 +73,25 @@ class Jobs:
             self._dispatch()
 
     def wait(self, names: list[str] | None = None) -> None:
-        for name in names if names is not None else list(self.futures):
-            self.futures[name].result()
+        """Wait until the jobs `names` (default: all) have ended; raise the first failure."""
+        futures = [self.futures[name] for name in (names if names is not None else list(self.futures))]
+        concurrent.futures.wait(futures)
+        if names is None and self.failure is not None:
+            raise self.failure  # not the stopped jobs' exits
+        for future in futures:
+            future.result()
 
     def total(self) -> float:
         return round(time.perf_counter() - self.start, 1)
 
     def _dispatch(self) -> None:
-        """Start the ready jobs, earliest added first, while slots are free; fail those whose
-        dependencies failed (called under the lock, on every add and every end)."""
+        """Start the ready jobs, earliest added first, while slots are free; after a failure, fail
+        every job not started (called under the lock, on every add and every end)."""
         for job in list(self.pending):
             waits = [self.futures[name] for name in job.after if name in self.futures]
-            failed = next((w.exception() for w in waits if w.done() and w.exception()), None)
-            if failed is not None:
+            if self.failure is not None:
                 self.pending.remove(job)
-                self.futures[job.name].set_exception(failed)
+                self.futures[job.name].set_exception(self.failure)
             elif all(w.done() for w in waits) and (job.done or self.running < self.parallel):
                 self.pending.remove(job)
                 if job.done:
@@ -100,13 +110,15 @@ class Jobs:
                   f"[start] {job.name}: sparsegps {shlex.join(job.argv)}", flush=True)
         error = None
         try:
-            code = run_command(job.argv, log, show=self.parallel == 1, threads=self.threads)
+            code = run_command(job.argv, log, show=self.parallel == 1, threads=self.threads,
+                               started=lambda process: self._started(job, process))
             if code or (job.result is not None and not job.done):
                 error = JobFailed(f"{job.name} failed (exit {code}); see {log}\n$ sparsegps {shlex.join(job.argv)}")
         except Exception as e:  # noqa: BLE001 - handed to whoever waits
             error = e
         with self.lock:
             self.running -= 1
+            self.processes.pop(job.name, None)
             if error is None:
                 self.seconds[job.name] = round(time.perf_counter() - t, 1)
                 if self.parallel > 1:
@@ -114,14 +126,25 @@ class Jobs:
                           f"({self.seconds[job.name]:.0f} s)", flush=True)
                 self.futures[job.name].set_result(None)
             else:
+                if self.failure is None:
+                    self.failure = error
+                    for process in self.processes.values():
+                        process.terminate()
                 self.futures[job.name].set_exception(error)
             self._dispatch()
 
+    def _started(self, job: Job, process: subprocess.Popen) -> None:
+        with self.lock:
+            self.processes[job.name] = process
+            if self.failure is not None:  # failed while this one was starting
+                process.terminate()
 
-def run_command(args: list[str], log: Path, show: bool = True, threads: int | None = None) -> int:
+
+def run_command(args: list[str], log: Path, show: bool = True, threads: int | None = None,
+                started: Callable[[subprocess.Popen], None] | None = None) -> int:
     """Run `sparsegps ARGS` as a world of its own (not the rendezvous of a process group this
     process may be in), keeping its whole output in `log` and, with `show`, printing its progress
-    bars and key lines; returns its exit code."""
+    bars and key lines; `started` is handed the process; returns its exit code."""
     cmd = [sys.executable, "-m", "sparsegps.cli", *args]
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
     env["PYTHONUNBUFFERED"] = "1"
@@ -129,6 +152,8 @@ def run_command(args: list[str], log: Path, show: bool = True, threads: int | No
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        if started is not None:
+            started(proc)
         pending = b""
         while chunk := proc.stdout.read1(65536):
             f.write(chunk)
