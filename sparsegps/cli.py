@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_process()
 
     try:
-        return int(module.run(args) or 0)
+        status = int(module.run(args) or 0)
     except Preempted as e:  # a signal stopped training after a complete checkpoint
         if rank_in_environment() == 0:
             print(str(e), file=sys.stderr)
@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         else:  # the launcher ends every rank when the first one exits: leave rank 0 the time to say it
             time.sleep(ERROR_GRACE_S)
         return 2
+    from sparsegps.distributed import leave
+
+    leave()  # every rank got here: the command succeeded on all of them
+    return status
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:

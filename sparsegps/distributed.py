@@ -20,6 +20,19 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def leave() -> None:
+    """End this process's part in a process group of several ranks, at the end of a command that
+    succeeded on every rank: a barrier (no collective still in flight anywhere), then
+    `destroy_process_group`, which stops the backend's worker threads while the interpreter is
+    whole. Left to interpreter teardown, a gloo thread that releases a finished collective's tensors
+    a moment late takes the GIL there and aborts the process (SIGABRT) after a successful run.
+    Every rank must call it. A world of one is left as it is: DeepSpeed keeps handles to the group it
+    started with, and later commands in the same process (a notebook, the tests) run on it."""
+    if world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of `x` over ranks (a copy; no gradient). Every rank must call it, in the same order."""
     x = x.detach().clone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +53,28 @@ def odd_val_set(out: Path, count: int = 3, seed: int = 1) -> None:
 
 
 def spawn(fn, *args, world: int = 2) -> None:
-    """Run fn(rank, world, port, *args) on `world` local processes (a gloo group each joins)."""
+    """Run fn(rank, world, port, *args) on `world` local processes (a gloo group each joins).
+
+    A process whose fn returned meets the others at a barrier, then ends at once (`os._exit(0)`,
+    after flushing its output), without Python's interpreter teardown: a gloo worker thread that releases the tensors of a finished
+    collective a moment late would take the GIL during teardown and abort the process (SIGABRT,
+    "terminate called without an active exception"), on a loaded machine now and then. What fn
+    reports is in files it has closed; an exception in fn still reaches the caller with its
+    traceback."""
     from sparsegps.launch import free_port
 
-    mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=True)
+    mp.spawn(_run_then_exit, args=(fn, world, free_port(), *args), nprocs=world, join=True)
+
+
+def _run_then_exit(rank: int, fn, *args) -> None:
+    import torch.distributed as dist
+
+    fn(rank, *args)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()  # no collective still in flight on another rank when this one goes
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def join_as(rank: int, world: int, port: int) -> None:

@@ -42,8 +42,6 @@ def _gather_worker(rank, world, port, out_dir):
     gps_loss = L.global_mean_share(gps_rows.sum(), count)
     torch.save({"grad_a": a.grad, "grad_b": b.grad, "loss": loss.detach(), "gps_loss": gps_loss.detach(),
                 "gps_requires_grad": gps_loss.requires_grad}, Path(out_dir) / f"rank{rank}.pt")
-    dist.barrier()  # no collective still in flight on either rank when the group goes
-    dist.destroy_process_group()
 
 
 def test_scene_loss_sends_gradients_through_the_cross_rank_gather(tmp_path):
@@ -79,6 +77,32 @@ def test_scene_loss_sends_gradients_through_the_cross_rank_gather(tmp_path):
                          [an_local, an.detach()[3:]]).T, torch.arange(3), reduction="sum")) / 2
     local.backward()
     assert (got[0]["grad_a"] - a_local.grad).abs().max() > 1e-3
+
+
+def _leave_worker(rank, world, port, out_dir):
+    join_as(rank, world, port)
+    import torch.distributed as dist
+
+    from sparsegps.distributed import leave
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    total = torch.tensor([rank + 1.0])
+    dist.all_reduce(total)
+    if rank == 1:
+        time.sleep(1.0)  # rank 0 reaches leave() first
+    arrived = time.time()
+    leave()
+    (Path(out_dir) / f"left{rank}.json").write_text(json.dumps(
+        {"total": total.item(), "initialized": dist.is_initialized(), "arrived": arrived, "left": time.time()}))
+
+
+def test_leaving_waits_for_every_rank_then_ends_the_group(tmp_path):
+    """What every command run on several ranks does once it succeeded on all of them."""
+    spawn(_leave_worker, str(tmp_path))
+    left = [json.loads((tmp_path / f"left{r}.json").read_text()) for r in range(2)]
+    assert [r["total"] for r in left] == [3.0, 3.0]
+    assert not left[0]["initialized"] and not left[1]["initialized"]
+    assert left[0]["left"] >= left[1]["arrived"]  # rank 0 waited for rank 1, a second late
 
 
 def _pretrain_worker(rank, world, port, data, out, stage, micro_batch):
@@ -168,8 +192,6 @@ def _split_batch_worker(rank, world, port, data, out):
         dist.all_reduce(g)
         g /= world
     torch.save({"loss": loss / world, "grads": grads}, Path(out) / f"split{rank}.pt")
-    dist.barrier()  # no collective still in flight on either rank when the group goes
-    dist.destroy_process_group()
 
 
 def _loss_and_gradients(data, indices) -> tuple[torch.Tensor, dict]:
