@@ -25,7 +25,7 @@ def leave() -> None:
     succeeded on every rank: a barrier (no collective still in flight anywhere), then
     `destroy_process_group`, which stops the backend's worker threads while the interpreter is
     whole. Left to interpreter teardown, a gloo thread that releases a finished collective's tensors
-    a moment late takes the GIL there and aborts the process (SIGABRT) after a successful run.
+    a moment late can take the GIL there and abort the process (SIGABRT) after a successful run.
     Every rank must call it. A world of one is left as it is: DeepSpeed keeps handles to the group it
     started with, and later commands in the same process (a notebook, the tests) run on it."""
     if world_size() > 1:

@@ -56,9 +56,10 @@ def spawn(fn, *args, world: int = 2) -> None:
     """Run fn(rank, world, port, *args) on `world` local processes (a gloo group each joins).
 
     A process whose fn returned meets the others at a barrier, then ends at once (`os._exit(0)`,
-    after flushing its output), without Python's interpreter teardown: a gloo worker thread that releases the tensors of a finished
-    collective a moment late would take the GIL during teardown and abort the process (SIGABRT,
-    "terminate called without an active exception"), on a loaded machine now and then. What fn
+    after flushing its output), without Python's interpreter teardown. A rank of these tests once
+    aborted (SIGABRT, "terminate called without an active exception", on a loaded 2-core machine;
+    not seen again in 120 repeats): the known way is a gloo worker thread releasing a finished
+    collective's tensors a moment late, taking the GIL while the interpreter is torn down. What fn
     reports is in files it has closed; an exception in fn still reaches the caller with its
     traceback."""
     from sparsegps.launch import free_port
