@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    from sparsegps.errors import Preempted
+    from sparsegps.errors import JobFailed, Preempted
     from sparsegps.launch import rank_in_environment
     from sparsegps.runtime import configure_process
 
@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank_in_environment() == 0:
             print(str(e), file=sys.stderr)
         return e.exit_code
+    except JobFailed as e:  # a recipe's command failed: its log says why
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except _expected_errors() as e:
         if debug:
             raise

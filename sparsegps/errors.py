@@ -1,5 +1,6 @@
-"""Failures a user can fix, reported by the command line as one line and exit status 2, and the
-stop on a signal, reported as one line and exit status 128 + the signal's number."""
+"""Failures a user can fix, reported by the command line as one line and exit status 2; the stop
+on a signal, reported as one line and exit status 128 + the signal's number; a recipe's failed
+command, reported as one line naming its log and exit status 1."""
 from __future__ import annotations
 
 
@@ -21,4 +22,9 @@ class Preempted(Exception):
         self.exit_code = 128 + signal_number
 
 
-__all__ = ["Preempted", "UsageError"]
+class JobFailed(RuntimeError):
+    """A command that a recipe ran as a job (the demo, the grounding recipe, the transfer benchmark)
+    exited non-zero or without its result; the message names the job, its log and its command."""
+
+
+__all__ = ["JobFailed", "Preempted", "UsageError"]

@@ -66,3 +66,16 @@ def test_learning_rate_is_chosen_on_validation_and_reports_are_written(fake_run)
     assert "scratch 0.005" in table
     assert json.loads((fake_run / "transfer.json").read_text())["rows"]
     assert (fake_run / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failed_command_is_reported_in_one_line_naming_its_log(tmp_path, capsys):
+    """`sparsegps bench transfer` whose first command fails (a store of no rooms): exit 1 and one
+    message naming the job, its log and its command, no traceback."""
+    from sparsegps import cli
+
+    code = cli.main(["bench", "transfer", "--presets", "dense", "--pretrain-rooms", "0",
+                     "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert err.startswith("error: synth_pretrain failed (exit 2); see ") and "synth_pretrain.log" in err
+    assert "$ sparsegps synth --preset demo --scenes 0" in err

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from sparsegps.errors import JobFailed
+
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SHOWN = ("%|", "wrote ", "scenes ", "texts ", "resumed", "Error", "error", "zero-shot:")
 
@@ -38,10 +40,6 @@ class Job:
     @property
     def done(self) -> bool:
         return self.result is not None and self.result.exists()
-
-
-class JobFailed(RuntimeError):
-    """A job exited non-zero; the message names its log and its command."""
 
 
 class Jobs:
