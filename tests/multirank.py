@@ -55,24 +55,23 @@ def odd_val_set(out: Path, count: int = 3, seed: int = 1) -> None:
 def spawn(fn, *args, world: int = 2) -> None:
     """Run fn(rank, world, port, *args) on `world` local processes (a gloo group each joins).
 
-    A process whose fn returned meets the others at a barrier, then ends at once (`os._exit(0)`,
-    after flushing its output), without Python's interpreter teardown. A rank of these tests once
-    aborted (SIGABRT, "terminate called without an active exception", on a loaded 2-core machine;
-    not seen again in 120 repeats): the known way is a gloo worker thread releasing a finished
-    collective's tensors a moment late, taking the GIL while the interpreter is torn down. What fn
-    reports is in files it has closed; an exception in fn still reaches the caller with its
-    traceback."""
+    A process whose fn returned leaves the group as a command does (`sparsegps.distributed.leave`: a
+    barrier, then `destroy_process_group`), then ends at once (`os._exit(0)`, after flushing its
+    output), without Python's interpreter teardown. A rank of these tests once aborted (SIGABRT,
+    "terminate called without an active exception", on a loaded 2-core machine; not seen again in
+    120 repeats): the known way is a gloo worker thread releasing a finished collective's tensors a
+    moment late, taking the GIL while the interpreter is torn down. What fn reports is in files it
+    has closed; an exception in fn still reaches the caller with its traceback."""
     from sparsegps.launch import free_port
 
     mp.spawn(_run_then_exit, args=(fn, world, free_port(), *args), nprocs=world, join=True)
 
 
 def _run_then_exit(rank: int, fn, *args) -> None:
-    import torch.distributed as dist
+    from sparsegps.distributed import leave
 
     fn(rank, *args)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()  # no collective still in flight on another rank when this one goes
+    leave()  # as a command that succeeded on every rank does: a barrier, then the group ends
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
