@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from sparsegps.files import atomic_write_text
-from sparsegps.recipes.steps import Job, JobFailed, Jobs
+from sparsegps.recipes.steps import Job, Jobs, run_recipe
 from sparsegps.synth.splits import FEW_ROOMS, HOLDOUT_CLASSES, check_disjoint, synth_command
 
 
@@ -182,7 +181,4 @@ def print_results(s: dict, out: Path, pictures: int) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except JobFailed as e:  # one message naming the failed command and its log, no traceback
-        sys.exit(f"error: {e}")
+    run_recipe(main)

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from sparsegps.files import atomic_write_text
 from sparsegps.synth.splits import check_disjoint, synth_command
 
-from .steps import Job, JobFailed, Jobs
+from .steps import Job, Jobs, run_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +81,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except JobFailed as e:  # one message naming the failed command and its log, no traceback
-        sys.exit(f"error: {e}")
+    run_recipe(main)

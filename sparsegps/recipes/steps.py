@@ -138,6 +138,15 @@ class Jobs:
                 process.terminate()
 
 
+def run_recipe(main: Callable[[], int]) -> None:
+    """A recipe's `python -m` entry point: exit with `main()`'s status; a failed job is one message
+    naming the job, its log and its command (exit 1), without a traceback."""
+    try:
+        sys.exit(main())
+    except JobFailed as e:
+        sys.exit(f"error: {e}")
+
+
 def run_command(args: list[str], log: Path, show: bool = True, threads: int | None = None,
                 started: Callable[[subprocess.Popen], None] | None = None) -> int:
     """Run `sparsegps ARGS` as a world of its own (not the rendezvous of a process group this
@@ -170,4 +179,4 @@ def run_command(args: list[str], log: Path, show: bool = True, threads: int | No
     return code
 
 
-__all__ = ["Job", "JobFailed", "Jobs", "run_command"]
+__all__ = ["Job", "JobFailed", "Jobs", "run_command", "run_recipe"]
