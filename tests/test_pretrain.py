@@ -287,3 +287,14 @@ def test_object_stage_then_init_from_its_export(shards, tmp_path):
     after = read_export(tmp_path / "all" / "export.safetensors").state_dict
     changed = [k for k in stage1 if not torch.equal(stage1[k], after[k])]
     assert all("running" in k or "num_batches" in k for k in changed), changed
+
+
+def test_data_loader_workers_are_shut_down_when_training_ends(shards, tmp_path):
+    """Workers ignore stop signals, so multiprocessing's terminate() at exit cannot end them: a run
+    that left them to garbage collection hung at exit. After training they are gone."""
+    import multiprocessing
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    pretrain(config(shards, tmp_path / "run", steps=2, num_workers=1, data={
+        **to_dict(config(shards, tmp_path).data), "val": []}), progress=False)
+    assert {p.pid for p in multiprocessing.active_children()} - before == set()

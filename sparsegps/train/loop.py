@@ -13,6 +13,7 @@ after `dist_timeout_s`, mismatched sizes) ends the run with an error naming the 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -86,10 +87,19 @@ class Position:
             generator=torch.Generator(),  # keeps the global torch RNG untouched, so resumes are exact
             worker_init_fn=ignore_stop_signals_in_worker if cfg.num_workers else None,
             prefetch_factor=PREFETCH_FACTOR if cfg.num_workers else None)
-        for batch in loader:
-            self.samples += cfg.micro_batch * run.world
-            self.micro += 1
-            yield move_batch(batch, run.device)
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                self.samples += cfg.micro_batch * run.world
+                self.micro += 1
+                yield move_batch(batch, run.device)
+        finally:
+            # Workers ignore stop signals (`ignore_stop_signals_in_worker`), so the terminate() with
+            # which multiprocessing ends them at exit cannot: they are shut down here, when the loop
+            # stops reading (the generator is closed), not left to the iterator's garbage collection.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
 
 @dataclass
@@ -163,9 +173,10 @@ def train_loop(run: Run, engine, dataset, criterion: Callable[[object, dict], di
                disable=not progress or run.rank != 0)
     last: dict = {}
     engine.train()
-    batches = position.micro_batches(run, dataset, order) if position.step < cfg.steps else iter(())
+    batches = position.micro_batches(run, dataset, order) if position.step < cfg.steps else (b for b in ())
     try:
-        with StopSignals() as signals:
+        # closing the generator shuts the DataLoader's workers down, on success, stop or error alike
+        with contextlib.closing(batches), StopSignals() as signals:
             for batch in batches:
                 with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16"):
                     losses = criterion(engine(batch), batch)
