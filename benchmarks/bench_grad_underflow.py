@@ -123,12 +123,13 @@ def _power(s: float) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     from sparsegps.benchmarks.bench_scaling import default_config
+    from sparsegps.benchmarks.scenes import demo_texts
     from sparsegps.config import ConfigError, load_config
     from sparsegps.exports import load_model
     from sparsegps.models.backbone import SpUNetConfig
     from sparsegps.models.gps import GPSModel
     from sparsegps.synth import SYNTH_VOCABULARY
-    from sparsegps.train.pretrain import PretrainConfig, with_class_names
+    from sparsegps.train.pretrain import PretrainConfig, with_class_names, with_corpus_tokens
 
     resolve_common(args, repeats=1, warmup=0)
     if args.device != "cpu":
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
         cfg = load_config(PretrainConfig, config_path, list(args.set) + ["device=cpu", "precision=fp32"])
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    cfg = with_class_names(cfg, SYNTH_VOCABULARY)
+    cfg = with_corpus_tokens(with_class_names(cfg, SYNTH_VOCABULARY), demo_texts())
     scale = SpUNetConfig().grad_scale_init
     machine = machine_info("cpu")
     result = Result(NAME, command_line(NAME, getattr(args, "argv", None)), dict(vars(args)),

@@ -216,13 +216,14 @@ def fit_loglog(x: list[float], y: list[float]) -> dict:
 # ------------------------------------------------------------------------------------------- run
 
 def run(args: argparse.Namespace) -> dict:
+    from sparsegps.benchmarks.scenes import demo_texts
     from sparsegps.config import ConfigError, load_config
     from sparsegps.data import move_batch
     from sparsegps.models.gps import GPSModel
     from sparsegps.train.engine import build_optimizer, gps_role, optimizer_groups
     from sparsegps.train.run import resolve_precision
     from sparsegps.synth import SYNTH_VOCABULARY
-    from sparsegps.train.pretrain import PretrainConfig, with_class_names
+    from sparsegps.train.pretrain import PretrainConfig, with_class_names, with_corpus_tokens
 
     resolve_common(args, repeats=5, warmup=1)
     device = torch.device(args.device)
@@ -239,7 +240,8 @@ def run(args: argparse.Namespace) -> dict:
         cfg = load_config(PretrainConfig, config_path, list(args.set) + [f"device={device.type}", "precision=auto"])
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    cfg = with_class_names(cfg, SYNTH_VOCABULARY)  # the label ids of the benchmark's scenes
+    # the label ids of the benchmark's scenes; the tokens of demo rooms' texts for MLM
+    cfg = with_corpus_tokens(with_class_names(cfg, SYNTH_VOCABULARY), demo_texts())
     precision = resolve_precision(cfg.precision, device)
     machine = machine_info(args.device)
     result = ScalingResult(NAME, command_line(NAME, getattr(args, "argv", None)), dict(vars(args)),

@@ -45,7 +45,8 @@ class GPSCriterion:
         w, objects, referrals = self.weights, out["objects"], out["referrals"]
         device = objects["tokens"].device
         counts = global_counts(
-            device, referrals=referrals.count, masked_tokens=len(out["mlm_labels"]) if "mlm_labels" in out else 0,
+            device, referrals=referrals.count,
+            masked_tokens=(out["mlm_labels"] != L.IGNORE_INDEX).sum() if "mlm_labels" in out else 0,
             object_texts=len(out["object_text_keys"]) if "object_text_keys" in out else 0,
             labelled_objects=(batch["object_label"] >= 0).sum(), labelled_voxels=(batch["voxel_semantic"] >= 0).sum())
         losses = self._referral_losses(out, counts)
@@ -54,15 +55,9 @@ class GPSCriterion:
         if "scene_embedding" in out:
             losses["loss_scene_text"] = self._scene_text(out)
         if "object_class_logits" in out:
-            per_object = L.labelled_cross_entropy(out["object_class_logits"], batch["object_label"].to(device),
-                                                  self.object_class_smoothing)
-            losses["loss_object_class"] = L.global_mean_share(per_object.sum(), counts["labelled_objects"])
+            losses["loss_object_class"] = self._object_class(out, batch, counts["labelled_objects"])
         if "dense_logits" in out:
-            logits, labels = out["dense_logits"], batch["voxel_semantic"].to(device)
-            per_voxel = L.labelled_cross_entropy(logits, labels)
-            if self.dense_class_balance > 0:
-                per_voxel = per_voxel * L.class_balance_weights(labels, logits.shape[1], self.dense_class_balance)
-            losses["loss_dense_text"] = L.global_mean_share(per_voxel.sum(), counts["labelled_voxels"])
+            losses["loss_dense_text"] = self._dense_text(out, batch, counts["labelled_voxels"])
         total = objects["tokens"].sum() * 0.0
         for name in LOSS_NAMES:
             value = losses.setdefault(f"loss_{name}", total * 0.0)
@@ -106,6 +101,22 @@ class GPSCriterion:
                                                     out["scene_scale"], gather_grad=self.scene_text_gather == "autograd")
         anchor = out["caption_placeholder"].sum() * 0.0
         return L.global_mean_share(per_row.sum() + anchor, global_rows)
+
+
+    def _object_class(self, out: dict, batch: dict, global_rows: torch.Tensor) -> torch.Tensor:
+        """Each labelled object's class against the class-name texts (label smoothing as GPS's)."""
+        labels = batch["object_label"].to(out["object_class_logits"].device)
+        per_object = L.labelled_cross_entropy(out["object_class_logits"], labels, self.object_class_smoothing)
+        return L.global_mean_share(per_object.sum(), global_rows)
+
+    def _dense_text(self, out: dict, batch: dict, global_rows: torch.Tensor) -> torch.Tensor:
+        """Each labelled voxel's class against the class-name texts, classes balanced."""
+        logits = out["dense_logits"]
+        labels = batch["voxel_semantic"].to(logits.device)
+        per_voxel = L.labelled_cross_entropy(logits, labels)
+        if self.dense_class_balance > 0:
+            per_voxel = per_voxel * L.class_balance_weights(labels, logits.shape[1], self.dense_class_balance)
+        return L.global_mean_share(per_voxel.sum(), global_rows)
 
 
 @dataclass

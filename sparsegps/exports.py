@@ -8,6 +8,7 @@ no code) and, in the file's header under "sparsegps", the metadata (`ExportInfo`
     vocabulary       segmentation: the head's classes; otherwise the training store's classes
     trained_classes  the classes whose labels pre-training consumed (without `holdout_classes`)
     holdout_classes  the classes held out of pre-training
+    holdout          what was withheld from them: labels (texts kept) or strict (texts dropped too)
     preset           language, objects or dense: named by `labels_consumed`
     labels_consumed  texts, object_classes, voxel_classes
     voxel_size       the voxel size it was trained at (read back here, and only here)
@@ -48,6 +49,7 @@ class ExportInfo:
     voxel_size: float | None = None
     trained_classes: list[str] = field(default_factory=list)
     holdout_classes: list[str] = field(default_factory=list)
+    holdout: str | None = None  # labels or strict (`PretrainDataConfig.holdout`); None: nothing held out
     preset: str | None = None
     labels_consumed: list[str] = field(default_factory=list)
     sparsegps_version: str = ""

@@ -78,9 +78,15 @@ def multi_positive_info_nce(a: torch.Tensor, b: torch.Tensor, positive: torch.Te
 
 
 def scaled_cosine(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """scale * cos(a_i, b_j): a [N, E], b [K, E] -> [N, K], in fp32."""
+    """scale * cos(a_i, b_j): a [N, E], b [K, E] -> [N, K], in fp32.
+
+    The rows of `a` are not normalised: their products with the normalised `b` are divided by their
+    norms (as `F.normalize`, at least 1e-12), the same values with fewer passes over a large [N, E]
+    (every voxel's feature) in forward and backward."""
     with torch.autocast(a.device.type, enabled=False):
-        return scale.float() * F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+        a = a.float()
+        inverse_norm = scale.float() / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=1e-12)
+        return (a @ F.normalize(b.float(), dim=-1).T) * inverse_norm
 
 
 def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:

@@ -26,11 +26,15 @@ def rooms(tmp_path_factory):
     return root, scenes
 
 
-def test_a_batch_with_held_out_classes_has_no_label_target_or_text_of_them(rooms):
+@pytest.mark.parametrize("mode", ["labels", "strict"])
+def test_a_batch_with_held_out_classes_has_no_label_or_target_of_them_and_texts_by_mode(rooms, mode):
+    """Both modes withhold every label of the held-out classes; `labels` keeps the texts that name
+    them (captions, referrals), `strict` drops those too."""
     root, scenes = rooms
     # the rooms do hold the held-out classes, in points, objects and texts
     assert all(any(o.label == c for s in scenes for o in s.objects) for c in HOLDOUT)
-    cfg = PretrainConfig(data=dataclasses.replace(PretrainConfig().data, train=[str(root)], holdout_classes=HOLDOUT))
+    cfg = PretrainConfig(data=dataclasses.replace(PretrainConfig().data, train=[str(root)], holdout_classes=HOLDOUT,
+                                                  holdout=mode))
     dataset = training_set(cfg)
     trained = [c for c in SYNTH_VOCABULARY if c not in HOLDOUT]
     assert dataset.classes == trained
@@ -51,12 +55,15 @@ def test_a_batch_with_held_out_classes_has_no_label_target_or_text_of_them(rooms
     assert "" in names and not any(n in HOLDOUT for n in names)
     assert all((n == "") == (lab < 0) for n, lab in zip(names, labels))
     assert all(trained[lab] == n for n, lab in zip(names, labels) if lab >= 0)
-    # no text names a held-out class or is about a held-out object
-    assert batch["texts"] and not any(words.search(t["text"]) for t in batch["texts"])
-    assert not any(t["target"] >= 0 and names[t["target"]] == "" for t in batch["texts"])
-    # ...while the same rooms without the hold-out do
     plain = training_set(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, holdout_classes=[])))
-    assert any(words.search(t.text) for i in range(len(plain)) for t in plain[i]["texts"])
+    plain_texts = [t.text for i in range(len(plain)) for t in plain[i]["texts"]]
+    assert any(words.search(t) for t in plain_texts)  # the rooms' texts do name them
+    if mode == "strict":  # no text names a held-out class or is about a held-out object
+        assert batch["texts"] and not any(words.search(t["text"]) for t in batch["texts"])
+        assert not any(t["target"] >= 0 and names[t["target"]] == "" for t in batch["texts"])
+    else:  # every text stays: those naming held-out classes and those about held-out objects
+        assert sorted(t["text"] for t in batch["texts"]) == sorted(plain_texts)
+        assert any(t["target"] >= 0 and names[t["target"]] == "" for t in batch["texts"])
 
 
 def test_unknown_held_out_class_is_refused(rooms):

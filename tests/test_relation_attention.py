@@ -105,12 +105,32 @@ def test_relational_attention_matches_an_element_by_element_oracle_and_ignores_p
     x = torch.randn(2, 4, 8)
     boxes = torch.cat([torch.randn(2, 4, 3), torch.rand(2, 4, 3) + 0.1], dim=-1)
     pad = torch.tensor([[False, False, False, True], [False, False, False, False]])
-    got = attn(x, boxes, pad)
+    got = attn(x, box_pair_features(boxes), pad)
     torch.testing.assert_close(got, _oracle(attn, x, boxes, pad), atol=1e-5, rtol=1e-5)
     # what sits in a padded slot never changes a real object's output
     x2, boxes2 = x.clone(), boxes.clone()
     x2[0, 3], boxes2[0, 3] = 100.0, 7.0
-    torch.testing.assert_close(attn(x2, boxes2, pad)[0, :3], got[0, :3])
+    torch.testing.assert_close(attn(x2, box_pair_features(boxes2), pad)[0, :3], got[0, :3])
     # a row without any real object gives zeros before the output projection
-    empty = attn(x[:1], boxes[:1], torch.ones(1, 4, dtype=torch.bool))
+    empty = attn(x[:1], box_pair_features(boxes[:1]), torch.ones(1, 4, dtype=torch.bool))
     torch.testing.assert_close(empty, attn.out.bias.expand_as(empty))
+
+
+def test_pair_terms_computed_per_scene_equal_those_of_every_row():
+    """Rows that share a scene read its pair terms, computed once: the same outputs and gradients
+    as computing them for every row."""
+    torch.manual_seed(0)
+    attn = RelationalAttention(d_model=8, num_heads=2, rank=3, hidden=5).eval()
+    boxes = torch.cat([torch.randn(3, 4, 3), torch.rand(3, 4, 3) + 0.1], dim=-1)
+    scene_index = torch.tensor([2, 0, 2, 1, 2])
+    x = torch.randn(5, 4, 8, requires_grad=True)
+    pad = torch.rand(5, 4) < 0.3
+    shared = attn(x, box_pair_features(boxes), pad, scene_index)
+    shared.square().sum().backward()
+    grads_shared = [p.grad.clone() for p in attn.parameters()] + [x.grad.clone()]
+    attn.zero_grad(), x.grad.zero_()
+    every_row = attn(x, box_pair_features(boxes[scene_index]), pad)
+    every_row.square().sum().backward()
+    torch.testing.assert_close(shared, every_row, atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads_shared, [p.grad for p in attn.parameters()] + [x.grad]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -541,6 +541,18 @@ class SceneStore:
         return [sid for shard, info in enumerate(self.shards)
                 for sid in (info.scene_ids if info.scene_ids is not None else self._shard(shard).ids)]
 
+    def texts(self) -> list[str]:
+        """Every text of every scene (captions and referrals), in stored order, read column by column
+        without the points."""
+        out: list[str] = []
+        for shard, info in enumerate(self.shards):
+            sh = self._shard(shard)
+            try:
+                out += sh.strings("texts/text", 0, int(sh.offsets["scenes/text_offset"][-1]))
+            except (OSError, KeyError, ValueError) as e:
+                raise ShardError(f"cannot read the texts ({e})", file=str(info.path), field="texts/text") from None
+        return out
+
     def stored_checksum(self, index: int) -> str:
         """The checksum the shard records for scene `index`."""
         shard, local = self.locate(index)

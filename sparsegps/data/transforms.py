@@ -15,6 +15,7 @@ so per-voxel predictions map back to every original point with `pred[inverse]`.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, replace
@@ -89,21 +90,30 @@ class SampleCaptions:
 
 
 class HoldOutClasses:
-    """Pre-training that never sees some classes' labels or names (a class hold-out for zero-shot).
+    """Pre-training that never sees some classes' labels (a class hold-out, for zero-shot).
 
-    Objects of the `names` classes lose their class name (so they take no class target and no
-    "a <class>" text), and every text about one of them, or that uses one of `words` (the classes'
-    nouns, synonyms and plurals: see `sparsegps.language.templates.class_words`), is dropped. Their
-    points' semantic labels are dropped by the dataset's class list (`ScenesDataset(classes=...)`).
-    The store is untouched."""
+    mode "labels" (the open-vocabulary protocol of PLA and RegionPLC): objects of the `names`
+    classes lose their class name, so they take no class target and no "a <class>" text; every
+    caption and referral stays, the ones that name them too: what is withheld is the label, not the
+    language. mode "strict": every text about one of them, or that uses one of `words` (the classes'
+    nouns, synonyms and plurals: see `sparsegps.language.templates.class_words`), is dropped as
+    well. Either way their points' semantic labels are dropped by the dataset's class list
+    (`ScenesDataset(classes=...)`). The store is untouched."""
 
-    def __init__(self, names: list[str], words: list[str]):
-        self.names = frozenset(names)
+    def __init__(self, names: list[str], words: list[str], mode: str = "labels"):
+        if mode not in ("labels", "strict"):
+            raise ValueError(f"unknown hold-out mode {mode!r} (labels or strict)")
+        self.names, self.mode = frozenset(names), mode
         alternatives = "|".join(re.escape(w) for w in sorted(set(words) | self.names, key=len, reverse=True) if w)
         self.pattern = re.compile(rf"\b(?:{alternatives})\b", re.IGNORECASE) if alternatives else None
 
     def names_a_class(self, text: str) -> bool:
         return self.pattern is not None and self.pattern.search(text) is not None
+
+    def keeps(self, text: str) -> bool:
+        """Whether a text can reach a batch (under "strict", one naming a held-out class cannot; a text
+        about a held-out object is decided per scene in `__call__`)."""
+        return self.mode == "labels" or not self.names_a_class(text)
 
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         if not self.names:
@@ -111,7 +121,9 @@ class HoldOutClasses:
         held = {o.instance_id for o in sample["objects"] if o.label in self.names}
         sample["objects"] = [o if o.instance_id not in held else SceneObject(o.instance_id, "", o.center, o.size)
                              for o in sample["objects"]]
-        sample["texts"] = [t for t in sample["texts"] if t.target_id not in held and not self.names_a_class(t.text)]
+        if self.mode == "strict":
+            sample["texts"] = [t for t in sample["texts"]
+                               if t.target_id not in held and not self.names_a_class(t.text)]
         return sample
 
 
@@ -254,6 +266,36 @@ class CropToMaxVoxels:
         sample["objects"] = [o for o in sample["objects"] if o.instance_id in alive]
         sample["texts"] = [replace(t, distractor_ids=tuple(d for d in t.distractor_ids if d in alive))
                            for t in sample["texts"] if t.kind == "scene_caption" or t.target_id in alive]
+        return sample
+
+
+class LabelledPoints:
+    """Sparse annotation (ScanNet's data-efficient benchmark: 20, 50, 100 or 200 labelled points per
+    scene): of each room's labelled points, `count` are chosen once, class-blind, by a generator
+    seeded with the room's id (not the epoch: the same points on every epoch, run and rank); each
+    voxel holding a chosen point takes its label, every other voxel none (-1). A room with fewer
+    labelled points keeps them all. Runs after `GridSample` (and any crop)."""
+
+    def __init__(self, count: int):
+        if count < 1:
+            raise ValueError(f"labelled points per room must be at least 1, got {count}")
+        self.count = count
+
+    def chosen(self, scene_id: str, semantic: np.ndarray) -> np.ndarray:
+        """Indices of the room's chosen labelled points, ascending."""
+        labelled = np.flatnonzero(semantic >= 0)
+        if len(labelled) <= self.count:
+            return labelled
+        seed = int.from_bytes(hashlib.blake2b(scene_id.encode("utf-8"), digest_size=8).digest(), "little")
+        return np.sort(np.random.default_rng(seed).choice(labelled, self.count, replace=False))
+
+    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
+        points = self.chosen(sample["scene_id"], sample["semantic"])
+        voxels = sample["inverse"][points]
+        kept = voxels >= 0  # not cropped away
+        semantic = np.full_like(sample["voxel_semantic"], -1)
+        semantic[voxels[kept]] = sample["semantic"][points[kept]]
+        sample["voxel_semantic"] = semantic
         return sample
 
 

@@ -92,6 +92,14 @@ class ModelConfig:
     # distance of each object to the origin counts too when a scene has fewer than 80 objects.
     spatial_max_dist: Literal["valid", "gps"] = "valid"
     mlm_probability: float = 0.15
+    # The tokens MLM predicts. full: BERT's whole vocabulary (GPS). corpus: the tokens of the training
+    # texts (`mlm_token_ids`), so the softmax runs over the words the corpus uses (202 of 30,522 for
+    # the synthetic rooms) instead of every word piece, most of which never occur; masking is the
+    # same. Chosen for the CPU presets by measurement (benchmarks/RESULTS.md, "step").
+    mlm_vocabulary: Literal["full", "corpus"] = "full"
+    # With mlm_vocabulary corpus: the token ids MLM predicts. Empty: pre-training fills in the tokens
+    # of the training store's texts (without those naming held-out classes).
+    mlm_token_ids: list[int] = field(default_factory=list)
     activation_checkpointing: bool = False  # transformer layers and the backbone decoder
     # Classes of the object_class and dense_text losses, as "a <class>" prompts; label ids of the
     # batch index this list. Empty: pre-training fills in the training store's vocabulary.
@@ -139,7 +147,11 @@ class GPSModel(nn.Module):
                                           cfg.attention_backend)
         head_dropout = cfg.dropout if cfg.grounding_head_dropout is None else cfg.grounding_head_dropout
         self.grounding_head = GroundingHead(d, head_dropout, cfg.grounding_head)
-        self.mlm_head = MLMHead(d, hidden, self.text.vocab_size)
+        if cfg.mlm_vocabulary == "corpus" and not cfg.mlm_token_ids:
+            raise ValueError("model.mlm_vocabulary is corpus but model.mlm_token_ids is empty: pre-training fills "
+                             "it from the training texts")
+        self.mlm_head = MLMHead(d, hidden, self.text.vocab_size,
+                                cfg.mlm_token_ids if cfg.mlm_vocabulary == "corpus" else None)
         e = cfg.embed_dim
         self.object_proj, self.scene_proj = _mlp(d, e), _mlp(d, e)
         self.text_proj = _mlp(hidden, e)
@@ -229,9 +241,9 @@ class GPSModel(nn.Module):
         Returns (fused text [R,T,D], fused objects [R,L,D], grounding logits [R,L] with -inf on
         padded objects)."""
         text = self.text_to_model(referral_text["feats"])
+        fused_text, fused_obj = self.grounding(text, referral_text["pad"], objects["tokens"], objects["pad"],
+                                               objects["boxes"], scene_index)
         pad = objects["pad"][scene_index]
-        fused_text, fused_obj = self.grounding(text, referral_text["pad"], objects["tokens"][scene_index], pad,
-                                               objects["boxes"][scene_index])
         return fused_text, fused_obj, self.grounding_head(fused_obj).masked_fill(pad, float("-inf"))
 
     # ------------------------------------------------------------------------------ forward
@@ -262,7 +274,7 @@ class GPSModel(nn.Module):
         if text["labels"] is not None:
             masked = text["labels"] != L.IGNORE_INDEX
             out["mlm_logits"] = self.mlm_head(fused_text[masked], self.text.word_embeddings.weight)
-            out["mlm_labels"] = text["labels"][masked]
+            out["mlm_labels"] = self.mlm_head.targets(text["labels"][masked])
         if w.object_text > 0:
             out.update(self._object_text(batch, objects, device))
         if w.scene_text > 0:

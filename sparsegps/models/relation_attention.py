@@ -13,7 +13,9 @@ where f_ij are metric features of the boxes of i and j, invariant to turning the
 vertical axis (see `box_pair_features`), b and e a small MLP, W_h one projection per head.
 Computed in PyTorch (memory R x L x L x (H x rank)), used by the grounding encoder's "relational"
 form, whose object tokens have read the sentence: which anchor an object attends to is what the
-sentence asks.
+sentence asks. The pair terms b and e depend on the boxes alone, so when R rows share the boxes of
+B < R scenes (every referral of a scene) they are computed once per scene and indexed by
+`scene_index`.
 """
 from __future__ import annotations
 
@@ -51,8 +53,10 @@ def box_pair_features(boxes: torch.Tensor) -> torch.Tensor:
 class RelationalAttention(nn.Module):
     """Multi-head attention over objects with pair geometry in the logits and in the values.
 
-    `forward(x [R,L,D], boxes [R,L,6], pad [R,L] True = padding) -> [R,L,D]`; padded keys are never
-    attended to (a row without any real key gets zeros)."""
+    `forward(x [R,L,D], pair_features [B,L,L,7], pad [R,L] True = padding, scene_index [R]) -> [R,L,D]`:
+    row r reads the pair features of scene `scene_index[r]` (`box_pair_features` of the scenes'
+    boxes; without `scene_index`, B = R and row r reads its own). Padded keys are never attended to
+    (a row without any real key gets zeros)."""
 
     def __init__(self, d_model: int, num_heads: int, rank: int = 8, hidden: int = 64, dropout: float = 0.0):
         super().__init__()
@@ -67,11 +71,15 @@ class RelationalAttention(nn.Module):
         self.pair_value = nn.Parameter(torch.randn(num_heads, rank, self.head_dim) / math.sqrt(rank))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, boxes: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pair_features: torch.Tensor, pad: torch.Tensor,
+                scene_index: torch.Tensor | None = None) -> torch.Tensor:
         r, length, d_model = x.shape
         h, dh = self.heads, self.head_dim
         q, k, v = self.qkv(x).view(r, length, 3, h, dh).permute(2, 0, 3, 1, 4)  # each [R, H, L, dh]
-        pair = self.pair(box_pair_features(boxes)).view(r, length, length, h, 1 + self.rank)
+        pair = self.pair(pair_features)  # once per scene
+        if scene_index is not None:
+            pair = pair[scene_index]
+        pair = pair.view(r, length, length, h, 1 + self.rank)
         logits = q @ k.transpose(-1, -2) / math.sqrt(dh) + pair[..., 0].permute(0, 3, 1, 2).to(q.dtype)
         has_keys = (~pad).any(dim=1)
         keys = ~pad | ~has_keys[:, None]  # a row with no real key attends to all, then is zeroed
@@ -96,6 +104,7 @@ class RelationalLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, boxes: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.dropout(self.attn(x, boxes, pad)))
+    def forward(self, x: torch.Tensor, pair_features: torch.Tensor, pad: torch.Tensor,
+                scene_index: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm1(x + self.dropout(self.attn(x, pair_features, pad, scene_index)))
         return self.norm2(x + self.dropout(self.ffn(x)))

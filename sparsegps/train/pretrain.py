@@ -27,11 +27,15 @@ from .task import GPSTrainingTask, run_task
 @dataclass
 class PretrainDataConfig(DataConfig):
     eval_max_scenes: int | None = 256
-    # Classes held out of pre-training (for zero-shot evaluation of classes it never saw): their
-    # points take the ignore label, their objects no class target, and texts that name them are
-    # dropped from batches (`transforms.HoldOutClasses`); the store is untouched. The export lists
-    # the classes trained on (`trained_classes`).
+    # Classes held out of pre-training (for zero-shot evaluation of classes whose labels it never
+    # saw): their points take the ignore label and their objects no class target (no "a <class>"
+    # text either); the store is untouched. The export lists the classes trained on
+    # (`trained_classes`), the held-out ones and the mode.
     holdout_classes: list[str] = field(default_factory=list)
+    holdout: Literal["labels", "strict"] = "labels"
+    """What the hold-out withholds. labels: the labels only; captions and referrals that name the
+    classes stay (PLA's base/novel protocol: what language buys). strict: those texts are dropped
+    too, so the classes' names never reach pre-training (`transforms.HoldOutClasses`)."""
 
 
 @dataclass
@@ -62,6 +66,8 @@ class PretrainTask(GPSTrainingTask):
             expect_task(self.start_from, ("pretraining",), "init_from")
         self.vocabulary = SceneStore(cfg.data.train).vocabulary  # held-out classes are checked by `dataset`
         self.cfg = cfg = with_class_names(cfg, [c for c in self.vocabulary if c not in cfg.data.holdout_classes])
+        if cfg.model.mlm_vocabulary == "corpus" and not cfg.model.mlm_token_ids:
+            self.cfg = cfg = with_corpus_tokens(cfg, training_texts(cfg))
         if cfg.stage == "objects":
             self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss=OBJECT_STAGE_LOSS))
         self.diagnostics: list[dict] = []
@@ -73,7 +79,8 @@ class PretrainTask(GPSTrainingTask):
         cfg, labels = self.cfg, consumed_labels(self.cfg.model)
         return ExportInfo("pretraining", to_dict(cfg.model), vocabulary=list(self.vocabulary),
                           voxel_size=cfg.data.transforms.voxel_size, trained_classes=list(cfg.model.class_names),
-                          holdout_classes=list(cfg.data.holdout_classes), preset=preset_name(labels),
+                          holdout_classes=list(cfg.data.holdout_classes),
+                          holdout=cfg.data.holdout if cfg.data.holdout_classes else None, preset=preset_name(labels),
                           labels_consumed=labels)
 
     def monitor(self, run: Run, model) -> dict | None:
@@ -124,9 +131,35 @@ def training_set(cfg: PretrainConfig) -> ScenesDataset:
     transforms = build_transforms(cfg.data.transforms)
     if holdout:
         words = [w for c in holdout for w in class_words(c)]
-        transforms.transforms.insert(0, HoldOutClasses(holdout, words))
+        transforms.transforms.insert(0, HoldOutClasses(holdout, words, cfg.data.holdout))
     return ScenesDataset(cfg.data.train, transforms, seed=cfg.seed,
                          classes=[c for c in vocabulary if c not in holdout])
+
+
+def training_texts(cfg: PretrainConfig) -> list[str]:
+    """The training store's texts that reach a batch (under a strict hold-out, not those naming a
+    held-out class)."""
+    from sparsegps.data.transforms import HoldOutClasses
+    from sparsegps.language.templates import class_words
+
+    holdout = list(cfg.data.holdout_classes)
+    names = HoldOutClasses(holdout, [w for c in holdout for w in class_words(c)], cfg.data.holdout)
+    store = SceneStore(cfg.data.train)
+    try:
+        return [t for t in store.texts() if names.keeps(t)]
+    finally:
+        store.close()
+
+
+def with_corpus_tokens(cfg: PretrainConfig, texts: list[str]) -> PretrainConfig:
+    """The config with `model.mlm_token_ids` set to the tokens `texts` use: what MLM predicts with
+    `model.mlm_vocabulary: corpus` (unchanged for `full`, or when ids are given)."""
+    from sparsegps.models.text_encoder import corpus_token_ids, load_tokenizer
+
+    if cfg.model.mlm_vocabulary != "corpus" or cfg.model.mlm_token_ids:
+        return cfg
+    ids = corpus_token_ids(texts, load_tokenizer(cfg.model.text))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mlm_token_ids=ids))
 
 
 def with_class_names(cfg: PretrainConfig, classes: list[str]) -> PretrainConfig:
