@@ -40,6 +40,15 @@ def resolve_common(args: argparse.Namespace, *, repeats: int = 3, warmup: int = 
     return args
 
 
+def configs_folder() -> Path:
+    """`configs/` of the working directory, else the one beside this package in a source checkout."""
+    for folder in (Path("configs"), Path(__file__).resolve().parents[1] / "configs"):
+        if (folder / "deepspeed").is_dir():
+            return folder
+    raise SystemExit("error: no configs/ folder found here or in the source checkout; pass --config and "
+                     "--deepspeed-dir")
+
+
 def command_line(name: str, argv: Sequence[str] | None) -> str:
     """The command that reproduces this run."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -38,10 +38,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sparsegps.benchmarks.arguments import add_common_arguments, command_line, main_for, resolve_common
+from sparsegps.benchmarks.arguments import add_common_arguments, command_line, configs_folder, main_for, resolve_common
 from sparsegps.benchmarks.machine import machine_info
 from sparsegps.benchmarks.memory import memory_method, peak_memory
 from sparsegps.benchmarks.report import Result, finish, ratio, save_figure, target
+from sparsegps.benchmarks.scenes import write_demo_store
 from sparsegps.benchmarks.timing import synchronize
 
 NAME = "train-step"
@@ -69,15 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of zero1.json, zero2.json and zero3.json (default configs/deepspeed)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the pre-training config (e.g. model.d_model=256)")
-
-
-def configs_folder() -> Path:
-    """`configs/` of the working directory, else the one beside this package in a source checkout."""
-    for folder in (Path("configs"), Path(__file__).resolve().parents[1] / "configs"):
-        if (folder / "deepspeed").is_dir():
-            return folder
-    raise SystemExit("error: no configs/ folder found here or in the source checkout; pass --config and "
-                     "--deepspeed-dir")
 
 
 # --------------------------------------------------------------------------------------- regions
@@ -198,18 +190,6 @@ def tensor_bytes(root, device: torch.device) -> int:
 
 # ------------------------------------------------------------------------------------------- run
 
-def write_demo_store(folder: Path, scenes: int, seed: int) -> str:
-    """Shards of `scenes` demo-preset rooms; returns where they come from."""
-    from sparsegps.data import write_scenes
-    from sparsegps.synth import SYNTH_VOCABULARY, generate_scene, preset
-
-    synth = dataclasses.replace(preset("demo"), seed=seed)
-    stream = tqdm((generate_scene(synth, i) for i in range(scenes)), total=scenes, desc="generating scenes",
-                  unit="scene", leave=False)
-    write_scenes(stream, folder, vocabulary=SYNTH_VOCABULARY, source="benchmark", progress=False)
-    return f"sparsegps.synth preset 'demo' (seed {seed})"
-
-
 def build_engines(cfg, stages: list[int], micro_batches: list[int], dataset, deepspeed_dir: Path,
                   warmup: int, device: torch.device, precision: str) -> tuple[list[EngineUnderTest], dict]:
     """One warmed-up engine per (stage, micro-batch), all from the same initial weights.
@@ -245,12 +225,13 @@ def build_engines(cfg, stages: list[int], micro_batches: list[int], dataset, dee
 
 
 def run(args: argparse.Namespace) -> dict:
+    from sparsegps.benchmarks.scenes import demo_texts
     from sparsegps.config import ConfigError, load_config
     from sparsegps.data import ScenesDataset
     from sparsegps.train.engine import init_distributed
     from sparsegps.train.run import resolve_precision
     from sparsegps.synth import SYNTH_VOCABULARY
-    from sparsegps.train.pretrain import PretrainConfig, with_class_names
+    from sparsegps.train.pretrain import PretrainConfig, with_class_names, with_corpus_tokens
 
     resolve_common(args, repeats=5, warmup=1)
     device = torch.device(args.device)
@@ -264,7 +245,8 @@ def run(args: argparse.Namespace) -> dict:
         cfg = load_config(PretrainConfig, config_path, overrides)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    cfg = with_class_names(cfg, SYNTH_VOCABULARY)  # the label ids of the benchmark's shards
+    # the label ids of the benchmark's shards; the tokens of demo rooms' texts for MLM
+    cfg = with_corpus_tokens(with_class_names(cfg, SYNTH_VOCABULARY), demo_texts())
     if args.quick:
         cfg.data.transforms.voxel_size = max(cfg.data.transforms.voxel_size, QUICK_MIN_VOXEL)
     micro_batches = args.micro_batches or ([1] if args.quick else sorted({max(cfg.micro_batch // 2, 1),

@@ -44,10 +44,12 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(result: dict, columns: Sequence[str]) -> str:
+def markdown_report(result: dict, columns: Sequence[str], extra_markdown: str = "") -> str:
     lines = [f"### {result['benchmark']}", "", f"`{result['command']}`", "",
              f"Machine: {result['machine']['summary']}. Baseline: {result['baseline']}.", "",
              markdown_table(result["rows"], columns), ""]
+    if extra_markdown:
+        lines += [extra_markdown, ""]
     for t in result["targets"]:
         lines.append(f"- target {t['name']}: {t['ratio']:.2f}x measured, {t['target']}x wanted: "
                      f"{'met' if t['met'] else 'NOT met'}")
@@ -78,15 +80,16 @@ class Result:
 
 
 def finish(result: Result, machine: dict, columns: Sequence[str], out: Path | None,
-           plot: Callable[[dict, Path], None] | None = None) -> dict:
-    """Print the markdown table; with `out`, write <name>.json, <name>.md and (if `plot`) <name>.png."""
+           plot: Callable[[dict, Path], None] | None = None, extra_markdown: str = "") -> dict:
+    """Print the markdown table (and `extra_markdown` after it); with `out`, write <name>.json,
+    <name>.md and (if `plot`) <name>.png."""
     if hasattr(os, "getloadavg"):
         machine = {**machine, "load_average_1m_end": os.getloadavg()[0]}
     note = load_note(machine)
     if note:
         result.notes.append(note)
     data = result.to_dict(machine)
-    report = markdown_report(data, columns)
+    report = markdown_report(data, columns, extra_markdown)
     print(report)
     if out is not None:
         out = Path(out)

@@ -1,8 +1,10 @@
 """Benchmark scenes: seeded random box rooms of exact sizes, or `sparsegps.synth`'s rooms."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -111,3 +113,24 @@ def synthetic_scenes(num_scenes: int, *, num_objects: int, num_points: int, seed
               for i in range(num_scenes))
     return (tqdm(stream, total=num_scenes, desc="generating scenes", unit="scene", leave=False),
             f"random_room ({num_objects} objects, {num_points} points per scene, seed {seed})")
+
+
+def write_demo_store(folder: Path, scenes: int, seed: int) -> str:
+    """Shards of `scenes` demo-preset rooms; returns where they come from."""
+    from sparsegps.data import write_scenes
+    from sparsegps.synth import SYNTH_VOCABULARY, generate_scene, preset
+
+    synth = dataclasses.replace(preset("demo"), seed=seed)
+    stream = tqdm((generate_scene(synth, i) for i in range(scenes)), total=scenes, desc="generating scenes",
+                  unit="scene", leave=False)
+    write_scenes(stream, folder, vocabulary=SYNTH_VOCABULARY, source="benchmark", progress=False)
+    return f"sparsegps.synth preset 'demo' (seed {seed})"
+
+
+def demo_texts(rooms: int = 64, seed: int = 0) -> list[str]:
+    """The texts of `rooms` demo-preset rooms: the corpus a benchmark's model predicts with MLM over
+    the corpus's tokens (`model.mlm_vocabulary: corpus`)."""
+    from sparsegps.synth import generate_scene, preset
+
+    synth = dataclasses.replace(preset("demo"), seed=seed)
+    return [t.text for i in range(rooms) for t in generate_scene(synth, i).texts]

@@ -172,6 +172,7 @@ def test_bench_table_names_the_planned_modules():
         "batch-prep": "sparsegps.benchmarks.bench_batch_prep",
         "attention": "sparsegps.benchmarks.bench_spatial_attention",
         "train-step": "sparsegps.benchmarks.bench_train_step", "scaling": "sparsegps.benchmarks.bench_scaling",
+        "step": "sparsegps.benchmarks.bench_step", "runs": "sparsegps.benchmarks.bench_runs",
         "transfer": "sparsegps.benchmarks.bench_transfer", "shards": "sparsegps.benchmarks.bench_shards",
         "grad-underflow": "sparsegps.benchmarks.bench_grad_underflow"}
 

@@ -21,7 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sparsegps.errors import JobFailed
+from sparsegps.errors import JobFailed, UsageError
+
+
+class OutOfTime(Exception):
+    """A job was not started: the runner's deadline had passed (`Jobs(deadline=...)`)."""
 
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SHOWN = ("%|", "wrote ", "scenes ", "texts ", "resumed", "Error", "error", "zero-shot:")
@@ -36,6 +40,8 @@ class Job:
     argv: list[str]
     after: list[str] = field(default_factory=list)
     result: Path | None = None
+    exclusive: bool = False  # runs alone, with every core (no other job runs beside it)
+    ranks: int = 1  # local data-parallel ranks (torch.distributed.run), the job's cores shared between them
 
     @property
     def done(self) -> bool:
@@ -44,21 +50,27 @@ class Job:
 
 class Jobs:
     """`jobs.add(Job(...))` runs a job once the jobs it waits for have ended, at most `parallel` at a
-    time, the earliest added first among those ready; `seconds` holds each run job's time. Once a
+    time, the earliest added first among those ready; an exclusive job waits for the running ones to
+    end, runs alone with every core, and no later job starts before it. `seconds` holds each run
+    job's time. Once a
     job fails, no further job starts (those not started fail with it), the running ones are stopped
     (SIGTERM: a training command saves a checkpoint and exits) and `jobs.wait()` raises the first
     failure once they have ended: no command outlives the recipe."""
 
-    def __init__(self, logs: Path, parallel: int = 1):
-        self.logs, self.parallel = logs, max(1, parallel)
+    def __init__(self, logs: Path, parallel: int = 1, deadline: float | None = None):
+        """`deadline`: a `time.perf_counter()` after which no job starts (those not started fail
+        with `OutOfTime`; the running ones end as they would)."""
+        self.logs, self.parallel, self.deadline = logs, max(1, parallel), deadline
         self.logs.mkdir(parents=True, exist_ok=True)
         # torch threads per job: the cores shared between the jobs running at once (one job: as set)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.cores = cores
         self.threads = None if self.parallel == 1 else max(1, cores // self.parallel)
         self.futures: dict[str, Future] = {}
         self.seconds: dict[str, float] = {}
         self.pending: list[Job] = []  # in the order added
         self.running = 0
+        self.exclusive_running = False
         self.failure: BaseException | None = None  # the first job's failure; nothing starts after it
         self.processes: dict[str, subprocess.Popen] = {}  # of the running jobs
         self.lock = threading.RLock()
@@ -90,15 +102,30 @@ class Jobs:
             if self.failure is not None:
                 self.pending.remove(job)
                 self.futures[job.name].set_exception(self.failure)
-            elif all(w.done() for w in waits) and (job.done or self.running < self.parallel):
+                continue
+            ready = all(w.done() for w in waits)
+            if ready and not job.done and self.deadline is not None and time.perf_counter() > self.deadline:
                 self.pending.remove(job)
-                if job.done:
-                    self.seconds[job.name] = 0.0
-                    print(f"{job.name}: done before", flush=True)
-                    self.futures[job.name].set_result(None)
-                    continue
-                self.running += 1
-                threading.Thread(target=self._run, args=(job,), name=f"job {job.name}", daemon=True).start()
+                self.futures[job.name].set_exception(OutOfTime(f"{job.name}: not started, out of time"))
+                continue
+            if ready and job.done:
+                self.pending.remove(job)
+                self.seconds[job.name] = 0.0
+                print(f"{job.name}: done before", flush=True)
+                self.futures[job.name].set_result(None)
+            elif ready and job.exclusive:
+                if self.running == 0:
+                    self.pending.remove(job)
+                    self._start(job)
+                return  # nothing later starts before it
+            elif ready and not self.exclusive_running and self.running < self.parallel:
+                self.pending.remove(job)
+                self._start(job)
+
+    def _start(self, job: Job) -> None:
+        self.running += 1
+        self.exclusive_running = job.exclusive
+        threading.Thread(target=self._run, args=(job,), name=f"job {job.name}", daemon=True).start()
 
     def _run(self, job: Job) -> None:
         t = time.perf_counter()
@@ -108,14 +135,15 @@ class Jobs:
                   f"[start] {job.name}: sparsegps {shlex.join(job.argv)}", flush=True)
         error = None
         try:
-            code = run_command(job.argv, log, show=self.parallel == 1, threads=self.threads,
-                               started=lambda process: self._started(job, process))
+            code = run_command(job.argv, log, show=self.parallel == 1, threads=self.job_threads(job),
+                               started=lambda process: self._started(job, process), ranks=job.ranks)
             if code or (job.result is not None and not job.done):
                 error = JobFailed(f"{job.name} failed (exit {code}); see {log}\n$ sparsegps {shlex.join(job.argv)}")
         except Exception as e:  # noqa: BLE001 - handed to whoever waits
             error = e
         with self.lock:
             self.running -= 1
+            self.exclusive_running = False
             self.processes.pop(job.name, None)
             if error is None:
                 self.seconds[job.name] = round(time.perf_counter() - t, 1)
@@ -131,6 +159,14 @@ class Jobs:
                 self.futures[job.name].set_exception(error)
             self._dispatch()
 
+    def job_threads(self, job: Job) -> int | None:
+        """Torch threads per process of `job`: its cores (every core when exclusive, else the runner's
+        share; None: as the environment sets) over its ranks."""
+        cores = self.cores if job.exclusive else self.threads
+        if job.ranks == 1:
+            return None if job.exclusive else cores
+        return max(1, (cores or self.cores) // job.ranks)
+
     def _started(self, job: Job, process: subprocess.Popen) -> None:
         with self.lock:
             self.processes[job.name] = process
@@ -138,25 +174,44 @@ class Jobs:
                 process.terminate()
 
 
+def local_ranks(global_batch: int, cores: int, most: int = 2) -> int:
+    """Data-parallel ranks for a CPU training job on `cores` cores: the most, up to `most`, that
+    divide `global_batch`. spconv's CPU gathers and scatters run on one thread, so on 2 cores two
+    ranks of one thread pre-train 1.2x faster than one process of two (benchmarks/RESULTS.md, "step")."""
+    return max(r for r in range(1, max(1, min(cores, most)) + 1) if global_batch % r == 0)
+
+
 def run_recipe(main: Callable[[], int]) -> None:
     """A recipe's `python -m` entry point: exit with `main()`'s status; a failed job is one message
-    naming the job, its log and its command (exit 1), without a traceback."""
+    naming the job, its log and its command, and a bad config one naming the file and key (exit 1),
+    without a traceback."""
     try:
         sys.exit(main())
-    except JobFailed as e:
+    except (JobFailed, UsageError) as e:
         sys.exit(f"error: {e}")
 
 
-def run_command(args: list[str], log: Path, show: bool = True, threads: int | None = None,
-                started: Callable[[subprocess.Popen], None] | None = None) -> int:
-    """Run `sparsegps ARGS` as a world of its own (not the rendezvous of a process group this
-    process may be in), keeping its whole output in `log` and, with `show`, printing its progress
-    bars and key lines; `started` is handed the process; returns its exit code."""
-    cmd = [sys.executable, "-m", "sparsegps.cli", *args]
+def command_environment(threads: int | None = None) -> dict[str, str]:
+    """This process's environment for a `sparsegps` command of its own: without this process's
+    rendezvous (a command meets only its own ranks), unbuffered, with `threads` threads if given."""
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
     env["PYTHONUNBUFFERED"] = "1"
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_command(args: list[str], log: Path, show: bool = True, threads: int | None = None,
+                started: Callable[[subprocess.Popen], None] | None = None, ranks: int = 1) -> int:
+    """Run `sparsegps ARGS` as a world of its own (not the rendezvous of a process group this
+    process may be in; with `ranks` > 1, a world of that many local ranks started by
+    `torch.distributed.run`), keeping its whole output in `log` and, with `show`, printing its
+    progress bars and key lines; `started` is handed the process; returns its exit code."""
+    cmd = [sys.executable, "-m", "sparsegps.cli", *args]
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               "-m", "sparsegps.cli", *args]
+    env = command_environment(threads)
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         if started is not None:
@@ -179,4 +234,4 @@ def run_command(args: list[str], log: Path, show: bool = True, threads: int | No
     return code
 
 
-__all__ = ["Job", "JobFailed", "Jobs", "run_command", "run_recipe"]
+__all__ = ["Job", "JobFailed", "Jobs", "local_ranks", "run_command", "run_recipe"]
