@@ -37,6 +37,66 @@ def test_metrics_equal_a_hand_computed_confusion_case():
     assert m["mean_class_accuracy"] == pytest.approx((2 / 3 + 2 / 3) / 2)
 
 
+def test_zero_shot_report_splits_base_and_novel_with_hiou_and_beatable_baselines():
+    from sparsegps.eval.segmentation import zero_shot_report
+
+    names = ["wall", "chair", "sofa", "lamp"]  # lamp: absent from the ground truth
+    # rows: truth (wall 6, chair 3, sofa 1 points), columns: prediction
+    conf = np.array([[5, 1, 0, 0], [0, 2, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+    report = segmentation_metrics(conf, names)
+    got = zero_shot_report(report, conf, seen=["wall", "chair", "lamp"], names=names)
+    wall, chair, sofa = 5 / 6, 2 / 4, 1 / 2  # TP / (TP + FP + FN)
+    assert got["unseen_classes"] == ["sofa"]
+    assert got["miou_seen"] == pytest.approx((wall + chair) / 2) and got["miou_unseen"] == pytest.approx(sofa)
+    assert got["hiou"] == pytest.approx(2 * got["miou_seen"] * sofa / (got["miou_seen"] + sofa))
+    q = np.array([0.6, 0.3, 0.1])  # point shares; guessing by them: IoU q / (2 - q)
+    assert got["prior_miou_seen"] == pytest.approx((q[0] / (2 - q[0]) + q[1] / (2 - q[1])) / 2)
+    assert got["prior_miou_unseen"] == pytest.approx(q[2] / (2 - q[2])) and got["prior_miou_unseen"] > 0
+    assert got["majority_miou_seen"] == pytest.approx(0.6 / 2) and got["majority_miou_unseen"] == 0.0
+    assert got["majority_hiou"] == 0.0
+    # the prior's expected IoU is what random labelling by the shares scores, on average
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1, 2], [6000, 3000, 1000])
+    guess = confusion_matrix(rng.choice(3, size=truth.size, p=q), truth, 3)
+    sampled = segmentation_metrics(guess, names[:3])["per_class_iou"]
+    for k, name in enumerate(names[:3]):
+        assert sampled[name] == pytest.approx(q[k] / (2 - q[k]), abs=0.01)
+
+
+def test_labelled_points_keep_n_labelled_points_per_room_the_same_every_time(tmp_path):
+    """Of each room's labelled points exactly N are kept (all where it has fewer), chosen by the room
+    alone: the same for every epoch and run seed; each voxel's label comes from a kept point."""
+    from helpers import VOCAB, make_scene
+
+    from sparsegps.data import ScenesDataset, TransformConfig, write_scenes
+    from sparsegps.data.transforms import LabelledPoints, build_transforms
+
+    rng = np.random.default_rng(0)
+    scenes = [make_scene(rng, f"room{i}", 600, 4) for i in range(3)]
+    scenes[2].semantic[:] = -1
+    scenes[2].semantic[:7] = 2  # only 7 labelled points
+    write_scenes(scenes, tmp_path, vocabulary=VOCAB, progress=False)
+    keep = LabelledPoints(20)
+
+    def dataset(seed):
+        transforms = build_transforms(TransformConfig(voxel_size=0.1))
+        transforms.transforms.append(keep)
+        return ScenesDataset(tmp_path, transforms, seed=seed)
+
+    a, b = dataset(0), dataset(5)
+    for i, scene in enumerate(scenes):
+        chosen = keep.chosen(scene.scene_id, scene.semantic)
+        assert len(chosen) == min(20, int((scene.semantic >= 0).sum())) and (scene.semantic[chosen] >= 0).all()
+        first, other = a[(0, i)], b[(3, i)]  # another run seed, another epoch
+        np.testing.assert_array_equal(keep.chosen(scene.scene_id, scene.semantic), chosen)
+        for sample in (first, other):
+            labelled = np.flatnonzero(sample["voxel_semantic"] >= 0)
+            assert set(labelled.tolist()) == set(sample["inverse"][chosen].tolist())
+            np.testing.assert_array_equal(sample["voxel_semantic"][sample["inverse"][chosen]], scene.semantic[chosen])
+    with pytest.raises(ValueError, match="at least 1"):
+        LabelledPoints(0)
+
+
 def test_language_head_logits_are_scaled_cosines():
     torch.manual_seed(0)
     classes = torch.randn(5, 12)
@@ -209,3 +269,24 @@ def test_class_balanced_segmentation_loss_is_the_weighted_mean_by_hand():
     assert loss.item() == pytest.approx((ce * weights[target]).sum().item() / 4, rel=1e-6)
     plain = SegmentationCriterion(remap)(logits, {"voxel_semantic": stored})["loss"]
     assert plain.item() == pytest.approx(ce.mean().item(), rel=1e-6)
+
+
+def test_limited_rooms_train_on_the_first_rooms_of_the_store(synthetic_shards, tmp_path):
+    """`data.rooms: N`: the training set is the store's first N rooms (in store order, whatever the
+    seed); 0 is refused naming the key."""
+    from sparsegps.data import SceneStore
+    from sparsegps.errors import UsageError
+    from sparsegps.train.finetune_seg import SegmentationTask
+
+    task = SegmentationTask(seg_config(synthetic_shards, tmp_path, data={
+        "train": [str(synthetic_shards / "train")], "rooms": 3, "transforms": {"voxel_size": 0.15, "augment": False}},
+        seed=7))
+    task.configure()
+    dataset = task.dataset()
+    store = SceneStore(synthetic_shards / "train")
+    assert len(store) == 10 and len(dataset) == 3
+    assert [dataset[(0, i)]["scene_id"] for i in range(3)] == store.scene_ids()[:3]
+    bad = SegmentationTask(seg_config(synthetic_shards, tmp_path, data={"train": [str(synthetic_shards / "train")],
+                                                                        "rooms": 0}))
+    with pytest.raises(UsageError, match="data.rooms must be at least 1"):
+        bad.configure()

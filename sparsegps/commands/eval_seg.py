@@ -5,7 +5,9 @@ and a JSON report in --out.
 --zero-shot evaluates a pre-training export with no segmentation head: voxels are labelled by the
 class whose name ("a <class>") their text-space feature is closest to (the dense_text loss). The
 classes are the pre-training vocabulary, or --classes "chair,table,..."; the report gives the mIoU
-of the classes seen in pre-training and of those never named there separately."""
+of the base classes (labelled in pre-training) and of the novel ones (held out of it), their
+harmonic mean (hIoU, as PLA and RegionPLC report open-vocabulary segmentation), and the same for
+two baselines: guessing each point's class by the classes' point shares, and the majority class."""
 from __future__ import annotations
 
 import sys
@@ -32,7 +34,7 @@ def run(args) -> int:
     import numpy as np
 
     from sparsegps.data import SceneStore
-    from sparsegps.eval.segmentation import evaluate_segmentation, format_table, write_report
+    from sparsegps.eval.segmentation import evaluate_segmentation, format_table, write_report, zero_shot_report
     from sparsegps.device import pick_device
     from sparsegps.exports import load_model
 
@@ -52,17 +54,17 @@ def run(args) -> int:
                                          len(names), names, remap,
                                          args.tta, args.batch_size, args.max_scenes)
     if args.zero_shot:
-        report.update(zero_shot_split(report, seen))
-        report.update(majority_class_baseline(np.asarray(conf), seen, names))
+        report.update(zero_shot_report(report, np.asarray(conf), seen, names))
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / ("eval_zero_shot" if args.zero_shot
                                                                            else "eval_seg")
     write_report(report, conf, names, out, f"segmentation: {', '.join(map(str, args.data))}")
     print(format_table(report))
     if args.zero_shot:
-        print(f"zero-shot: mIoU over classes named in pre-training {report['miou_seen']:.3f}, over classes never "
-              f"named there {report['miou_unseen']:.3f} ({', '.join(report['unseen_classes']) or 'none'}); "
-              f"majority-class baseline {report['majority_miou']:.3f} (seen {report['majority_miou_seen']:.3f}, "
-              f"unseen {report['majority_miou_unseen']:.3f})")
+        print(f"zero-shot: mIoU of the base classes (labelled in pre-training) {report['miou_seen']:.3f}, of the "
+              f"novel ones (held out) {report['miou_unseen']:.3f} ({', '.join(report['unseen_classes']) or 'none'}), "
+              f"hIoU {report['hiou']:.3f}; guessing by the classes' point shares {report['prior_miou_seen']:.3f} / "
+              f"{report['prior_miou_unseen']:.3f}, hIoU {report['prior_hiou']:.3f}; the majority class "
+              f"{report['majority_miou_seen']:.3f} / {report['majority_miou_unseen']:.3f}")
     print(f"report: {out / 'seg_report.json'}  confusion matrix: {out / 'confusion.png'}")
     return 0
 
@@ -84,37 +86,3 @@ def zero_shot_model(path: str, classes: str | None, device):
     if not names:
         raise UsageError(f"{path}: no class names stored; pass --classes")
     return ZeroShotSegmenter(gps, names).to(device), info, seen
-
-
-def majority_class_baseline(confusion, seen: list[str], names: list[str]) -> dict:
-    """mIoU of labelling every point with the most frequent ground-truth class, over all evaluated
-    classes and over those seen and unseen in pre-training (the baseline of zero-shot mIoU): that
-    class's IoU is its share of the points, every other present class scores 0."""
-    import numpy as np
-
-    truth = confusion.sum(axis=1)
-    present = truth > 0
-    iou = np.zeros(len(truth))
-    if truth.sum():
-        iou[int(truth.argmax())] = truth.max() / truth.sum()
-
-    def mean(mask):
-        return float(iou[mask & present].mean()) if (mask & present).any() else float("nan")
-
-    in_seen = np.array([n in seen for n in names])
-    return {"majority_miou": mean(np.ones(len(names), bool)), "majority_miou_seen": mean(in_seen),
-            "majority_miou_unseen": mean(~in_seen)}
-
-
-def zero_shot_split(report: dict, seen: list[str]) -> dict:
-    """mIoU of the evaluated classes named in pre-training and of those never named there."""
-    import numpy as np
-
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return float(np.mean(values)) if values else float("nan")
-
-    iou = report["per_class_iou"]
-    unseen = [c for c in iou if c not in seen]
-    return {"unseen_classes": unseen, "miou_seen": mean(v for c, v in iou.items() if c in seen),
-            "miou_unseen": mean(iou[c] for c in unseen)}

@@ -20,10 +20,12 @@ class ScenesDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths, transforms: TransformConfig | Compose | None = None, seed: int = 0,
-                 verify: bool = False, classes: list[str] | None = None):
+                 verify: bool = False, classes: list[str] | None = None, rooms: int | None = None):
         """`classes`: the class list that semantic labels and object label ids index (default: the
-        store's vocabulary); points and objects of other classes are labelled -1 (ignored)."""
+        store's vocabulary); points and objects of other classes are labelled -1 (ignored).
+        `rooms`: only the first this many scenes of the stores (None: all)."""
         self.store = SceneStore(paths, verify=verify)
+        self.rooms = len(self.store) if rooms is None else min(rooms, len(self.store))
         if transforms is None:
             transforms = TransformConfig()
         self.transforms = build_transforms(transforms) if isinstance(transforms, TransformConfig) else transforms
@@ -43,7 +45,7 @@ class ScenesDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.store)
+        return self.rooms
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         epoch, index = item if isinstance(item, tuple) else (self.epoch, item)

@@ -135,3 +135,45 @@ def format_table(report: dict) -> str:
     lines.append(f"| **mIoU** | **{report['miou']:.3f}** |")
     lines.append(f"| accuracy | {report['accuracy']:.3f} |")
     return "\n".join(lines)
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """2ab / (a + b): hIoU of a base and a novel mIoU (0 when either is 0, nan when either is nan)."""
+    if math.isnan(a) or math.isnan(b):
+        return float("nan")
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+def zero_shot_report(report: dict, confusion: np.ndarray, seen: list[str], names: list[str]) -> dict:
+    """A zero-shot evaluation split by base classes (`seen`: labelled in pre-training) and novel ones
+    (the other evaluated classes), with hIoU, against two baselines from the ground truth alone:
+
+    prior     each point labelled at random with the classes' point shares q: class k's expected
+              IoU is q_k / (2 - q_k) (TP = N q^2, FP = FN = N q (1 - q)), above 0 for every
+              present class, novel ones included, so it can be beaten on both
+    majority  every point labelled with the most frequent class: its IoU is its share, every other
+              class 0 (a novel class's majority mIoU is 0 by construction)
+
+    Keys: unseen_classes, miou_seen, miou_unseen, hiou, and prior_* / majority_* of the same."""
+    truth = confusion.sum(axis=1).astype(np.float64)
+    present = truth > 0
+    in_seen = np.array([n in seen for n in names])
+
+    def mean(values, mask):
+        picked = [v for v, m, p in zip(values, mask, present) if m and p and v is not None and not np.isnan(v)]
+        return float(np.mean(picked)) if picked else float("nan")
+
+    iou = [report["per_class_iou"].get(n) for n in names]
+    share = truth / truth.sum() if truth.sum() else truth
+    prior = share / (2 - share)
+    majority = np.zeros(len(truth))
+    if truth.sum():
+        majority[int(truth.argmax())] = truth.max() / truth.sum()
+    out = {"unseen_classes": [n for n, s, p in zip(names, in_seen, present) if not s and p]}
+    for prefix, values in (("", iou), ("prior_", list(prior)), ("majority_", list(majority))):
+        seen_miou, novel_miou = mean(values, in_seen), mean(values, ~in_seen)
+        out.update({f"{prefix}miou_seen": seen_miou, f"{prefix}miou_unseen": novel_miou,
+                    f"{prefix}hiou": harmonic_mean(seen_miou, novel_miou)})
+        if prefix:
+            out[f"{prefix}miou"] = mean(values, np.ones(len(names), bool))
+    return out

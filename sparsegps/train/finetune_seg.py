@@ -34,6 +34,13 @@ from .task import TrainingTask, run_task
 class SegDataConfig(DataConfig):
     labels: str | None = None  # label map (scannet20, scannet200, nyu40, synthetic); None: the store's vocabulary
     tta_rotations: int = 1
+    labelled_points: int | None = None
+    """Sparse annotation: the training rooms keep this many labelled points each (a fixed, seeded,
+    class-blind choice per room, `transforms.LabelledPoints`; the shape of ScanNet's 20/50/100/200
+    points per scene) and every other point is ignored. None: every label."""
+    rooms: int | None = None
+    """Limited rooms: train on the first this many rooms of the training stores (in store order,
+    the same on every run; the shape of ScanNet's 1%/5%/10% scene lists). None: every room."""
 
 
 @dataclass
@@ -86,13 +93,25 @@ class SegmentationTask(TrainingTask):
                 warnings.warn(f"the pre-trained export's backbone replaces {len(replaced)} value(s) of the config: "
                               + ", ".join(replaced), stacklevel=2)
                 self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone))
+        if cfg.data.labelled_points is not None and (cfg.data.labelled_points < 1
+                                                     or cfg.data.transforms.voxelize_on == "device"):
+            raise UsageError(f"data.labelled_points must be at least 1 (got {cfg.data.labelled_points}) and needs "
+                             f"data.transforms.voxelize_on=worker (labels are chosen after voxelizing)")
+        if cfg.data.rooms is not None and cfg.data.rooms < 1:
+            raise UsageError(f"data.rooms must be at least 1 (got {cfg.data.rooms})")
         if cfg.model.head_init == "zero_shot" and (cfg.model.head != "language" or self.export is None):
             raise UsageError(f"model.head_init=zero_shot needs model.head=language (got {cfg.model.head}) and "
                              f"--pretrained")
         self.names, self.remap = class_names_and_remap(SceneStore(cfg.data.train).vocabulary, cfg.data.labels)
 
     def dataset(self) -> ScenesDataset:
-        return ScenesDataset(self.cfg.data.train, self.cfg.data.transforms, seed=self.cfg.seed)
+        from sparsegps.data.transforms import LabelledPoints, build_transforms
+
+        data = self.cfg.data
+        transforms = build_transforms(data.transforms)
+        if data.labelled_points is not None:
+            transforms.transforms.append(LabelledPoints(data.labelled_points))
+        return ScenesDataset(data.train, transforms, seed=self.cfg.seed, rooms=data.rooms)
 
     def model(self, initialise: bool) -> SegmentationModel:
         cfg = self.cfg
@@ -122,7 +141,7 @@ class SegmentationTask(TrainingTask):
         from sparsegps.eval.segmentation import evaluate_segmentation, write_report
 
         cfg = self.cfg
-        summary = {"freeze": cfg.freeze}
+        summary = {"freeze": cfg.freeze, "labelled_points": cfg.data.labelled_points, "rooms": cfg.data.rooms}
         if cfg.data.val:
             trained = build_model(read_export(export), run.device)
             report, conf = evaluate_segmentation(trained, cfg.data.val, cfg.data.transforms.voxel_size, run.device,
