@@ -7,11 +7,13 @@ was chosen on it).
 
 1. `sparsegps synth`         the five stores
 2. `sparsegps pretrain`      GPS pre-training (tiny_cpu, the `dense` preset: texts, object classes and
-                             per-voxel classes) with 4 classes held out (`data.holdout_classes`)
+                             per-voxel classes) with the labels of 4 classes withheld, their texts kept
+                             (`data.holdout_classes`, `data.holdout: labels`)
 3. `sparsegps eval-pretrain` held-out grounding: accuracy against the class prior, class and
                              within-class accuracy, by relation (a bar chart)
 4. `sparsegps eval-seg --zero-shot`  segmentation by the pre-trained model alone, naming classes;
-                             classes seen and held out of pre-training apart, against the majority class
+                             base classes, novel (held-out) classes and their harmonic mean (hIoU),
+                             against guessing each point's class by the classes' point shares
 5. `sparsegps finetune-seg`  segmentation on 16 labelled rooms, from the pre-trained model (its
                              zero-shot segmenter as the starting head) and from scratch (the same
                              language head, its own learning rate); since the `dense` preset consumed
@@ -22,9 +24,9 @@ was chosen on it).
 6. gallery                   pictures of test referrals (right and wrong) and of one room's
                              segmentation, as `sparsegps show` draws them, in OUT/gallery/
 
-Each step is the documented command, run as its own process, two at a time on one core each (the
-scratch runs need no pre-training and run beside it); the results table is printed and written to
-OUT/summary.json.
+Each step is the documented command, run as its own process: pre-training alone on every core (as
+data-parallel ranks, `recipes.steps.local_ranks`), then the rest two at a time on one core each; the
+results table is printed and written to OUT/summary.json.
 """
 from __future__ import annotations
 
@@ -34,8 +36,10 @@ import time
 from pathlib import Path
 
 from sparsegps.files import atomic_write_text
-from sparsegps.recipes.steps import Job, Jobs, run_recipe
+from sparsegps.config import load_config
+from sparsegps.recipes.steps import Job, Jobs, local_ranks, run_recipe
 from sparsegps.synth.splits import FEW_ROOMS, HOLDOUT_CLASSES, check_disjoint, synth_command
+from sparsegps.train.pretrain import PretrainConfig
 
 
 def _gallery(out: Path, test: Path, segmenter: Path) -> list[Path]:
@@ -91,11 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     test = str(stores["test"])
 
     holdout = "[" + ",".join(HOLDOUT_CLASSES) + "]"
+    # pre-training first, alone on every core (data-parallel ranks): the stage everything else waits for
+    pretrain_config = configs / "pretrain/tiny_cpu.yaml"
+    global_batch = load_config(PretrainConfig, pretrain_config, args.pretrain_set).global_batch
+    ranks = local_ranks(global_batch, jobs.cores)
     jobs.add(Job("pretrain", [
-        "pretrain", "--config", str(configs / "pretrain/tiny_cpu.yaml"), "--output-dir", str(out / "pretrain"),
+        "pretrain", "--config", str(pretrain_config), "--output-dir", str(out / "pretrain"),
         "--set", f"steps={args.pretrain_steps}", "--set", f"seed={args.seed}",
         "--set", f"data.train=[{stores['pretrain']}]", "--set", "data.val=[]", "--set", f"data.holdout_classes={holdout}",
-        *(x for item in args.pretrain_set for x in ("--set", item))]))
+        *(x for item in args.pretrain_set for x in ("--set", item)), "--set", f"micro_batch={global_batch // ranks}"],
+        exclusive=True, ranks=ranks))
     export = str(out / "pretrain/export.safetensors")
     jobs.add(Job("grounding", ["eval-pretrain", "--checkpoint", export, "--data", test, "--out", str(out / "pretrain")],
                  after=["pretrain"]))
@@ -132,12 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         "grounding_chance": grounding["chance"], "grounding_class_accuracy": grounding["class_accuracy"],
         "grounding_within_class_accuracy": grounding["within_class_accuracy"],
         "grounding_referrals": grounding["referrals"],
-        "pretrain_steps": pre["pretrain_steps"], "pretrain_scenes_per_s": pre["pretrain_scenes_per_s"],
+        "pretrain_steps": pre["pretrain_steps"], "pretrain_ranks": pre["world_size"],
+        "pretrain_scenes_per_s": pre["pretrain_scenes_per_s"],
         "pretrain_voxels_per_s": pre["pretrain_voxels_per_s"],
+        "holdout": info.holdout,
         "zero_shot_miou": zero_shot["miou"], "zero_shot_miou_seen": zero_shot["miou_seen"],
-        "zero_shot_miou_unseen": zero_shot["miou_unseen"], "zero_shot_baseline": zero_shot["majority_miou"],
-        "zero_shot_baseline_seen": zero_shot["majority_miou_seen"],
-        "zero_shot_baseline_unseen": zero_shot["majority_miou_unseen"],
+        "zero_shot_miou_unseen": zero_shot["miou_unseen"], "zero_shot_hiou": zero_shot["hiou"],
+        "zero_shot_baseline": zero_shot["prior_miou"], "zero_shot_baseline_seen": zero_shot["prior_miou_seen"],
+        "zero_shot_baseline_unseen": zero_shot["prior_miou_unseen"], "zero_shot_baseline_hiou": zero_shot["prior_hiou"],
         "seg_miou_few": seg_runs["seg_few"]["seg_miou"], "seg_miou_few_scratch": seg_runs["seg_few_scratch"]["seg_miou"],
         "seg_miou_few_scratch_long": seg_runs["seg_few_scratch_long"]["seg_miou"],
         "seg_steps": args.seg_steps, "seg_steps_scratch_long": supervised, "few_scenes": FEW_ROOMS,
@@ -161,12 +172,17 @@ def print_results(s: dict, out: Path, pictures: int) -> None:
         ("  within the named class", f"{s['grounding_within_class_accuracy']:.3f}",
          f"class prior {s['grounding_class_prior']:.3f}; class named right {s['grounding_class_accuracy']:.3f}"),
         ("pre-training throughput", f"{s['pretrain_scenes_per_s']:.2f} scenes/s",
-         f"{s['pretrain_voxels_per_s']:.0f} voxels/s, {s['pretrain_steps']} steps, preset {s['preset']}"),
-        ("zero-shot segmentation mIoU", f"{s['zero_shot_miou']:.3f}", f"majority class {s['zero_shot_baseline']:.3f}"),
-        ("  classes seen in pre-training", f"{s['zero_shot_miou_seen']:.3f}",
-         f"majority class {s['zero_shot_baseline_seen']:.3f}"),
-        ("  classes held out of it", f"{s['zero_shot_miou_unseen']:.3f}",
-         f"majority class {s['zero_shot_baseline_unseen']:.3f} ({', '.join(s['holdout_classes'])})"),
+         f"{s['pretrain_voxels_per_s']:.0f} voxels/s, {s['pretrain_steps']} steps, {s['pretrain_ranks']} rank(s), "
+         f"preset {s['preset']}"),
+        ("zero-shot segmentation mIoU", f"{s['zero_shot_miou']:.3f}",
+         f"guessing by point shares {s['zero_shot_baseline']:.3f}"),
+        ("  base classes (labelled in pre-training)", f"{s['zero_shot_miou_seen']:.3f}",
+         f"guessing {s['zero_shot_baseline_seen']:.3f}"),
+        (f"  novel classes ({'labels withheld, texts kept' if s['holdout'] == 'labels' else 'labels and texts withheld'})",
+         f"{s['zero_shot_miou_unseen']:.3f}",
+         f"guessing {s['zero_shot_baseline_unseen']:.3f} ({', '.join(s['holdout_classes'])})"),
+        ("  hIoU (harmonic mean of base and novel)", f"{s['zero_shot_hiou']:.3f}",
+         f"guessing {s['zero_shot_baseline_hiou']:.3f}"),
         (f"segmentation mIoU, {few} rooms, pre-trained", f"{s['seg_miou_few']:.3f}",
          f"from scratch {s['seg_miou_few_scratch']:.3f} ({s['seg_steps']} steps), "
          f"{s['seg_miou_few_scratch_long']:.3f} ({s['seg_steps_scratch_long']} steps)"),

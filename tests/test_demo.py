@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("grounding_acc", "grounding_chance", "grounding_class_prior", "grounding_within_class_accuracy",
           "grounding_class_accuracy", "seg_miou_few", "seg_miou_few_scratch",
           "seg_miou_few_scratch_long", "zero_shot_miou", "zero_shot_miou_seen", "zero_shot_baseline",
+          "zero_shot_baseline_seen", "zero_shot_baseline_unseen", "zero_shot_baseline_hiou",
           "pretrain_scenes_per_s", "total_seconds")
 
 
@@ -47,6 +48,11 @@ def test_demo_runs_every_step_and_reports_every_field(tmp_path):
     assert summary["measured_on"] == "test" and len(summary["holdout_classes"]) == 4
     assert summary["preset"] == "dense" and summary["labels_consumed"] == ["texts", "object_classes", "voxel_classes"]
     assert summary["seg_steps_scratch_long"] == 4
+    assert summary["holdout"] == "labels"  # labels withheld, texts kept
+    from sparsegps.recipes.steps import local_ranks
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert summary["pretrain_ranks"] == local_ranks(8, cores)  # pre-training on every core, as ranks
     from sparsegps.synth.splits import room_fingerprints
 
     prints = {name: room_fingerprints(path) for name, path in summary["stores"].items()}

@@ -20,8 +20,9 @@ class FakeCommands:
         self.events: list[tuple[str, str]] = []
         self.running = self.most = 0
         self.threads: list[int | None] = []
+        self.ranks: list[int] = []
 
-    def __call__(self, argv, log, show=True, threads=None, started=None):
+    def __call__(self, argv, log, show=True, threads=None, started=None, ranks=1):
         name, seconds, code = argv[0], float(argv[1]), int(argv[2])
         stopped = threading.Event()
         with self.lock:
@@ -29,6 +30,7 @@ class FakeCommands:
             self.running += 1
             self.most = max(self.most, self.running)
             self.threads.append(threads)
+            self.ranks.append(ranks)
         if started is not None:
             started(type("Process", (), {"terminate": lambda _: stopped.set()})())
         if stopped.wait(seconds):
@@ -122,9 +124,11 @@ def test_after_a_failure_nothing_starts_and_running_jobs_are_stopped_before_the_
         jobs.wait(["later"])
 
 
-def test_the_demo_reports_a_failed_command_in_one_message(tmp_path):
-    """`python -m sparsegps.demo` with a config folder lacking the pre-training config: the failed
-    command and its log are named, without a traceback."""
+def test_the_demo_reports_a_failed_command_or_a_missing_config_in_one_message(tmp_path):
+    """`python -m sparsegps.demo` with a config folder lacking the segmentation config: the failed
+    command and its log are named, without a traceback; lacking the pre-training config (read
+    before anything runs): the missing file is named."""
+    import re
     import shutil
     import subprocess
     import sys
@@ -133,10 +137,81 @@ def test_the_demo_reports_a_failed_command_in_one_message(tmp_path):
     root = Path(__file__).resolve().parents[1]
     configs = tmp_path / "configs"
     shutil.copytree(root / "configs", configs)
-    (configs / "pretrain" / "tiny_cpu.yaml").unlink()
-    proc = subprocess.run([sys.executable, "-m", "sparsegps.demo", "--out", str(tmp_path / "demo"), "--configs",
-                           str(configs), "--pretrain-scenes", "4", "--finetune-scenes", "17", "--val-scenes", "2",
-                           "--test-scenes", "2", "--workers", "1"], cwd=root, capture_output=True, text=True,
-                          timeout=600)
+
+    def demo():
+        return subprocess.run([sys.executable, "-m", "sparsegps.demo", "--out", str(tmp_path / "demo"), "--configs",
+                               str(configs), "--pretrain-scenes", "4", "--finetune-scenes", "17", "--val-scenes", "2",
+                               "--test-scenes", "2", "--workers", "1"], cwd=root, capture_output=True, text=True,
+                              timeout=600)
+
+    (configs / "seg" / "synthetic_cpu.yaml").unlink()
+    proc = demo()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: pretrain failed (exit 2); see ") and "pretrain.log" in proc.stderr
+    assert re.match(r"error: \S+ failed \(exit \d+\); see \S+\.log\n", proc.stderr), proc.stderr[-2000:]
+    (configs / "pretrain" / "tiny_cpu.yaml").unlink()
+    proc = demo()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: config file not found: ") and "tiny_cpu.yaml" in proc.stderr
+
+
+def test_no_job_starts_after_the_deadline_and_the_running_one_ends(tmp_path, fake):
+    """A deadline ends a sitting: the job running at it ends as it would; no job starts after it (nor
+    one waiting for a job that never started), and those not started raise OutOfTime."""
+    import time
+
+    from sparsegps.recipes.steps import OutOfTime
+
+    jobs = Jobs(tmp_path / "logs", parallel=1, deadline=time.perf_counter() + 0.1)
+    jobs.add(Job("a", ["a", "0.3", "0"]))
+    jobs.add(Job("b", ["b", "0.05", "0"]))
+    jobs.add(Job("c", ["c", "0.05", "0"], after=["b"]))
+    with pytest.raises(OutOfTime, match="b: not started"):
+        jobs.wait()
+    assert fake.events == [("start", "a"), ("end", "a")] and set(jobs.seconds) == {"a"}
+    with pytest.raises(OutOfTime, match="c: not started"):
+        jobs.wait(["c"])
+
+
+def test_an_exclusive_job_runs_alone_with_every_core_and_nothing_later_overtakes_it(tmp_path, fake, monkeypatch):
+    monkeypatch.setattr(steps.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    jobs = Jobs(tmp_path / "logs", parallel=2)
+    jobs.add(Job("a", ["a", "0.3", "0"]))
+    jobs.add(Job("alone", ["alone", "0.2", "0"], exclusive=True, ranks=2))
+    jobs.add(Job("b", ["b", "0.05", "0"]))  # ready, and a slot is free while a runs: it must still wait
+    jobs.add(Job("c", ["c", "0.05", "0"]))
+    jobs.wait()
+    starts = fake.order("start")
+    assert starts[:2] == ["a", "alone"] and set(starts[2:]) == {"b", "c"}
+    events = fake.events
+    assert events.index(("end", "a")) < events.index(("start", "alone")) < events.index(("end", "alone")) \
+        < min(events.index(("start", "b")), events.index(("start", "c")))
+    threads, ranks = dict(zip(starts, fake.threads)), dict(zip(starts, fake.ranks))
+    assert threads["a"] == threads["b"] == 2 and ranks["a"] == 1  # the others share the 4 cores
+    assert (threads["alone"], ranks["alone"]) == (2, 2)  # every core, 2 ranks of 2 threads
+
+
+@pytest.mark.slow
+def test_a_job_of_two_ranks_is_one_world_of_two_processes(tmp_path):
+    """`run_command(..., ranks=2)` starts `sparsegps` under torch.distributed.run: one run of two ranks."""
+    import json
+
+    import numpy as np
+    import yaml
+
+    from sparsegps.data import write_scenes
+
+    from helpers import TINY_MODEL, VOCAB, make_scene
+
+    rng = np.random.default_rng(0)
+    write_scenes([make_scene(rng, f"t{i}", 300, 3) for i in range(8)], tmp_path / "train", vocabulary=VOCAB,
+                 progress=False)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"micro_batch": 2, "global_batch": 4, "steps": 2, "device": "cpu",
+                                      "num_workers": 0, "checkpoint_every": 2, "model": TINY_MODEL,
+                                      "data": {"train": [str(tmp_path / "train")],
+                                               "transforms": {"voxel_size": 0.15, "augment": False}}}))
+    code = steps.run_command(["pretrain", "--config", str(config), "--output-dir", str(tmp_path / "run")],
+                             tmp_path / "log.txt", show=False, threads=1, ranks=2)
+    assert code == 0, (tmp_path / "log.txt").read_text()[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["pretrain_steps"] == 2
