@@ -1,71 +1,107 @@
-"""The transfer benchmark's bookkeeping on a fake run: per-seed collection, mean and standard deviation,
-paired differences to scratch (and to scratch with pre-training's supervised steps), the learning
-rate chosen on validation, and the report files."""
+"""The transfer benchmark's bookkeeping on fake runs (mean and standard deviation over fine-tuning x
+pre-training seeds, differences to scratch paired by fine-tuning seed, the learning-rate grid
+extended while its best lies at an edge, the report files), a failed command in one line, and a
+quick run through the CLI that a second start reuses without running anything again."""
 from __future__ import annotations
 
+import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sparsegps.benchmarks import bench_transfer as bt
 
-# (arm, rooms, steps) -> test mIoU of seeds 0, 1, 2
-FAKE = {("scratch", "few", 100): [0.10, 0.14, 0.12], ("dense", "few", 100): [0.30, 0.26, 0.31],
-        ("language", "few", 100): [0.15, 0.13, 0.16], ("scratch+", "few", 300): [0.20, 0.22, 0.18],
-        ("scratch", "few", 1500): [0.50, 0.52, 0.54], ("dense", "few", 1500): [0.53, 0.55, 0.54]}
+
+def plan_for(tmp_path, **overrides) -> bt.Plan:
+    parser = argparse.ArgumentParser()
+    bt.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path), "--presets", "language", "dense", "--pretrain-seeds", "2",
+                              "--seeds", "2", "--points", "20"])
+    vars(args).update(overrides)
+    return bt.Plan(args)
 
 
-def write(path: Path, data: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / ("seg_report.json" if "miou_seen" in data else "summary.json")).write_text(json.dumps(data))
+def finish(job, miou: float) -> None:
+    job.result.parent.mkdir(parents=True, exist_ok=True)
+    job.result.write_text(json.dumps({"seg_miou": miou}))
 
 
-@pytest.fixture
-def fake_run(tmp_path):
-    for (arm, rooms, steps), mious in FAKE.items():
-        for seed, miou in enumerate(mious):
-            write(tmp_path / "finetune" / "test" / arm / rooms / str(steps) / f"seed{seed}", {"seg_miou": miou})
-    for lr, miou in ((0.002, 0.20), (0.005, 0.25), (0.01, 0.25)):  # a tie: the smaller rate wins
-        write(tmp_path / "finetune" / "lr" / "scratch" / f"{lr:g}", {"seg_miou": miou})
-    write(tmp_path / "zero_shot" / "dense", {"miou": 0.2, "miou_seen": 0.25, "miou_unseen": 0.05,
-                                             "majority_miou": 0.02, "majority_miou_seen": 0.03,
-                                             "majority_miou_unseen": 0.0, "unseen_classes": ["sofa"]})
-    return tmp_path
-
-
-def test_mean_std_and_paired_differences_by_hand(fake_run):
-    measured = bt.collect(fake_run, ["language", "dense"], seeds=3)
-    assert len(measured["finetune"]) == 3 * len(FAKE)
-    result = bt.aggregate(measured, ["language", "dense"], baseline_steps=100, pretrain_steps=200)
-    rows = {(r["arm"], r["rooms"], r["steps"]): r for r in result["rows"]}
-    dense = rows["dense", "few", 100]
-    assert dense["per_seed"] == FAKE["dense", "few", 100] and dense["seeds"] == 3
-    assert dense["miou_mean"] == pytest.approx(np.mean([0.30, 0.26, 0.31]))
-    assert dense["miou_std"] == pytest.approx(np.std([0.30, 0.26, 0.31], ddof=1))
-    # paired by seed: (0.30 - 0.10, 0.26 - 0.14, 0.31 - 0.12)
-    differences = [0.20, 0.12, 0.19]
+def test_mean_sd_and_differences_paired_by_fine_tuning_seed_by_hand(tmp_path):
+    plan = plan_for(tmp_path)
+    assert [a.name for a in plan.arms] == ["points20", "rooms16", "linear"] and plan.models == ["scratch", "language",
+                                                                                                 "dense"]
+    values = {("scratch", None): [0.10, 0.14], ("dense", 0): [0.30, 0.26], ("dense", 1): [0.28, 0.20],
+              ("language", 0): [0.12, 0.15], ("language", 1): [0.11, 0.13]}
+    tests = []
+    for arm in plan.arms:
+        for (model, pretrain_seed), mious in values.items():
+            for seed, miou in enumerate(mious):
+                job = plan.finetune(arm, model, pretrain_seed, seed, 0.003, "test")
+                finish(job, miou)
+                tests.append(job)
+    for mode in ("labels", "strict"):
+        for seed in range(2):
+            report = tmp_path / "zero_shot" / "dense" / mode / f"seed{seed}" / "seg_report.json"
+            report.parent.mkdir(parents=True)
+            report.write_text(json.dumps({"miou_seen": 0.3 + seed / 10, "miou_unseen": 0.1, "hiou": 0.15,
+                                          "prior_miou_seen": 0.03, "prior_miou_unseen": 0.01, "prior_hiou": 0.015,
+                                          "unseen_classes": ["sofa"]}))
+    result = bt.aggregate(bt.collect(plan, tests), plan)
+    rows = {(r["arm"], r["model"]): r for r in result["rows"]}
+    dense = rows["points20", "dense"]
+    runs = [0.30, 0.26, 0.28, 0.20]
+    assert dense["runs"] == 4 and sorted(dense["per_run"]) == sorted(runs)
+    assert dense["miou_mean"] == pytest.approx(np.mean(runs)) and dense["miou_sd"] == pytest.approx(np.std(runs, ddof=1))
+    # each pre-training's run of fine-tuning seed s against scratch's run of seed s
+    differences = [0.30 - 0.10, 0.26 - 0.14, 0.28 - 0.10, 0.20 - 0.14]
     assert dense["minus_scratch_mean"] == pytest.approx(np.mean(differences))
-    assert dense["minus_scratch_std"] == pytest.approx(np.std(differences, ddof=1))
-    # the label-consuming preset is also compared with scratch given its supervised steps (200 + 100)
-    assert dense["minus_scratch+_mean"] == pytest.approx(np.mean([0.10, 0.04, 0.13]))
-    assert "minus_scratch+_mean" not in rows["language", "few", 100]  # consumed no segmentation labels
-    assert rows["dense", "few", 1500]["minus_scratch_mean"] == pytest.approx(0.02)
-    assert "minus_scratch_mean" not in rows["scratch", "few", 100]
-    assert result["zero_shot"]["dense"]["miou_unseen"] == 0.05
+    assert dense["minus_scratch_sd"] == pytest.approx(np.std(differences, ddof=1))
+    assert dense["beyond_2sd"] == (np.mean(differences) > 2 * np.std(differences, ddof=1))
+    assert "minus_scratch_mean" not in rows["points20", "scratch"] and rows["points20", "scratch"]["runs"] == 2
+    assert dense["labels"] == "160 rooms, 20 labelled points" and "linear head" in rows["linear", "dense"]["labels"]
+    zero = {(z["preset"], z["holdout"]): z for z in result["zero_shot"]}
+    assert zero["dense", "labels"]["miou_seen_mean"] == pytest.approx(0.35) and zero["dense", "strict"]["runs"] == 2
+    assert [z["holdout"] for z in result["zero_shot"]] == ["labels", "strict"]
+
+    result.update(learning_rates={"points20/dense": 0.003}, command="sparsegps bench transfer")
+    bt.write_report(result, tmp_path)
+    table = (tmp_path / "transfer.md").read_text()
+    assert (f"| points20 | 160 rooms, 20 labelled points | dense | 4 | {np.mean(runs):.3f} ± {np.std(runs, ddof=1):.3f} "
+            f"| {np.mean(differences):+.3f} ± {np.std(differences, ddof=1):.3f} |") in table
+    assert "| dense | labels | 2 | 0.350 ± 0.071 |" in table and "points20/dense 0.003" in table
+    assert json.loads((tmp_path / "transfer.json").read_text())["rows"]
+    assert (tmp_path / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_learning_rate_is_chosen_on_validation_and_reports_are_written(fake_run):
-    assert bt.choose_lr(fake_run, "scratch", [0.002, 0.005, 0.01]) == 0.005
-    result = bt.aggregate(bt.collect(fake_run, ["dense"], 3), ["dense"], 100, 200)
-    result.update(learning_rates={"scratch": 0.005}, command="sparsegps bench transfer")
-    bt.write_report(result, fake_run)
-    table = (fake_run / "transfer.md").read_text()
-    assert "| dense | few | 100 | 3 | 0.290 ± 0.026 | +0.170 ± 0.044 | +0.090 ± 0.046 |" in table
-    assert "scratch 0.005" in table
-    assert json.loads((fake_run / "transfer.json").read_text())["rows"]
-    assert (fake_run / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_the_learning_rate_grid_extends_while_the_best_lies_at_an_edge(tmp_path):
+    """Validation mIoU peaks at 0.054 for one arm (beyond the grid's top, 0.02), at 0.006 for the
+    others: the first grows its grid upwards by the grid's ratio until the best is inside (or the
+    extensions run out); the others keep theirs."""
+    plan = plan_for(tmp_path, lrs=[0.002, 0.006, 0.018], presets=["dense"], pretrain_seeds=1)
+    ran = []
+
+    def submit(jobs):
+        for job in jobs:
+            ran.append(job.name)
+            lr = float(job.name.rsplit("/lr", 1)[1])
+            peak = 0.054 if "/points20/dense/" in job.name else 0.006
+            finish(job, 1.0 - abs(np.log(lr / peak)))
+
+    chosen = bt.choose_learning_rates(plan, submit)
+    assert chosen["points20", "dense"] == pytest.approx(0.054)
+    assert all(lr == pytest.approx(0.006) for key, lr in chosen.items() if key != ("points20", "dense"))
+    dense = sorted(float(n.rsplit("/lr", 1)[1]) for n in ran if "/points20/dense/" in n)
+    assert dense == pytest.approx([0.002, 0.006, 0.018, 0.054, 0.162])  # 0.054 inside: no third extension
+    assert len(ran) == len(set(ran)) == 3 * 2 * 3 + 2  # every job once
+    assert bt.extend([0.002, 0.006], 0.002) == pytest.approx(0.002 / 3) and bt.extend([0.002, 0.006, 0.018], 0.006) is None
+
+
+def test_pre_training_must_outlast_fine_tuning(tmp_path, capsys):
+    from sparsegps import cli
+
+    with pytest.raises(SystemExit, match="at least 5x"):
+        cli.main(["bench", "transfer", "--pretrain-steps", "100", "--steps", "100", "--out", str(tmp_path)])
 
 
 def test_a_failed_command_is_reported_in_one_line_naming_its_log(tmp_path, capsys):
@@ -73,9 +109,41 @@ def test_a_failed_command_is_reported_in_one_line_naming_its_log(tmp_path, capsy
     message naming the job, its log and its command, no traceback."""
     from sparsegps import cli
 
-    code = cli.main(["bench", "transfer", "--presets", "dense", "--pretrain-rooms", "0",
-                     "--out", str(tmp_path)])
+    code = cli.main(["bench", "transfer", "--presets", "dense", "--pretrain-rooms", "0", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err, err
     assert err.startswith("error: synth_pretrain failed (exit 2); see ") and "synth_pretrain.log" in err
     assert "$ sparsegps synth --preset demo --scenes 0" in err
+
+
+@pytest.mark.slow
+def test_quick_run_reports_every_arm_and_a_second_start_reuses_every_part(tmp_path, capsys):
+    from sparsegps import cli
+
+    argv = ["bench", "transfer", "--quick", "--presets", "dense", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--budget-minutes", "0"]) == 0  # a sitting with no time starts nothing
+    assert "the same command continues" in capsys.readouterr().out and not (tmp_path / "data" / "pretrain").exists()
+    assert cli.main(argv) == 0
+    result = json.loads((tmp_path / "transfer.json").read_text())
+    assert {(r["arm"], r["model"]) for r in result["rows"]} == {(a, m) for a in ("points20", "rooms3", "linear")
+                                                                for m in ("scratch", "dense")}
+    assert all(0 <= r["miou_mean"] <= 1 for r in result["rows"])
+    assert {(z["preset"], z["holdout"]) for z in result["zero_shot"]} == {("dense", "labels"), ("dense", "strict")}
+    assert (tmp_path / "transfer.png").exists() and any(result["job_seconds"].values())
+    # the pre-training exports say what they withheld
+    from sparsegps.exports import read_export
+
+    assert read_export(tmp_path / "pretrain/dense/labels/seed0/export.safetensors").info.holdout == "labels"
+    assert cli.main(argv) == 0  # started again: every part is reused
+    again = json.loads((tmp_path / "transfer.json").read_text())
+    assert set(again["job_seconds"]) == set(result["job_seconds"]) and not any(again["job_seconds"].values())
+    assert again["rows"] == result["rows"]
+
+
+def test_a_folder_of_other_settings_is_refused(tmp_path):
+    plan = plan_for(tmp_path)
+    bt.check_settings(plan.args)
+    bt.check_settings(plan.args)  # the same settings: its parts are this run's
+    plan.args.steps += 1
+    with pytest.raises(SystemExit, match=r"other settings \(steps 120 -> 121\)"):
+        bt.check_settings(plan.args)
