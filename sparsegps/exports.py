@@ -34,7 +34,8 @@ from sparsegps.errors import UsageError
 
 EXPORT_FORMAT = "sparsegps-export"
 EXPORT_NAME = "export.safetensors"
-Task = Literal["pretraining", "segmentation", "grounding"]
+# backbone: a U-Net alone, read from another framework's checkpoint (`models.pointcept`)
+Task = Literal["pretraining", "segmentation", "grounding", "backbone"]
 TASKS: tuple[str, ...] = ("pretraining", "segmentation", "grounding")
 HOW_TO_EXPORT = f"write one with `sparsegps export RUN/checkpoints --out FILE` (training runs leave RUN/{EXPORT_NAME})"
 
@@ -156,12 +157,66 @@ def _read_pickled(path: Path) -> Export:
     except Exception as e:  # not a torch file, truncated, or a pickle with code in it
         raise UsageError(f"{path}: not a sparsegps export (unreadable: {type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160]}); {HOW_TO_EXPORT}") from None
+    if isinstance(blob, dict) and blob.get("format") != EXPORT_FORMAT and _is_pointcept(blob):
+        return _read_pointcept(path, blob)
     if not isinstance(blob, dict) or blob.get("format") != EXPORT_FORMAT:
         raise UsageError(f"{path}: not a sparsegps export (expected format {EXPORT_FORMAT!r}); {HOW_TO_EXPORT}")
     state = blob["state_dict"]
     if blob.get("task") == "segmentation":  # trained inside a loss wrapper: its keys began "model."
         state = {k.removeprefix("model."): v for k, v in state.items()}
     return Export(path, ExportInfo.from_state(blob), state)
+
+
+def _is_pointcept(blob: dict) -> bool:
+    state = blob.get("state_dict", blob)
+    return isinstance(state, dict) and any(str(k).endswith("conv_input.0.weight") for k in state)
+
+
+def _read_pointcept(path: Path, blob: dict) -> Export:
+    """A Pointcept SpUNet-v1m1 checkpoint (a training checkpoint, a `{"config", "state_dict"}` file,
+    or a bare state dict) as the export of its U-Net (task "backbone")."""
+    from sparsegps.models.pointcept import PointceptMismatch, from_pointcept
+
+    try:
+        cfg, state = from_pointcept(blob.get("state_dict", blob), str(path))
+    except PointceptMismatch as e:
+        raise UsageError(str(e)) from None
+    ours = blob.get("sparsegps", {}) if isinstance(blob.get("sparsegps"), dict) else {}
+    info = ExportInfo(task="backbone", model_config={"backbone": dataclasses.asdict(cfg)},
+                      voxel_size=ours.get("voxel_size"), source=f"Pointcept SpUNet-v1m1 checkpoint {path}",
+                      preset=ours.get("preset"), labels_consumed=list(ours.get("labels_consumed", [])))
+    return Export(path, info, {f"backbone.{k}": v for k, v in state.items()})
+
+
+def save_pointcept(export: Export, path: str | os.PathLike) -> Path:
+    """The U-Net of `export` as a Pointcept SpUNet-v1m1 checkpoint: `{"config": SpUNet-v1m1's keyword
+    arguments, "state_dict": its weights, "sparsegps": where they come from and what they expect}`,
+    written atomically."""
+    from sparsegps.config import from_dict
+    from sparsegps.files import fsync_dir
+    from sparsegps.models.backbone import SpUNetConfig
+    from sparsegps.models.pointcept import INPUT_FEATURES, pointcept_config, to_pointcept
+
+    backbone = export.info.model_config.get("backbone")
+    if backbone is None:
+        raise UsageError(f"{export.path}: a {export.info.task} export without a U-Net")
+    cfg = from_dict(SpUNetConfig, backbone)
+    state = {k.removeprefix("backbone."): v for k, v in export.state_dict.items() if k.startswith("backbone.")}
+    info = export.info
+    blob = {"config": pointcept_config(cfg), "state_dict": to_pointcept(state, cfg),
+            "sparsegps": {"source": str(export.path), "task": info.task, "preset": info.preset,
+                          "labels_consumed": list(info.labels_consumed), "voxel_size": info.voxel_size,
+                          "input_features": INPUT_FEATURES, "step": info.step,
+                          "sparsegps_version": info.sparsegps_version or _version()}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
 
 
 def load_weights(module: nn.Module, state_dict: dict, path: str | os.PathLike, strict: bool = True) -> None:

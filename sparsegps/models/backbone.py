@@ -3,8 +3,9 @@
 The layout follows SpUNet-v1m1 of Pointcept: a submanifold stem, encoder stages of a strided
 sparse conv (kernel 2, stride 2) followed by residual submanifold blocks, and a decoder that
 undoes each stride with the matching inverse conv, concatenates the encoder skip and runs more
-residual blocks. The stem uses kernel 3 (not Pointcept's 5): kernel volumes above 32 push spconv
-off its fast implicit-GEMM path on CUDA.
+residual blocks. The stem uses kernel 3 by default (`stem_kernel`; Pointcept's is 5): kernel
+volumes above 32 push spconv off its fast implicit-GEMM path on CUDA. `sparsegps.models.pointcept`
+maps the weights to and from Pointcept's module names.
 
 Neighbour indices are built once per level and shared through `indice_key`: every submanifold
 conv at level s uses key `subm{s}` (the stem and the last decoder stage share `subm0`), and the
@@ -28,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import spconv.pytorch as spconv
 import torch
@@ -39,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .grad_scale import BackboneGradScaler, GradScaleMode, is_power_of_two
 
-# spconv's own default for kernel volumes <= 32 on a CUDA build; every conv here has volume <= 27.
+# spconv's own default for kernel volumes <= 32 on a CUDA build (larger ones, a kernel-5 stem: Native).
 _CUDA_CONV_ALGO = ConvAlgo.MaskImplicitGemm
 _CPU_CONV_ALGO = ConvAlgo.Native
 
@@ -50,6 +53,10 @@ class SpUNetConfig:
 
     in_channels: int = 6
     stem_channels: int = 32
+    stem_kernel: Literal[3, 5] = 3
+    """The stem's submanifold kernel: 3 keeps every conv on spconv's implicit-GEMM path on CUDA
+    (kernel volumes up to 32); Pointcept's SpUNet-v1m1 uses 5 (`sparsegps.models.pointcept` writes
+    a kernel-3 stem as an exact kernel-5 one)."""
     enc_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     dec_channels: list[int] = field(default_factory=lambda: [256, 128, 96, 96])
     enc_blocks: list[int] = field(default_factory=lambda: [2, 3, 4, 6])
@@ -76,6 +83,8 @@ class SpUNetConfig:
             if any(n < 1 for n in getattr(self, name)):
                 raise ValueError(f"SpUNetConfig.{name}: every stage needs at least one block, "
                                  f"got {getattr(self, name)}")
+        if self.stem_kernel not in (3, 5):
+            raise ValueError(f"SpUNetConfig.stem_kernel: 3 or 5, got {self.stem_kernel}")
         if not is_power_of_two(self.grad_scale_init) or self.grad_scale_init < 1:
             raise ValueError(f"SpUNetConfig.grad_scale_init: {self.grad_scale_init} is not a power of two >= 1")
         if self.grad_scale_growth_interval < 1:
@@ -188,8 +197,10 @@ class SpUNet(nn.Module):
         super().__init__()
         self.config = config = config or SpUNetConfig()
         self.out_channels = config.dec_channels[-1]
+        # a kernel-3 stem shares its neighbour indices with the last decoder stage's convs
         self.stem = SparseConvNormReLU(spconv.SubMConv3d(
-            config.in_channels, config.stem_channels, 3, padding=1, bias=False, indice_key="subm0"))
+            config.in_channels, config.stem_channels, config.stem_kernel, padding=config.stem_kernel // 2,
+            bias=False, indice_key="subm0" if config.stem_kernel == 3 else "stem"))
 
         self.down = nn.ModuleList()
         self.encoder = nn.ModuleList()
@@ -217,10 +228,10 @@ class SpUNet(nn.Module):
         """Point every spconv layer at the algorithm for `device_type` (only when the device type changes)."""
         if device_type == self._algo_device_type:
             return
-        algo = _CPU_CONV_ALGO if device_type == "cpu" else _CUDA_CONV_ALGO
         for module in self.modules():
             if isinstance(module, SparseConvolution):
-                module.algo = algo
+                cuda_algo = _CUDA_CONV_ALGO if math.prod(module.kernel_size) <= 32 else ConvAlgo.Native
+                module.algo = _CPU_CONV_ALGO if device_type == "cpu" else cuda_algo
         self._algo_device_type = device_type
 
     def _precision_context(self, features: torch.Tensor):

@@ -46,7 +46,8 @@ class SegDataConfig(DataConfig):
 @dataclass
 class SegConfig(RunConfig):
     output_dir: str = "runs/seg"
-    pretrained: str | None = None  # a pre-training export whose backbone starts the run; None: scratch
+    # a pre-training export whose backbone starts the run (or a Pointcept SpUNet-v1m1 checkpoint); None: scratch
+    pretrained: str | None = None
     data: SegDataConfig = field(default_factory=SegDataConfig)
     model: SegModelConfig = field(default_factory=SegModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr_backbone=1e-3, lr_heads=1e-3, warmup_steps=50))
@@ -85,7 +86,7 @@ class SegmentationTask(TrainingTask):
         cfg = self.cfg
         self.export = read_export(cfg.pretrained) if cfg.pretrained else None
         if self.export is not None:
-            expect_task(self.export, ("pretraining", "grounding"), "finetune-seg --pretrained")
+            expect_task(self.export, ("pretraining", "grounding", "backbone"), "finetune-seg --pretrained")
             backbone = from_dict(SpUNetConfig, self.export.info.model_config["backbone"])
             replaced = [f"model.backbone.{key} {mine!r} -> {theirs!r}"
                         for key, mine, theirs in differences(cfg.model.backbone, backbone)]
