@@ -125,8 +125,11 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, out_path: str | os.Path
 
 def read_export(path: str | os.PathLike) -> Export:
     """An export as written by `save_export`, or by an earlier version (`.pt`); one-line errors for
-    a missing or unreadable file."""
-    path = Path(path)
+    a missing or unreadable file. `path` may also be a Hub-style model folder or a repo id in the
+    local Hugging Face cache (`sparsegps.hub`), or a Pointcept SpUNet-v1m1 checkpoint (its U-Net)."""
+    from sparsegps.hub import resolve_model_path
+
+    path = resolve_model_path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such export file; {HOW_TO_EXPORT}")
     with open(path, "rb") as f:
