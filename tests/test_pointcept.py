@@ -159,3 +159,26 @@ def test_export_to_pointcept_through_the_cli_and_fine_tune_from_it(tmp_path):
     finetune_segmentation(cfg, progress=False)
     tuned = read_export(tmp_path / "seg" / "export.safetensors").state_dict
     assert torch.equal(tuned["backbone.encoder.1.0.conv1.weight"], state["backbone.encoder.1.0.conv1.weight"])
+
+
+def test_pre_training_starts_from_a_pointcept_checkpoint(tmp_path):
+    """`init_from: spunet.pth`: the U-Net (its shape and weights) comes from the checkpoint, the rest fresh."""
+    from helpers import TINY_MODEL, pretrain_config, write_pretrain_shards
+
+    from sparsegps.train.pretrain import PretrainTask
+
+    theirs = randomised(SpUNetV1M1(6, base_channels=8, channels=(8, 16, 16, 8), layers=(1, 1, 1, 1)), seed=7)
+    torch.save({"state_dict": {f"module.backbone.{k}": v for k, v in theirs.state_dict().items()}},
+               tmp_path / "spunet.pth")
+    shards = write_pretrain_shards(tmp_path / "data")
+    cfg = pretrain_config(shards, tmp_path / "run", model=TINY_MODEL)
+    cfg.init_from = str(tmp_path / "spunet.pth")
+    task = PretrainTask(cfg)
+    task.configure()
+    assert task.cfg.model.backbone.stem_kernel == 5 and task.cfg.model.backbone.dec_channels == [16, 8]
+    model = task.model(initialise=True).eval()
+    coords, feats = voxels(6, seed=8)
+    with torch.no_grad():
+        expected = theirs(coords, feats, 2)
+    got = ours_forward(model.backbone, coords, feats)
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()

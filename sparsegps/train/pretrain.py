@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sparsegps.config import to_dict
+from sparsegps.config import from_dict, to_dict
 from sparsegps.data import SceneStore, ScenesDataset
 from sparsegps.errors import UsageError
 from sparsegps.exports import ExportInfo, expect_task, read_export
+from sparsegps.models.backbone import SpUNetConfig
 from sparsegps.models.gps import LOSS_NAMES, LossWeights, ModelConfig
 
 from .engine import OptimConfig
@@ -48,7 +49,8 @@ class PretrainConfig(RunConfig):
     # tokens against the class-name texts alone (model.loss is replaced by object_class=1); a second
     # run with `init_from: STAGE1/export.safetensors` then trains everything from those weights.
     stage: Literal["all", "objects"] = "all"
-    init_from: str | None = None  # a pre-training export whose weights start this run
+    # a pre-training export whose weights start this run, or a Pointcept SpUNet-v1m1 checkpoint (its U-Net)
+    init_from: str | None = None
 
 
 OBJECT_STAGE_LOSS = LossWeights(**{**{name: 0.0 for name in LOSS_NAMES}, "object_class": 1.0})
@@ -63,7 +65,10 @@ class PretrainTask(GPSTrainingTask):
         cfg = self.cfg
         self.start_from = read_export(cfg.init_from) if cfg.init_from else None
         if self.start_from is not None:
-            expect_task(self.start_from, ("pretraining",), "init_from")
+            expect_task(self.start_from, ("pretraining", "backbone"), "init_from")
+            if self.start_from.info.task == "backbone":  # the U-Net's shape comes from the checkpoint
+                self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=from_dict(
+                    SpUNetConfig, self.start_from.info.model_config["backbone"])))
         self.vocabulary = SceneStore(cfg.data.train).vocabulary  # held-out classes are checked by `dataset`
         self.cfg = cfg = with_class_names(cfg, [c for c in self.vocabulary if c not in cfg.data.holdout_classes])
         if cfg.model.mlm_vocabulary == "corpus" and not cfg.model.mlm_token_ids:

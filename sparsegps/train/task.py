@@ -82,7 +82,11 @@ class GPSTrainingTask(TrainingTask):
     def model(self, initialise: bool) -> GPSModel:
         model = GPSModel(self.cfg.model)
         if self.start_from is not None and initialise:
-            load_weights(model, self.start_from.state_dict, self.start_from.path)
+            if self.start_from.info.task == "backbone":  # a U-Net alone (a Pointcept checkpoint): the rest is fresh
+                backbone = {k.removeprefix("backbone."): v for k, v in self.start_from.state_dict.items()}
+                load_weights(model.backbone, {**model.backbone.state_dict(), **backbone}, self.start_from.path)
+            else:
+                load_weights(model, self.start_from.state_dict, self.start_from.path)
         return model
 
     def criterion(self, model: nn.Module) -> GPSCriterion:
