@@ -20,7 +20,6 @@ from typing import Literal
 import hashlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsegps import losses as L

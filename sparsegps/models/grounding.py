@@ -34,7 +34,7 @@ class TokenPacking:
     def joined(cls, first: "TokenPacking", second: "TokenPacking") -> "TokenPacking":
         """The layout [R, S1 + S2] of two layouts side by side, its tokens packed as `first`'s then
         `second`'s: a matrix packed as `cat([first.pack(a), second.pack(b)])` is its packing."""
-        (r, s1), s2 = first.shape, second.shape[1]
+        s1, s2 = first.shape[1], second.shape[1]
         width = s1 + s2
         index = torch.cat([first.index // s1 * width + first.index % s1,
                            second.index // s2 * width + s1 + second.index % s2])
