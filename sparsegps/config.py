@@ -106,9 +106,27 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
     try:
-        return cls(**kwargs)
-    except TypeError as e:
+        built = cls(**kwargs)
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+    check_limits(built, where)
+    return built
+
+
+def check_limits(cfg, where: str = "") -> None:
+    """`ConfigError` naming the key and its allowed range when a field of `cfg` breaks its class's
+    `LIMITS` (a ClassVar mapping field name -> ">= 1", "> 0", ...; None values are not checked)."""
+    limits: dict[str, str] = {}
+    for klass in reversed(type(cfg).__mro__):  # a subclass adds to its bases' limits
+        limits.update(vars(klass).get("LIMITS", {}))
+    for name, rule in limits.items():
+        value = getattr(cfg, name)
+        if value is None or isinstance(value, bool):
+            continue
+        op, bound = rule.split()
+        if not (value > float(bound) if op == ">" else value >= float(bound)):
+            key = f"{where}.{name}" if where else name
+            raise ConfigError(f"{key}: {value!r} is out of range; allowed: {rule}")
 
 
 def to_dict(cfg) -> dict:

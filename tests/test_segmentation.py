@@ -286,7 +286,5 @@ def test_limited_rooms_train_on_the_first_rooms_of_the_store(synthetic_shards, t
     store = SceneStore(synthetic_shards / "train")
     assert len(store) == 10 and len(dataset) == 3
     assert [dataset[(0, i)]["scene_id"] for i in range(3)] == store.scene_ids()[:3]
-    bad = SegmentationTask(seg_config(synthetic_shards, tmp_path, data={"train": [str(synthetic_shards / "train")],
-                                                                        "rooms": 0}))
-    with pytest.raises(UsageError, match="data.rooms must be at least 1"):
-        bad.configure()
+    with pytest.raises(UsageError, match=r"data.rooms: 0 is out of range; allowed: >= 1"):
+        seg_config(synthetic_shards, tmp_path, data={"train": [str(synthetic_shards / "train")], "rooms": 0})

@@ -54,3 +54,30 @@ def test_export_of_another_task_is_one_line(command, capsys, tmp_path):
     status, err = run(capsys, command, tmp_path, f"data.train=[{tmp_path}]", f"{EXPORT_KEY[command]}={other}")
     assert status == 2
     assert f"other.pt: a {OTHER_TASK[command]} export" in one_line_error(err)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("micro_batch=0", "micro_batch: 0 is out of range; allowed: >= 1"),
+    ("steps=0", "steps: 0 is out of range; allowed: >= 1"),
+    ("checkpoint_every=0", "checkpoint_every: 0 is out of range; allowed: >= 1"),
+    ("keep_checkpoints=0", "keep_checkpoints: 0 is out of range; allowed: >= 1"),
+    ("data.transforms.voxel_size=0", "data.transforms.voxel_size: 0.0 is out of range; allowed: > 0"),
+    ("data.transforms.voxel_size=-0.1", "data.transforms.voxel_size: -0.1 is out of range; allowed: > 0"),
+    ("optim.lr_backbone=-0.001", "optim.lr_backbone: -0.001 is out of range; allowed: >= 0"),
+    ("model.backbone.enc_blocks=[1,0,1,1]", "model.backbone: SpUNetConfig.enc_blocks: every stage needs at least one"),
+])
+def test_a_value_out_of_range_is_refused_on_load_naming_the_key(override, message, tmp_path, capsys):
+    """Every config value is checked when the config is read (file or --set), in one line naming the
+    key and what is allowed, before any work starts."""
+    from sparsegps import cli
+    from sparsegps.config import ConfigError, load_config
+    from sparsegps.train.pretrain import PretrainConfig
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_cpu.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, config, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert cli.main(["pretrain", "--config", str(config), "--output-dir", str(tmp_path / "run"), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing started

@@ -19,7 +19,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -302,6 +302,9 @@ class LabelledPoints:
 @dataclass
 class TransformConfig:
     """Augmentations and voxelization applied to every scene, in this order."""
+    # allowed values, checked on load (`sparsegps.config.check_limits`)
+    LIMITS: ClassVar[dict[str, str]] = {"voxel_size": "> 0", "max_angle": ">= 0", "jitter_sigma": ">= 0",
+                                        "max_voxels": ">= 1", "max_referrals": ">= 1"}
 
     voxel_size: float = 0.02
     rotate: bool = True

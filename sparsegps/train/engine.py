@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,11 @@ class OptimConfig:
     Learning-rate scaling for large batches: every group's lr is multiplied by
     (global_batch / reference_batch) ** power (power 1: linear rule, 0.5: square-root rule, 0: off),
     with `warmup_steps` of linear warmup from zero, as large-batch training needs."""
+    # allowed values, checked on load (`sparsegps.config.check_limits`)
+    LIMITS: ClassVar[dict[str, str]] = {"lr_text_encoder": ">= 0", "lr_backbone": ">= 0", "lr_transformers": ">= 0",
+                                        "lr_heads": ">= 0", "weight_decay": ">= 0", "warmup_steps": ">= 0",
+                                        "min_lr_ratio": ">= 0", "gradient_clipping": ">= 0",
+                                        "reference_batch": ">= 1", "lr_scaling_power": ">= 0"}
 
     # adamw, or lamb (DeepSpeed's fused LAMB, GPU only, without ZeRO) for the largest batches
     optimizer: Literal["adamw", "lamb"] = "adamw"

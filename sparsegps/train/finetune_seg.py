@@ -12,7 +12,7 @@ import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ from .task import TrainingTask, run_task
 
 @dataclass
 class SegDataConfig(DataConfig):
+    LIMITS: ClassVar[dict[str, str]] = {"labelled_points": ">= 1", "rooms": ">= 1"}
+
     labels: str | None = None  # label map (scannet20, scannet200, nyu40, synthetic); None: the store's vocabulary
     tta_rotations: int = 1
     labelled_points: int | None = None
@@ -94,12 +96,9 @@ class SegmentationTask(TrainingTask):
                 warnings.warn(f"the pre-trained export's backbone replaces {len(replaced)} value(s) of the config: "
                               + ", ".join(replaced), stacklevel=2)
                 self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=backbone))
-        if cfg.data.labelled_points is not None and (cfg.data.labelled_points < 1
-                                                     or cfg.data.transforms.voxelize_on == "device"):
-            raise UsageError(f"data.labelled_points must be at least 1 (got {cfg.data.labelled_points}) and needs "
-                             f"data.transforms.voxelize_on=worker (labels are chosen after voxelizing)")
-        if cfg.data.rooms is not None and cfg.data.rooms < 1:
-            raise UsageError(f"data.rooms must be at least 1 (got {cfg.data.rooms})")
+        if cfg.data.labelled_points is not None and cfg.data.transforms.voxelize_on == "device":
+            raise UsageError("data.labelled_points needs data.transforms.voxelize_on=worker (labels are chosen after "
+                             "voxelizing)")
         if cfg.model.head_init == "zero_shot" and (cfg.model.head != "language" or self.export is None):
             raise UsageError(f"model.head_init=zero_shot needs model.head=language (got {cfg.model.head}) and "
                              f"--pretrained")

@@ -7,7 +7,7 @@ import secrets
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ from .engine import (OptimConfig, build_optimizer, check_optimizer_fits_zero, de
 @dataclass
 class DataConfig:
     """The data of a training run; each recipe's data config extends it."""
+    # allowed values, checked on load (`sparsegps.config.check_limits`)
+    LIMITS: ClassVar[dict[str, str]] = {"eval_max_scenes": ">= 1"}
 
     train: list[str] = field(default_factory=list)  # shard files or directories
     val: list[str] = field(default_factory=list)  # held-out shards evaluated during and after training
@@ -37,6 +39,12 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
+    # allowed values, checked on load (`sparsegps.config.check_limits`)
+    LIMITS: ClassVar[dict[str, str]] = {"micro_batch": ">= 1", "global_batch": ">= 1", "steps": ">= 1",
+                                        "checkpoint_every": ">= 1", "checkpoint_every_minutes": ">= 0",
+                                        "keep_checkpoints": ">= 1", "log_every": ">= 1", "eval_every": ">= 0",
+                                        "num_workers": ">= 0", "max_open_shards": ">= 1", "dist_timeout_s": "> 0"}
+
     micro_batch: int = 8  # scenes per rank per forward
     global_batch: int = 8  # scenes per optimizer step, over all ranks and accumulation
     steps: int = 1000  # optimizer steps
