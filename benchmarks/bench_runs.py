@@ -88,6 +88,7 @@ def run_arm(label: str, python: str, config: str, seed: int, args: argparse.Name
         return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
     run_dir = out / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run stopped half-way starts again (any install reads this)
     cmd = [python, "-m", "sparsegps.cli", "pretrain", "--config", config, "--output-dir", str(run_dir),
            "--set", f"steps={args.steps}", "--set", f"log_every={args.log_every}", "--set", f"seed={seed}",
            "--set", f"data.train=[{args.data}]", "--set", "data.val=[]", "--set", f"checkpoint_every={args.steps}",

@@ -173,7 +173,8 @@ class Plan:
         name = f"finetune/{split}/{arm.name}/{origin}/s{seed}/lr{lr:g}"
         run = self.out / name
         config = "seg/synthetic_cpu_scratch.yaml" if model == "scratch" else "seg/synthetic_cpu.yaml"
-        argv = ["finetune-seg", "--config", str(self.configs / config), "--output-dir", str(run),
+        # a fine-tuning stopped half-way is run again from its start (--overwrite); it has no result yet
+        argv = ["finetune-seg", "--config", str(self.configs / config), "--output-dir", str(run), "--overwrite",
                 "--set", f"data.train=[{self.stores['finetune']}]", "--set", f"data.val=[{self.stores[split]}]",
                 "--set", f"steps={self.args.steps}", "--set", f"seed={seed}", "--set", "num_workers=0",
                 "--set", f"micro_batch={self.args.finetune_batch}", "--set", f"global_batch={self.args.finetune_batch}",

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     # scratch runs after it (benchmarks/RESULTS.md, "demo")
     jobs.add(Job("pretrain", [
         "pretrain", "--config", str(configs / "pretrain/tiny_cpu.yaml"), "--output-dir", str(out / "pretrain"),
-        "--set", f"steps={args.pretrain_steps}", "--set", f"seed={args.seed}",
+        "--overwrite", "--set", f"steps={args.pretrain_steps}", "--set", f"seed={args.seed}",
         "--set", f"data.train=[{stores['pretrain']}]", "--set", "data.val=[]", "--set", f"data.holdout_classes={holdout}",
         *(x for item in args.pretrain_set for x in ("--set", item))]))
     export = str(out / "pretrain/export.safetensors")
@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                                str(out / "zero_shot")], after=["pretrain"]))
 
     # 16 rooms are 2 steps an epoch: no DataLoader worker to start anew every other step
-    seg = ["finetune-seg", "--config", str(configs / "seg/synthetic_cpu.yaml"), "--set", f"seed={args.seed}",
-           "--set", f"data.val=[{test}]", "--set", f"data.train=[{stores['finetune_few']}]", "--set", "num_workers=0"]
+    # every run folder is the demo's own: a demo run again starts each run afresh (--overwrite)
+    seg = ["finetune-seg", "--config", str(configs / "seg/synthetic_cpu.yaml"), "--overwrite",
+           "--set", f"seed={args.seed}", "--set", f"data.val=[{test}]",
+           "--set", f"data.train=[{stores['finetune_few']}]", "--set", "num_workers=0"]
     scratch = ["--config", str(configs / "seg/synthetic_cpu_scratch.yaml")]  # its own learning rate
     # from the pre-trained export, fine-tuning starts at its zero-shot segmenter (language head)
     pretrained = ["--pretrained", export, "--set", "model.head=language", "--set", "model.head_init=zero_shot"]

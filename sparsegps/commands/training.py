@@ -14,11 +14,15 @@ def add_training_arguments(parser, config_help: str, pretrained: bool = True) ->
                         help="auto: continue from the newest complete checkpoint, or start afresh when there is "
                              "none (one command starts and restarts a run); must (the default of a bare --resume): "
                              "continue, refusing a run folder without checkpoints (config key: resume)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run folder that holds an earlier run's checkpoints, removing them "
+                             "(refused without it; config key: overwrite)")
 
 
 def load_training_config(cls, args):
-    """The run's config from --config, --set, --pretrained, --deepspeed, --output-dir and --resume; a
-    bad one raises ConfigError before any work starts (the command line prints it as one line)."""
+    """The run's config from --config, --set, --pretrained, --deepspeed, --output-dir, --resume and
+    --overwrite; a bad one raises ConfigError before any work starts (the command line prints it as
+    one line)."""
     from sparsegps.config import load_config
 
     overrides = list(args.set)
@@ -30,4 +34,6 @@ def load_training_config(cls, args):
         overrides.append(f"output_dir={args.output_dir}")
     if args.resume:
         overrides.append(f"resume={args.resume}")
+    if args.overwrite:
+        overrides.append("overwrite=true")
     return load_config(cls, args.config, overrides)

@@ -51,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     export = str(out / "pretrain/export.safetensors")
     jobs.add(Job("pretrain", [
         "pretrain", "--config", str(configs / "pretrain/grounding_cpu.yaml"), "--output-dir", str(out / "pretrain"),
-        "--set", f"data.train=[{stores['pretrain']}]", "--set", "data.val=[]", "--set", f"seed={args.seed}",
+        "--overwrite", "--set", f"data.train=[{stores['pretrain']}]", "--set", "data.val=[]", "--set", f"seed={args.seed}",
         *steps(args.pretrain_steps)]))
     jobs.add(Job("pretrain_test", ["eval-pretrain", "--checkpoint", export, "--data", str(stores["test"]),
                                    "--out", str(out / "pretrain")], after=["pretrain"]))
     jobs.add(Job("finetune", [
         "finetune-ground", "--pretrained", export, "--config", str(configs / "ground/synthetic_cpu.yaml"),
-        "--output-dir", str(out / "ground"), "--set", f"data.train=[{stores['finetune']}]",
+        "--output-dir", str(out / "ground"), "--overwrite", "--set", f"data.train=[{stores['finetune']}]",
         "--set", f"data.val=[{stores['test']}]", "--set", f"seed={args.seed}", *steps(args.finetune_steps)],
         after=["pretrain"]))
     jobs.wait()

@@ -20,6 +20,7 @@ from sparsegps.device import pick_device
 from sparsegps.errors import UsageError
 from sparsegps.launch import export_world
 
+from . import folder_lock
 from .checkpoint import complete_checkpoints, remove_checkpoints
 from .engine import (OptimConfig, build_optimizer, check_optimizer_fits_zero, deepspeed_config, init_distributed,
                      initialize_engine, lr_factor, zero_stage)
@@ -53,10 +54,13 @@ class RunConfig:
     deepspeed: str | None = None  # DeepSpeed JSON (configs/deepspeed/zero{1,2,3}.json); None: no ZeRO
     seed: int = 0
     output_dir: str = "runs/run"  # one folder every rank sees (a shared file system across nodes)
-    # never: start afresh (an earlier run's checkpoints in output_dir are removed); auto: continue from
-    # the newest complete checkpoint, or start afresh when there is none (one command starts and
-    # restarts a run); must: continue, refusing a folder without checkpoints. CLI: --resume [auto]
+    # never: start afresh (refused in a folder with an earlier run's checkpoints, unless `overwrite`);
+    # auto: continue from the newest complete checkpoint, or start afresh when there is none (one
+    # command starts and restarts a run); must: continue, refusing a folder without checkpoints.
+    # CLI: --resume [auto]
     resume: Literal["never", "auto", "must"] = "never"
+    # with resume never: remove an earlier run's checkpoints from output_dir and start afresh. CLI: --overwrite
+    overwrite: bool = False
     checkpoint_every: int = 500
     # also save when this many minutes have passed since the last checkpoint, by rank 0's clock (0: off)
     checkpoint_every_minutes: float = 0.0
@@ -124,9 +128,14 @@ def setup_run(cfg: RunConfig) -> Run:
                          f"or another multiple of {per_step}")
     out = Path(cfg.output_dir)
     check_shared_directory(out)
-    resumes = decide_resume(cfg.resume, out / "checkpoints")
-    if rank == 0:
-        save_config(cfg, out / "config.yaml")
+    _agree(lambda: folder_lock.acquire(out))  # before anything in the folder is read or removed
+    try:
+        resumes = decide_resume(cfg.resume, out / "checkpoints", cfg.overwrite)
+        if rank == 0:
+            save_config(cfg, out / "config.yaml")
+    except BaseException:
+        release_folder(out)
+        raise
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     return Run(cfg, device, precision, rank, world, cfg.global_batch // per_step, out, resumes)
@@ -167,29 +176,46 @@ def check_shared_directory(directory: Path) -> None:
                          f"{problem}{others}; put output_dir on a file system every node mounts")
 
 
-def decide_resume(mode: str, checkpoints: Path) -> bool:
-    """Whether the run continues from `checkpoints` (decided on rank 0, the same on every rank):
-    never: no (an earlier run's checkpoints are removed, so they are neither resumed later nor kept
-    in place of the new run's); auto: when a checkpoint exists; must: yes, refusing when none does."""
-    decision: list = [None]
-    if dist.get_rank() == 0:
-        complete, broken = complete_checkpoints(checkpoints)
-        exists = bool(complete or broken)
-        if mode == "must" and not exists:
-            decision[0] = (f"--resume: no complete checkpoint in {checkpoints}; start the run without --resume, "
-                           f"or with --resume auto")
-        elif mode == "never" and exists:
-            removed = remove_checkpoints(checkpoints)
-            print(f"warning: starting afresh in {checkpoints.parent}: removed the checkpoints of an earlier run "
-                  f"({', '.join(removed)}); --resume auto continues a run instead", flush=True)
-            decision[0] = False
-        else:
-            decision[0] = exists and mode != "never"
+def _agree(decide) -> object:
+    """`decide()` on rank 0, its answer on every rank; an answer that is a string is an error every
+    rank raises (one line)."""
+    decision: list = [decide() if dist.get_rank() == 0 else None]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(decision, src=0)
     if isinstance(decision[0], str):
         raise UsageError(decision[0])
     return decision[0]
+
+
+def release_folder(out: Path) -> None:
+    """Give up the run folder's lock (rank 0 holds it; every rank may call this)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        folder_lock.release(out)
+
+
+def decide_resume(mode: str, checkpoints: Path, overwrite: bool = False) -> bool:
+    """Whether the run continues from `checkpoints` (decided on rank 0, the same on every rank):
+    never: no, and a folder with an earlier run's checkpoints is refused unless `overwrite` (then
+    they are removed, so they are neither resumed later nor kept in place of the new run's); auto:
+    when a checkpoint exists; must: yes, refusing when none does."""
+    def decide():
+        complete, broken = complete_checkpoints(checkpoints)
+        exists = bool(complete or broken)
+        if mode == "must" and not exists:
+            return (f"--resume: no complete checkpoint in {checkpoints}; start the run without --resume, "
+                    f"or with --resume auto")
+        if mode == "never" and exists:
+            if not overwrite:
+                names = ", ".join(c.tag for c in complete) or "incomplete ones"
+                return (f"{checkpoints.parent} holds an earlier run's checkpoints ({names}): continue it with "
+                        f"--resume auto, or start afresh with --overwrite (which removes them)")
+            removed = remove_checkpoints(checkpoints)
+            print(f"warning: starting afresh in {checkpoints.parent} (--overwrite): removed the checkpoints of an "
+                  f"earlier run ({', '.join(removed)})", flush=True)
+            return False
+        return exists and mode != "never"
+
+    return _agree(decide)
 
 
 def build_engine(run: Run, model: torch.nn.Module, groups: dict, optim: OptimConfig):

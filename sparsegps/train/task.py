@@ -26,7 +26,7 @@ from sparsegps.models.gps import GPSModel
 
 from .engine import check_optimizer_fits_zero, gps_role, optimizer_groups, read_deepspeed_json, zero_stage
 from .loop import train_loop
-from .run import Run, build_engine, setup_run
+from .run import Run, build_engine, release_folder, setup_run
 
 
 class TrainingTask:
@@ -105,28 +105,31 @@ def run_task(task: TrainingTask, progress: bool = True) -> dict:
     check_optimizer_fits_zero(task.cfg.optim.optimizer, zero_stage(read_deepspeed_json(task.cfg.deepspeed)))
     dataset = task.dataset()
     run = setup_run(task.cfg)
-    model = task.model(initialise=not run.resumes)
-    engine, ds_config = build_engine(run, model, task.parameter_groups(model), task.cfg.optim)
-    info = task.export_info(dataset)
-    evaluate = (lambda: task.monitor(run, engine.module) or {}) if _has_monitor(task) else None
-    stats = train_loop(run, engine, dataset, task.criterion(engine.module), client_state=dataclasses.asdict(info),
-                       progress=progress, desc=task.name, evaluate=evaluate)
-    prefix = task.summary_prefix
-    summary = {f"{prefix}_steps": stats.pop("steps"), f"{prefix}_scenes_per_s": stats.pop("scenes_per_s"),
-               f"{prefix}_voxels_per_s": stats.pop("voxels_per_s"), "world_size": run.world,
-               "zero_stage": zero_stage(ds_config), "precision": run.precision, "train_scenes": len(dataset),
-               "pretrained": getattr(task.cfg, "pretrained", None), **stats}
-    export = run.out / EXPORT_NAME
-    if run.rank == 0:
-        export_checkpoint(run.checkpoints, export, source=str(run.out))
-    if dist.is_initialized():
-        dist.barrier()
-    summary.update(task.evaluate(run, engine.module, export))
-    if run.rank == 0:
-        atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=1))
-    if dist.is_initialized():
-        dist.barrier()
-    return summary
+    try:
+        model = task.model(initialise=not run.resumes)
+        engine, ds_config = build_engine(run, model, task.parameter_groups(model), task.cfg.optim)
+        info = task.export_info(dataset)
+        evaluate = (lambda: task.monitor(run, engine.module) or {}) if _has_monitor(task) else None
+        stats = train_loop(run, engine, dataset, task.criterion(engine.module), client_state=dataclasses.asdict(info),
+                           progress=progress, desc=task.name, evaluate=evaluate)
+        prefix = task.summary_prefix
+        summary = {f"{prefix}_steps": stats.pop("steps"), f"{prefix}_scenes_per_s": stats.pop("scenes_per_s"),
+                   f"{prefix}_voxels_per_s": stats.pop("voxels_per_s"), "world_size": run.world,
+                   "zero_stage": zero_stage(ds_config), "precision": run.precision, "train_scenes": len(dataset),
+                   "pretrained": getattr(task.cfg, "pretrained", None), **stats}
+        export = run.out / EXPORT_NAME
+        if run.rank == 0:
+            export_checkpoint(run.checkpoints, export, source=str(run.out))
+        if dist.is_initialized():
+            dist.barrier()
+        summary.update(task.evaluate(run, engine.module, export))
+        if run.rank == 0:
+            atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=1))
+        if dist.is_initialized():
+            dist.barrier()
+        return summary
+    finally:
+        release_folder(run.out)  # the folder is free again, however the run ended
 
 
 def _has_monitor(task: TrainingTask) -> bool:
