@@ -21,6 +21,7 @@ tensors and plain data, read with `torch.load(weights_only=True)`) still load.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -100,7 +101,12 @@ def save_export(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], in
     path.parent.mkdir(parents=True, exist_ok=True)
     info = dataclasses.replace(info, sparsegps_version=info.sparsegps_version or _version())
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    header = {"format": EXPORT_FORMAT, "sparsegps": json.dumps(dataclasses.asdict(info))}
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UsageError(f"{path}: not written: {bad} holds non-finite values (the run diverged, or its checkpoint "
+                         f"is damaged)")
+    metadata = json.dumps(dataclasses.asdict(info))
+    header = {"format": EXPORT_FORMAT, "sparsegps": metadata, "content_hash": content_hash(tensors, metadata)}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=header)
     with open(tmp, "rb") as f:
@@ -151,7 +157,22 @@ def _read_safetensors(path: Path) -> Export:
                          f"{str(e).splitlines()[0][:160]}); {HOW_TO_EXPORT}") from None
     if header.get("format") != EXPORT_FORMAT or "sparsegps" not in header:
         raise UsageError(f"{path}: a safetensors file without sparsegps metadata; {HOW_TO_EXPORT}")
+    recorded = header.get("content_hash")  # exports of earlier versions have none
+    if recorded is not None and recorded != content_hash(state, header["sparsegps"]):
+        raise UsageError(f"{path}: its weights or metadata differ from what was exported (the file is damaged or "
+                         f"was edited); export the run again")
     return Export(path, ExportInfo.from_state(json.loads(header["sparsegps"])), state)
+
+
+def content_hash(tensors: dict[str, torch.Tensor], metadata: str) -> str:
+    """A hash of every tensor (name, dtype, shape, bytes) and of the metadata: what an export records
+    and `read_export` checks."""
+    digest = hashlib.blake2b(metadata.encode(), digest_size=20)
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _read_pickled(path: Path) -> Export:

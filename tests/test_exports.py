@@ -86,10 +86,41 @@ def test_the_safetensors_file_is_tensors_and_json_only(tmp_path):
     (length,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + length])
     metadata = header.pop("__metadata__")
-    assert set(metadata) == {"format", "sparsegps"} and json.loads(metadata["sparsegps"])["task"] == "pretraining"
+    assert set(metadata) == {"format", "sparsegps", "content_hash"} and json.loads(metadata["sparsegps"])["task"] == "pretraining"
     # every byte after the header belongs to exactly one tensor, laid end to end: nothing else is stored
     spans = sorted(tuple(entry["data_offsets"]) for entry in header.values())
     assert spans[0][0] == 0 and spans[-1][1] == len(raw) - 8 - length
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     assert set(header) == set(model.state_dict())
     assert all(set(entry) == {"dtype", "shape", "data_offsets"} for entry in header.values())
+
+
+def test_a_damaged_or_edited_export_is_refused_and_non_finite_weights_are_not_written(tmp_path):
+    """An export records a hash of its tensors and metadata: random bytes in a tensor, or the voxel
+    size edited in its header, are refused on load in one line; weights with a NaN are not exported."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sparsegps.errors import UsageError
+    from sparsegps.exports import ExportInfo, read_export, save_export
+
+    state = {"w": torch.randn(64, 64), "n": torch.tensor(3)}
+    path = save_export(tmp_path / "a.safetensors", state, ExportInfo(task="pretraining", model_config={},
+                                                                      voxel_size=0.1))
+    assert torch.equal(read_export(path).state_dict["w"], state["w"])
+    raw = bytearray(path.read_bytes())
+    raw[-100:-96] = bytes(b ^ 0xFF for b in raw[-100:-96])  # inside the last tensor's data
+    (tmp_path / "b.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(UsageError, match="differ from what was exported"):
+        read_export(tmp_path / "b.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edited = json.loads(header["sparsegps"])
+    edited["voxel_size"] = 0.05
+    save_file(tensors, str(tmp_path / "c.safetensors"), metadata={**header, "sparsegps": json.dumps(edited)})
+    with pytest.raises(UsageError, match="differ from what was exported"):
+        read_export(tmp_path / "c.safetensors")
+    with pytest.raises(UsageError, match="w holds non-finite values"):
+        save_export(tmp_path / "d.safetensors", {"w": torch.tensor([1.0, float("nan")])},
+                    ExportInfo(task="pretraining", model_config={}))
+    assert not (tmp_path / "d.safetensors").exists()
