@@ -144,7 +144,7 @@ class Plan:
         """Pre-training (each alone on every core, as local ranks; continued from its checkpoints when
         started again) and the zero-shot evaluation of each export."""
         args, jobs = self.args, []
-        ranks = local_ranks(PRETRAIN_BATCH, cores)
+        ranks = 1 if args.quick else local_ranks(PRETRAIN_BATCH, cores)
         holdout = "[" + ",".join(HOLDOUT_CLASSES) + "]"
         for seed in range(args.pretrain_seeds):
             for preset in args.presets:
@@ -273,6 +273,8 @@ def choose_learning_rates(plan: Plan, submit) -> dict[tuple[str, str], float]:
     """Each (arm, model)'s learning rate: the best validation mIoU (pre-training seed 0, fine-tuning
     seed 0) of its grid, the grid extended while the best lies at an edge (`submit(jobs)` runs jobs
     and returns when they have ended)."""
+    if len(plan.args.lrs) == 1:  # nothing to choose: no validation runs
+        return {(arm.name, model): plan.args.lrs[0] for arm in plan.arms for model in plan.models}
     by_name = {arm.name: arm for arm in plan.arms}
     runs: dict[tuple[str, str], dict[float, Job]] = {(arm.name, model): {} for arm in plan.arms for model in plan.models}
     new = {key: sorted(plan.args.lrs) for key in runs}
