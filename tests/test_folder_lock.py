@@ -33,7 +33,7 @@ def test_a_live_holder_is_refused_a_dead_one_taken_over(tmp_path, capsys):
     (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "another-node", "started": "x"}))
     error = folder_lock.acquire(tmp_path)
     assert "on another-node" in error and f"if that run is gone, remove {tmp_path / '.lock'}" in error
-    (tmp_path / ".lock").write_text("{half-writ")  # its writer died creating it
+    (tmp_path / ".lock").write_text("{half-writ")  # damaged
     assert folder_lock.acquire(tmp_path) is None
     folder_lock.release(tmp_path)
     assert not (tmp_path / ".lock").exists()

@@ -29,7 +29,7 @@ def _alive(pid: int) -> bool:
 
 
 def _holder(path: Path) -> dict | None:
-    """The lock's contents; None when it is unreadable or half-written (its writer died creating it)."""
+    """The lock's contents; None when it is unreadable (damaged: a live writer never leaves it so)."""
     try:
         holder = json.loads(path.read_text())
         return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
@@ -42,29 +42,28 @@ def acquire(folder: Path) -> str | None:
     path = folder / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
           "command": " ".join(sys.argv[:3])}
-    for _ in range(3):  # two runs taking over one stale lock: one of them creates it first
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    # written whole to a file of this process's own, then linked into place: a lock is never seen
+    # half-written by another run while its writer lives
+    mine = folder / f"{LOCK_NAME}.{me['pid']}.tmp"
+    mine.write_text(json.dumps(me))
+    try:
+        for _ in range(3):  # two runs taking over one stale lock: one of them links it first
+            try:
+                os.link(mine, path)
+                return None
+            except FileExistsError:
+                pass
             holder = _holder(path)
             if holder is not None and (holder.get("host") != me["host"] or _alive(holder["pid"])):
-                where = "" if holder.get("host") == me["host"] else (
-                    f"; if that run is gone, remove {path}")
+                where = "" if holder.get("host") == me["host"] else f"; if that run is gone, remove {path}"
                 return (f"{folder} belongs to a running run (pid {holder['pid']} on {holder.get('host')}, since "
                         f"{holder.get('started')}: {holder.get('command', '?')}); give this run another "
                         f"--output-dir, or wait for that one{where}")
-            described = (f"pid {holder['pid']}, since {holder.get('started')}" if holder else "unreadable")
+            described = f"pid {holder['pid']}, since {holder.get('started')}" if holder else "unreadable"
             print(f"warning: {path}: a stale lock ({described}, no such process); taken over", flush=True)
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(me))
-            f.flush()
-            os.fsync(f.fileno())
-        return None
+            path.unlink(missing_ok=True)
+    finally:
+        mine.unlink(missing_ok=True)
     return f"{path}: could not take the folder's lock (another run is taking it over at the same moment)"
 
 
