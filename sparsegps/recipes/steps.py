@@ -52,10 +52,9 @@ class Jobs:
     """`jobs.add(Job(...))` runs a job once the jobs it waits for have ended, at most `parallel` at a
     time, the earliest added first among those ready; an exclusive job waits for the running ones to
     end, runs alone with every core, and no later job starts before it. `seconds` holds each run
-    job's time. Once a
-    job fails, no further job starts (those not started fail with it), the running ones are stopped
-    (SIGTERM: a training command saves a checkpoint and exits) and `jobs.wait()` raises the first
-    failure once they have ended: no command outlives the recipe."""
+    job's time. Once a job fails, no further job starts (those not started fail with it), the
+    running ones are stopped (SIGTERM: a training command saves a checkpoint and exits) and
+    `jobs.wait()` raises the first failure once they have ended: no command outlives the recipe."""
 
     def __init__(self, logs: Path, parallel: int = 1, deadline: float | None = None):
         """`deadline`: a `time.perf_counter()` after which no job starts (those not started fail
