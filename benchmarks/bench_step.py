@@ -36,7 +36,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from sparsegps.benchmarks.arguments import add_common_arguments, command_line, c
 from sparsegps.benchmarks.machine import machine_info
 from sparsegps.benchmarks.report import Result, finish, markdown_table, ratio, save_figure, target
 from sparsegps.benchmarks.scenes import write_demo_store
-from sparsegps.benchmarks.timing import synchronize
+from sparsegps.benchmarks.timing import timed_training_step
 
 NAME = "step"
 SCOPE = "sparsegps/"
@@ -190,36 +189,21 @@ class Form:
     next_scene: int = 0
 
     def step(self, record: bool = True) -> dict:
-        from sparsegps.data import collate_scenes, move_batch
-
         n, micro = len(self.dataset), self.cfg.micro_batch
         indices = [(self.next_scene + j) % n for j in range(micro)]
         self.next_scene = (self.next_scene + micro) % n
-        synchronize(self.device)
-        t0 = time.perf_counter()
-        batch = move_batch(collate_scenes([self.dataset[i] for i in indices]), self.device)
-        synchronize(self.device)
-        t1 = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            with torch.profiler.record_function(SCOPE + "forward"):
-                outputs = self.engine(batch)
-            with torch.profiler.record_function(SCOPE + "criterion"):
-                loss = self.criterion(outputs, batch)["loss"]
-        synchronize(self.device)
-        t2 = time.perf_counter()
-        self.engine.backward(loss)
-        synchronize(self.device)
-        t3 = time.perf_counter()
-        self.engine.step()
-        synchronize(self.device)
-        t4 = time.perf_counter()
-        if not torch.isfinite(loss.detach()):
-            raise RuntimeError(f"{self.label}: loss is {float(loss)} on scenes {batch['scene_ids']}")
-        times = {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3,
-                 "voxels": int(batch["coords"].shape[0])}
+        batch, times = timed_training_step(self.engine, self.dataset, indices, self.device, self.cfg.precision,
+                                           self._loss, self.label)
+        times["voxels"] = int(batch["coords"].shape[0])
         if record:
             self.step_times.append(times)
         return times
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        with torch.profiler.record_function(SCOPE + "forward"):
+            outputs = self.engine(batch)
+        with torch.profiler.record_function(SCOPE + "criterion"):
+            return self.criterion(outputs, batch)["loss"]
 
 
 def build_form(label: str, overrides: list[str], config_path: Path, store: Path, device: torch.device,

@@ -43,7 +43,7 @@ from sparsegps.benchmarks.machine import machine_info
 from sparsegps.benchmarks.memory import memory_method, peak_memory
 from sparsegps.benchmarks.report import Result, finish, ratio, save_figure, target
 from sparsegps.benchmarks.scenes import write_demo_store
-from sparsegps.benchmarks.timing import synchronize
+from sparsegps.benchmarks.timing import synchronize, timed_training_step
 
 NAME = "train-step"
 REGIONS = ("data", "backbone", "transformers", "backward", "optimizer")
@@ -119,39 +119,22 @@ class EngineUnderTest:
         self.voxels: list[int] = []
 
     def step(self, record: bool = True) -> dict[str, float]:
-        from sparsegps.data import collate_scenes, move_batch
-        from sparsegps.models.grad_scale import finish_grad_scaling_step
-
         n = len(self.dataset)
         indices = [(self.next_scene + j) % n for j in range(self.micro_batch)]
         self.next_scene = (self.next_scene + self.micro_batch) % n
-        synchronize(self.device)
-        t0 = time.perf_counter()
-        batch = move_batch(collate_scenes([self.dataset[i] for i in indices]), self.device)
-        synchronize(self.device)
-        t1 = time.perf_counter()
-        self.split.reset()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            loss = self.criterion(self.engine(batch), batch)["loss"]
-        synchronize(self.device)
-        t2 = time.perf_counter()
-        self.engine.backward(loss)
-        finish_grad_scaling_step(self.engine.module)
-        synchronize(self.device)
-        t3 = time.perf_counter()
-        self.engine.step()
-        synchronize(self.device)
-        t4 = time.perf_counter()
-        if not torch.isfinite(loss.detach()):
-            raise RuntimeError(f"ZeRO-{self.stage}, micro-batch {self.micro_batch}: loss is {float(loss)} on "
-                               f"scenes {batch['scene_ids']}")
+        batch, phases = timed_training_step(self.engine, self.dataset, indices, self.device, self.precision,
+                                            self._loss, f"ZeRO-{self.stage}, micro-batch {self.micro_batch}")
         backbone = self.split.seconds()
-        times = {"data": t1 - t0, "backbone": backbone, "transformers": (t2 - t1) - backbone,
-                 "backward": t3 - t2, "optimizer": t4 - t3}
+        times = {"data": phases["data"], "backbone": backbone, "transformers": phases["forward"] - backbone,
+                 "backward": phases["backward"], "optimizer": phases["optimizer"]}
         if record:
             self.region_times.append(times)
             self.voxels.append(int(batch["coords"].shape[0]))
         return times
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        self.split.reset()
+        return self.criterion(self.engine(batch), batch)["loss"]
 
 
 # ---------------------------------------------------------------------------------------- memory

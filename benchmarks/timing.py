@@ -16,6 +16,37 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def timed_training_step(engine, dataset, indices: list[int], device: torch.device, precision: str,
+                        loss_of: Callable[[dict], torch.Tensor], label: str) -> tuple[dict, dict[str, float]]:
+    """One optimizer step on the scenes `indices` of `dataset`, as the training loop takes it:
+    collate, forward with the losses (`loss_of(batch)`, under bf16 autocast when `precision` is
+    bf16), backward, the U-Net's gradient-scaling bookkeeping, the optimizer step; the device
+    synchronised between phases. Returns the batch and the seconds of data, forward, backward and
+    optimizer; a non-finite loss raises, naming `label` and the scenes."""
+    from sparsegps.data import collate_scenes, move_batch
+    from sparsegps.models.grad_scale import finish_grad_scaling_step
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    batch = move_batch(collate_scenes([dataset[i] for i in indices]), device)
+    synchronize(device)
+    t1 = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = loss_of(batch)
+    synchronize(device)
+    t2 = time.perf_counter()
+    engine.backward(loss)
+    finish_grad_scaling_step(engine.module)
+    synchronize(device)
+    t3 = time.perf_counter()
+    engine.step()
+    synchronize(device)
+    t4 = time.perf_counter()
+    if not torch.isfinite(loss.detach()):
+        raise RuntimeError(f"{label}: loss is {float(loss)} on scenes {batch['scene_ids']}")
+    return batch, {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3}
+
+
 def cpu_seconds() -> float:
     """CPU time (user + system) used so far by this process and its finished, waited-for children
     (DataLoader workers once their loader is done). Unlike wall time, other processes competing
