@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
-    from sparsegps.errors import JobFailed, Preempted
+    from sparsegps.errors import CollectiveError, JobFailed, Preempted
     from sparsegps.launch import rank_in_environment
     from sparsegps.runtime import configure_process
 
@@ -92,15 +92,39 @@ def main(argv: list[str] | None = None) -> int:
     except _expected_errors() as e:
         if debug:
             raise
-        if rank_in_environment() == 0:  # on several ranks, said once
-            print(f"error: {e}", file=sys.stderr)
-        else:  # the launcher ends every rank when the first one exits: leave rank 0 the time to say it
+        rank = rank_in_environment()
+        if rank == 0:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+        else:
+            # The launcher ends every rank when the first one exits: an error every rank met (a bad
+            # config) is said once, by rank 0, which does not wait; one that only this rank met (a
+            # damaged scene in its batch) is said here once rank 0 had the time to say its own (on a
+            # line of its own: rank 0's progress bar may hold the current one).
             time.sleep(ERROR_GRACE_S)
+            print(f"\nerror: rank {rank}: {one_line(e)}", file=sys.stderr)
         return 2
+    except CollectiveError as e:  # another rank failed or stopped answering
+        if debug:
+            raise
+        # the rank that failed says why first; the launcher usually ends this one meanwhile
+        time.sleep(ERROR_GRACE_S)
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
     from sparsegps.distributed import leave
 
     leave()  # every rank got here: the command succeeded on all of them
     return status
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message; for one re-raised from a DataLoader worker (whose message carries the
+    worker's traceback), the original message alone, with the worker named."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    origin = text.splitlines()[0].removeprefix("Caught ").rstrip(".")  # "ShardError in DataLoader worker process 0"
+    return f"{last.split(': ', 1)[-1]} (in {origin.split(' in ', 1)[-1]})"
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:

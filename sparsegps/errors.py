@@ -22,9 +22,15 @@ class Preempted(Exception):
         self.exit_code = 128 + signal_number
 
 
+class CollectiveError(RuntimeError):
+    """A collective of a run on several ranks failed or timed out: another rank ended or stopped
+    answering. The message names this rank and the step; the command line prints it as one line
+    (exit status 1) after leaving the failing rank the time to print its own error first."""
+
+
 class JobFailed(RuntimeError):
     """A command that a recipe ran as a job (the demo, the grounding recipe, the transfer benchmark)
     exited non-zero or without its result; the message names the job, its log and its command."""
 
 
-__all__ = ["JobFailed", "Preempted", "UsageError"]
+__all__ = ["CollectiveError", "JobFailed", "Preempted", "UsageError"]

@@ -18,6 +18,7 @@ The batch is a dict:
     texts           list[dict]       kind, text, scene (b), target (global object index or -1),
                                      distractors (global object indices), source, shape, relation
     scene_ids       list[str], indices list[int]
+    skipped         list[tuple]      damaged scenes the dataset passed over (file, scene, reason)
     inverse         list[int64 array] per scene: voxel (scene-local) of every original point
     point_semantic  list[int16 array] per scene: original per-point labels
 """
@@ -154,6 +155,7 @@ def collate_scenes(samples: list[dict]) -> dict:
         **objects,
         "scene_ids": [s["scene_id"] for s in samples],
         "indices": [s.get("index", -1) for s in samples],
+        "skipped": [skip for s in samples for skip in s.get("skipped", ())],
         "inverse": [s["inverse"] for s in samples],
         "point_semantic": [s["semantic"] for s in samples],
     }
@@ -176,6 +178,7 @@ def _collate_points(samples: list[dict]) -> dict:
         **_objects_and_texts(samples, _offsets([len(s["objects"]) for s in samples])),
         "scene_ids": [s["scene_id"] for s in samples],
         "indices": [s.get("index", -1) for s in samples],
+        "skipped": [skip for s in samples for skip in s.get("skipped", ())],
         "point_semantic": [s["semantic"] for s in samples],
     }
 
@@ -229,7 +232,7 @@ def voxelize_batch(batch: dict) -> dict:
     })
     order = ["coords", "feats", "spatial_shape", "batch_size", "voxel_offsets", "voxel_object", "voxel_semantic",
              "object_offsets", "object_center", "object_size", "object_label", "object_names", "object_instance",
-             "texts", "scene_ids", "indices", "inverse", "point_semantic"]
+             "texts", "scene_ids", "indices", "skipped", "inverse", "point_semantic"]
     return {k: out[k] for k in order}
 
 

@@ -2,10 +2,12 @@
 and their consolidated fp32 state (which `sparsegps.exports` writes as an export).
 
 A checkpoint is written by `engine.save_checkpoint` under a hidden temporary tag, with each rank's
-RNG states beside it, described by a manifest (every file and its size, the world size and ZeRO
-stage that wrote it), then renamed to `step<N>`; `latest` is rewritten atomically last. On resume the
-newest checkpoint whose manifest matches the files on disk and which loads is used; a partial or
-corrupt one is skipped with a warning naming it, and when none loads the error says why for each.
+RNG states beside it, described by a manifest (every file with its size and content hash, the world
+size and ZeRO stage that wrote it), then renamed to `step<N>`; `latest` is rewritten atomically
+last. On resume and export the newest checkpoint whose files match their manifest (sizes, then
+hashes: read once, on rank 0) and which loads is used; a partial or damaged one is skipped with a
+warning naming it, and when none loads the error says why for each. A checkpoint that fails to be
+written (a full disk) is removed whole, with one line naming the folder; earlier ones stay.
 
 A checkpoint written by another number of ranks loads too. Without ZeRO every rank holds the whole
 optimizer state, so nothing changes. Under ZeRO 1-3 each rank's file holds its partition, so the
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import hashlib
 import io
 import json
 import random
@@ -99,25 +103,69 @@ def _step_tags(directory: Path) -> list[str]:
     return sorted(tags, key=lambda t: int(t[4:]), reverse=True)
 
 
+class CheckpointWriteError(UsageError):
+    """A checkpoint could not be written (a full disk, a quota); it was removed, earlier ones stay."""
+
+
+def file_hash(path: Path) -> str:
+    """BLAKE2b-128 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _no_space(error: BaseException) -> bool:
+    """An error of a write that ran out of space (torch's zip writer reports it as a failed
+    'unexpected pos' check, not as ENOSPC)."""
+    text = str(error)
+    return (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text
+            or "unexpected pos" in text or "Disk quota" in text)
+
+
 def save_checkpoint(engine, directory: str | Path, step: int, client_state: dict, keep: int) -> Path:
-    """Save through DeepSpeed into `directory/step<step>` atomically; prune to the newest `keep`."""
+    """Save through DeepSpeed into `directory/step<step>` atomically; prune to the newest `keep`.
+    A save that fails on any rank removes the partial checkpoint and raises on every rank
+    (`CheckpointWriteError`, one line naming the folder, when the disk is full)."""
     directory = Path(directory)
     tag = f"step{step}"
     tmp_tag = f".tmp-{tag}"
+    tmp = directory / tmp_tag
     if _rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(directory / tmp_tag, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    engine.save_checkpoint(str(directory), tag=tmp_tag, client_state=client_state, save_latest=False)
-    # DeepSpeed keeps rank 0's client state only; each rank's RNG streams differ (MLM masks, dropout)
-    torch.save(rng_state(), directory / tmp_tag / f"rng_rank{_rank()}.pt")
-    _barrier()
+    failure = None
+    try:
+        engine.save_checkpoint(str(directory), tag=tmp_tag, client_state=client_state, save_latest=False)
+        # DeepSpeed keeps rank 0's client state only; each rank's RNG streams differ (MLM masks, dropout)
+        torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    except (OSError, RuntimeError) as e:
+        failure = e
+    if not _all_ranks_succeeded(failure is None):
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        free = shutil.disk_usage(directory).free if directory.exists() else 0
+        if failure is None:
+            raise CheckpointWriteError(f"writing checkpoint {directory / tag} failed on another rank; the partial "
+                                       f"checkpoint was removed, earlier ones are kept")
+        if _no_space(failure):
+            raise CheckpointWriteError(
+                f"no space left on the disk of {directory} ({free / 2**20:.1f} MiB free) while writing checkpoint "
+                f"{tag}: the partial checkpoint was removed and earlier ones are kept; free some space (or lower "
+                f"keep_checkpoints), then run the same command with --resume auto") from None
+        raise CheckpointWriteError(f"writing checkpoint {directory / tag} failed ({type(failure).__name__}: "
+                                   f"{str(failure).splitlines()[0][:200] if str(failure) else ''}); the partial "
+                                   f"checkpoint was removed, earlier ones are kept") from failure
     final = directory / tag
     if _rank() == 0:
-        tmp = directory / tmp_tag
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in paths}
+        hashes = {str(p.relative_to(tmp)): file_hash(p) for p in paths}
         manifest = {"step": step, "world_size": _world(), "zero_stage": int(engine.zero_optimization_stage()),
-                    "files": files}
+                    "files": files, "blake2b": hashes}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -129,14 +177,16 @@ def save_checkpoint(engine, directory: str | Path, step: int, client_state: dict
     return final
 
 
-def verify_checkpoint(path: Path) -> str | None:
-    """None when the checkpoint at `path` is complete, else what is wrong with it."""
+def verify_checkpoint(path: Path, content: bool = False) -> str | None:
+    """None when the checkpoint at `path` is complete (every file of its manifest there, of its size;
+    with `content`, also of its hash, where the manifest records hashes), else what is wrong with it."""
     manifest = path / MANIFEST
     if not manifest.exists():
         return "no manifest (partial checkpoint)"
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
+        described = json.loads(manifest.read_text())
+        files, hashes = described["files"], described.get("blake2b", {})
+    except (ValueError, KeyError, AttributeError) as e:
         return f"unreadable manifest ({e})"
     for name, size in files.items():
         p = path / name
@@ -144,7 +194,19 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"missing file {name}"
         if p.stat().st_size != size:
             return f"file {name} has {p.stat().st_size} bytes, the manifest says {size}"
+    if content:
+        for name, expected in hashes.items():
+            if file_hash(path / name) != expected:
+                return f"file {name} is damaged (its content hash differs from the manifest's)"
     return None
+
+
+def _verified_on_rank0(path: Path) -> str | None:
+    """`verify_checkpoint(path, content=True)` read on rank 0 alone, its answer on every rank."""
+    answer = [verify_checkpoint(path, content=True) if _rank() == 0 else None]
+    if dist.is_initialized() and _world() > 1:
+        dist.broadcast_object_list(answer, src=0)
+    return answer[0]
 
 
 @dataclass(frozen=True)
@@ -267,6 +329,11 @@ def load_latest_checkpoint(engine, directory: str | Path) -> tuple[Checkpoint, d
         if checkpoint.zero_stage is not None and checkpoint.zero_stage != stage:
             raise UsageError(f"{checkpoint.path} was written under ZeRO stage {checkpoint.zero_stage} and this run "
                              f"uses stage {stage}: resume with the DeepSpeed config the run started with")
+        problem = _verified_on_rank0(checkpoint.path)
+        if problem is not None:
+            problems[checkpoint.tag] = problem
+            warnings.warn(f"checkpoint {checkpoint.path} is unusable: {problem}; trying the previous one", stacklevel=2)
+            continue
         try:
             client_state, problem = _load(engine, checkpoint), None
         except Exception as e:  # noqa: BLE001 (a corrupted tensor file, a failed conversion: try the previous one)
@@ -305,11 +372,22 @@ beside them) and its tag.
     `zero_to_fp32` merges; without ZeRO the module states are cast to fp32."""
     checkpoint_dir = Path(checkpoint_dir)
     if tag is None:
-        tags = [t for t in _step_tags(checkpoint_dir) if verify_checkpoint(checkpoint_dir / t) is None]
-        if not tags:
-            raise UsageError(f"{checkpoint_dir}: no complete checkpoint to export (expected step<N> folders "
-                             f"written by a training run)")
-        tag = tags[0]
+        problems = {}
+        for t in _step_tags(checkpoint_dir):
+            problems[t] = verify_checkpoint(checkpoint_dir / t, content=True)
+            if problems[t] is None:
+                tag = t
+                break
+            warnings.warn(f"checkpoint {checkpoint_dir / t} is unusable: {problems[t]}; trying the previous one",
+                          stacklevel=2)
+        if tag is None:
+            found = "; ".join(f"{t}: {p}" for t, p in problems.items())
+            raise UsageError(f"{checkpoint_dir}: no complete checkpoint to export "
+                             + (f"({found})" if found else "(expected step<N> folders written by a training run)"))
+    else:
+        problem = verify_checkpoint(checkpoint_dir / tag, content=True)
+        if problem is not None:
+            raise UsageError(f"{checkpoint_dir / tag}: {problem}")
     folder = checkpoint_dir / tag
     # "mp_rank_00_model_states.pt"; under ZeRO-3 "zero_pp_rank_0_mp_rank_00_model_states.pt"
     states_file = sorted(folder.glob("*mp_rank_00_model_states.pt"), key=lambda p: len(p.name))[0]

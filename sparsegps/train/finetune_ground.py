@@ -69,8 +69,8 @@ class GroundConfig(RunConfig):
 class ReferralScenesDataset(ScenesDataset):
     """`ScenesDataset` keeping only the text kinds the fine-tuning losses read."""
 
-    def __init__(self, paths, transforms: TransformConfig, seed: int, text_kinds: frozenset[str]):
-        super().__init__(paths, transforms, seed=seed)
+    def __init__(self, paths, transforms: TransformConfig, seed: int, text_kinds: frozenset[str], data):
+        super().__init__(paths, transforms, seed=seed, verify=data.verify, on_corrupt=data.on_corrupt)
         self.text_kinds = text_kinds
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
@@ -128,7 +128,8 @@ class GroundingTask(GPSTrainingTask):
 
     def dataset(self) -> ScenesDataset:
         cfg = self.cfg
-        return ReferralScenesDataset(cfg.data.train, cfg.data.transforms, cfg.seed, text_kinds_for(cfg.model))
+        return ReferralScenesDataset(cfg.data.train, cfg.data.transforms, cfg.seed, text_kinds_for(cfg.model),
+                                     cfg.data)
 
     def export_info(self, dataset) -> ExportInfo:
         return ExportInfo("grounding", to_dict(self.cfg.model), vocabulary=list(dataset.vocabulary),

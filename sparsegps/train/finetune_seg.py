@@ -111,7 +111,8 @@ class SegmentationTask(TrainingTask):
         transforms = build_transforms(data.transforms)
         if data.labelled_points is not None:
             transforms.transforms.append(LabelledPoints(data.labelled_points))
-        return ScenesDataset(data.train, transforms, seed=self.cfg.seed, rooms=data.rooms)
+        return ScenesDataset(data.train, transforms, seed=self.cfg.seed, rooms=data.rooms, verify=data.verify,
+                             on_corrupt=data.on_corrupt)
 
     def model(self, initialise: bool) -> SegmentationModel:
         cfg = self.cfg

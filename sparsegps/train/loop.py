@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from sparsegps.data import collate_scenes, move_batch
-from sparsegps.distributed import all_reduce_sum
-from sparsegps.errors import Preempted, UsageError
+from sparsegps.distributed import all_reduce_sum, gather_objects
+from sparsegps.errors import CollectiveError, Preempted, UsageError
 from sparsegps.models.grad_scale import finish_grad_scaling_step
 from sparsegps.runtime import release_free_memory
 
@@ -38,10 +38,6 @@ PREFETCH_FACTOR = 2
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the message names the step and the batch's scenes."""
-
-
-class CollectiveError(RuntimeError):
-    """A collective failed or timed out; the message names the rank and the step."""
 
 
 @dataclass
@@ -172,6 +168,7 @@ def train_loop(run: Run, engine, dataset, criterion: Callable[[object, dict], di
     bar = tqdm(total=cfg.steps, initial=position.step, desc=desc, unit="step", dynamic_ncols=True,
                disable=not progress or run.rank != 0)
     last: dict = {}
+    damaged = DamagedScenes(run.rank)
     engine.train()
     batches = position.micro_batches(run, dataset, order) if position.step < cfg.steps else (b for b in ())
     try:
@@ -187,6 +184,7 @@ def train_loop(run: Run, engine, dataset, criterion: Callable[[object, dict], di
                     finish_grad_scaling_step(engine.module)
                 engine.step()
                 meter.add(losses, batch)
+                damaged.note(batch.get("skipped", ()), position.step + 1)
                 if position.micro % run.grad_accum:
                     continue
                 position.step += 1
@@ -212,19 +210,53 @@ def train_loop(run: Run, engine, dataset, criterion: Callable[[object, dict], di
                 if step >= cfg.steps:
                     break
     except RuntimeError as e:
+        if run.world > 1 and is_collective_failure(e) and _peer_gone(e):
+            raise CollectiveError(
+                f"rank {run.rank} of {run.world}, step {position.step + 1}: another rank ended (its error, if it "
+                f"printed one, comes first) ({str(e).splitlines()[0][:200]})") from e
         if run.world > 1 and is_collective_failure(e):
             raise CollectiveError(
                 f"rank {run.rank} of {run.world}, step {position.step + 1}: a collective failed or timed out "
                 f"after dist_timeout_s={cfg.dist_timeout_s:g} ({str(e).splitlines()[0][:300]}). Ranks issued "
                 f"different collectives; rerun with TORCH_DISTRIBUTED_DEBUG=DETAIL to see which") from e
         raise
-    bar.close()
+    finally:
+        bar.close()  # an error is printed on a line of its own
     log.plot(run.out / "loss_curve.png", f"{desc}: training losses ({run.out.name})")
+    skipped = damaged.gathered()
     if dist.is_initialized():
         dist.barrier()
     last = {k: v for k, v in last.items() if k.startswith("loss")}
     return {"steps": position.step, "epochs": position.samples / order.per_epoch, "samples": position.samples,
-            **meter.throughput(), "peak_memory_mb": peak_memory_mb(run.device), **last}
+            **meter.throughput(), "peak_memory_mb": peak_memory_mb(run.device), **last, **skipped}
+
+
+class DamagedScenes:
+    """The damaged scenes this rank's data passed over (`data.on_corrupt: skip`): a warning naming
+    each the first time, and in the summary their count and files over all ranks."""
+
+    def __init__(self, rank: int):
+        self.rank, self.seen = rank, {}
+
+    def note(self, skipped, step: int) -> None:
+        for file, scene, reason in skipped:
+            if (file, scene) not in self.seen:
+                self.seen[(file, scene)] = reason
+                print(f"warning: rank {self.rank}, step {step}: skipped damaged scene {scene!r} of {file} ({reason})",
+                      flush=True)
+
+    def gathered(self) -> dict:
+        """{"skipped_scenes": count, "skipped_files": [...]} over every rank (a collective), or {} when
+        no rank skipped any."""
+        everything = {(file, scene) for file, scene in gather_objects(list(self.seen))}
+        if not everything:
+            return {}
+        return {"skipped_scenes": len(everything), "skipped_files": sorted({file for file, _ in everything})}
+
+
+def _peer_gone(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "connection closed" in text or "connection reset" in text
 
 
 def is_collective_failure(error: BaseException) -> bool:

@@ -138,7 +138,8 @@ def training_set(cfg: PretrainConfig) -> ScenesDataset:
         words = [w for c in holdout for w in class_words(c)]
         transforms.transforms.insert(0, HoldOutClasses(holdout, words, cfg.data.holdout))
     return ScenesDataset(cfg.data.train, transforms, seed=cfg.seed,
-                         classes=[c for c in vocabulary if c not in holdout])
+                         classes=[c for c in vocabulary if c not in holdout], verify=cfg.data.verify,
+                         on_corrupt=cfg.data.on_corrupt)
 
 
 def training_texts(cfg: PretrainConfig) -> list[str]:
