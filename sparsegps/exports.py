@@ -161,7 +161,12 @@ def _read_safetensors(path: Path) -> Export:
     if recorded is not None and recorded != content_hash(state, header["sparsegps"]):
         raise UsageError(f"{path}: its weights or metadata differ from what was exported (the file is damaged or "
                          f"was edited); export the run again")
-    return Export(path, ExportInfo.from_state(json.loads(header["sparsegps"])), state)
+    try:
+        info = ExportInfo.from_state(json.loads(header["sparsegps"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"{path}: its sparsegps metadata is not readable ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]}); export the run again") from None
+    return Export(path, info, state)
 
 
 def content_hash(tensors: dict[str, torch.Tensor], metadata: str) -> str:

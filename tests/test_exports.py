@@ -120,6 +120,10 @@ def test_a_damaged_or_edited_export_is_refused_and_non_finite_weights_are_not_wr
     save_file(tensors, str(tmp_path / "c.safetensors"), metadata={**header, "sparsegps": json.dumps(edited)})
     with pytest.raises(UsageError, match="differ from what was exported"):
         read_export(tmp_path / "c.safetensors")
+    no_hash = {k: v for k, v in header.items() if k != "content_hash"}  # as earlier versions wrote them
+    save_file(tensors, str(tmp_path / "e.safetensors"), metadata={**no_hash, "sparsegps": "{half-writ"})
+    with pytest.raises(UsageError, match="e.safetensors: its sparsegps metadata is not readable"):
+        read_export(tmp_path / "e.safetensors")
     with pytest.raises(UsageError, match="w holds non-finite values"):
         save_export(tmp_path / "d.safetensors", {"w": torch.tensor([1.0, float("nan")])},
                     ExportInfo(task="pretraining", model_config={}))
