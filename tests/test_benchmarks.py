@@ -56,7 +56,7 @@ def test_bench_data_quick_through_the_cli(tmp_path, capsys):
         r for r in rows if r["method"].startswith("pth") and r["workers"] == row["workers"]
         and r["cache"] == row["cache"] and r["worker_start"] == row["worker_start"]))
     methods = {r["method"] for r in data["rows"]}
-    assert methods == {"shards (lzf)", "shards (none)", "pth (GPS)", "npy (Pointcept)"}
+    assert methods == {"shards (lzf)", "shards (none)", "shards (none, unverified)", "pth (GPS)", "npy (Pointcept)"}
     assert {(r["workers"], r["worker_start"]) for r in data["rows"]} == {(0, "-"), (2, "fresh"), (2, "persistent")}
     assert data["config"]["scenes"] == 12
     for row in data["rows"]:
