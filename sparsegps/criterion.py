@@ -48,10 +48,17 @@ class GPSCriterion:
             device, referrals=referrals.count,
             masked_tokens=(out["mlm_labels"] != L.IGNORE_INDEX).sum() if "mlm_labels" in out else 0,
             object_texts=len(out["object_text_keys"]) if "object_text_keys" in out else 0,
+            regions=len(out["region_keys"]) if "region_keys" in out else 0,
             labelled_objects=(batch["object_label"] >= 0).sum(), labelled_voxels=(batch["voxel_semantic"] >= 0).sum())
         losses = self._referral_losses(out, counts)
         if "object_text_embedding" in out:
-            losses["loss_object_text"] = self._object_text(out, counts["object_texts"])
+            losses["loss_object_text"] = self._text_contrast(
+                out["object_text_embedding"], out["object_text_keys"], out["text_embedding"], out["text_keys"],
+                out["object_scale"], counts["object_texts"])
+        if "region_embedding" in out:
+            losses["loss_region_text"] = self._text_contrast(
+                out["region_embedding"], out["region_keys"], out["region_text_embedding"], out["region_text_keys"],
+                out["region_scale"], counts["regions"])
         if "scene_embedding" in out:
             losses["loss_scene_text"] = self._scene_text(out)
         if "object_class_logits" in out:
@@ -82,16 +89,18 @@ class GPSCriterion:
             losses["loss_mlm"] = L.global_mean_share(mlm.sum() + mlm_logits.sum() * 0.0, counts["masked_tokens"])
         return losses
 
-    def _object_text(self, out: dict, global_rows: torch.Tensor) -> torch.Tensor:
-        """Object tokens against the distinct object texts of all ranks (multi-positive InfoNCE):
-        gathered with gradients, a text held by several ranks counted once, so the loss does not
-        depend on how the batch is split over ranks."""
-        all_encoded, _ = gather_rows(out["text_embedding"])
-        all_keys, _ = gather_rows(out["text_keys"])
+    @staticmethod
+    def _text_contrast(rows: torch.Tensor, row_keys: torch.Tensor, texts: torch.Tensor, text_keys: torch.Tensor,
+                       scale: torch.Tensor, global_rows: torch.Tensor) -> torch.Tensor:
+        """Rows (object tokens for object_text, projected object regions for region_text) against
+        the distinct texts of all ranks (multi-positive InfoNCE; a row's positives are the texts of
+        its key): gathered with gradients, a text held by several ranks counted once, so the loss
+        does not depend on how the batch is split over ranks."""
+        all_encoded, _ = gather_rows(texts)
+        all_keys, _ = gather_rows(text_keys)
         keep = first_occurrences(all_keys) & (all_keys != 0)
-        positive = out["object_text_keys"][:, None] == all_keys[keep][None, :]
-        per_row = L.multi_positive_info_nce(out["object_text_embedding"], all_encoded[keep], positive,
-                                            out["object_scale"])
+        positive = row_keys[:, None] == all_keys[keep][None, :]
+        per_row = L.multi_positive_info_nce(rows, all_encoded[keep], positive, scale)
         anchor = all_encoded.sum() * 0.0  # the placeholder and duplicates stay in the graph
         return L.global_mean_share(per_row.sum() + anchor, global_rows)
 

@@ -64,6 +64,36 @@ def test_object_class_loss_is_the_smoothed_cross_entropy_over_class_prompts(room
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_region_text_is_each_captioned_objects_mean_projected_voxel_against_the_captions(rooms):
+    """By hand, object by object: the mean of dense_proj over the object's voxels, InfoNCE against
+    the batch's distinct object captions, positives the captions equal to the object's."""
+    torch.manual_seed(0)
+    model = GPSModel(tiny(region_text=1.0)).eval()
+    samples = [rooms[0], rooms[1]]
+    samples[1]["texts"] = [t for t in samples[1]["texts"] if t.kind != "object_caption" or t.target_id != 10]
+    batch = collate_scenes(samples)
+    out = outputs_and_losses(model, batch)
+    voxel_embedding = model.dense_proj(out["objects"]["voxel_feats"])
+    captions, regions = [], []
+    for t in batch["texts"]:
+        if t["kind"] == "object_caption" and t["target"] >= 0 and t["target"] not in [r for r, _ in regions]:
+            regions.append((t["target"], t["text"]))
+    assert len(regions) == 7  # 8 objects, one without a caption
+    captions = sorted({text for _, text in regions})
+    assert len(captions) < len(regions)  # two objects share a caption: both are its positives
+    encoded = model.text_proj(model.encode_text(captions, "cpu")["sentence"])
+    scale = model.region_scale()
+    terms = []
+    for obj, text in regions:
+        region = voxel_embedding[batch["voxel_object"] == obj].mean(0)
+        sims = torch.stack([scale * torch.nn.functional.cosine_similarity(region, c, dim=0) for c in encoded])
+        positive = torch.tensor([c == text for c in captions])
+        terms.append(torch.logsumexp(sims, 0) - torch.logsumexp(sims[positive], 0))
+    expected = torch.stack(terms).mean()
+    assert out["loss_region_text"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_class_balance_weights_hand_computed():
     labels = torch.tensor([0, 0, 0, 1, -1, 2])
     got = L.class_balance_weights(labels, 4, 0.5)

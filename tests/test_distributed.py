@@ -204,7 +204,8 @@ def _loss_and_gradients(data, indices) -> tuple[torch.Tensor, dict]:
     cfg = config(Path(data), Path(data) / "unused", data=data_config(Path(data)))
     # the losses over voxels and objects too, with class weights from the global batch's counts
     model_cfg = dataclasses.replace(cfg.model, class_names=list(VOCAB), dense_class_balance=0.5,
-                                    loss=dataclasses.replace(cfg.model.loss, dense_text=1.0, object_class=1.0))
+                                    loss=dataclasses.replace(cfg.model.loss, dense_text=1.0, object_class=1.0,
+                                                             region_text=1.0))
     torch.manual_seed(0)
     model = GPSModel(model_cfg).eval()
     ds = ScenesDataset(cfg.data.train, cfg.data.transforms)
@@ -212,7 +213,7 @@ def _loss_and_gradients(data, indices) -> tuple[torch.Tensor, dict]:
     out["loss"].backward()
     parts = torch.stack([out[k].detach() for k in ("loss", "loss_grounding", "loss_referral_object",
                                                    "loss_object_text", "loss_scene_text", "loss_dense_text",
-                                                   "loss_object_class")])
+                                                   "loss_object_class", "loss_region_text")])
     return parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

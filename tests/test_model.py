@@ -40,9 +40,11 @@ GPS_FORMS = {"referral_contrast": "gps", "sentence_pooling": "cls", "grounding_h
 def test_every_trainable_parameter_gets_a_gradient(batch_and_dataset, forms):
     torch.manual_seed(0)
     batch, _ = batch_and_dataset
-    model = GPSModel(tiny_config(class_names=VOCAB, loss={"object_class": 1.0, "dense_text": 1.0}, **forms))
+    model = GPSModel(tiny_config(class_names=VOCAB, loss={"object_class": 1.0, "dense_text": 1.0, "region_text": 1.0},
+                                 **forms))
     out = outputs_and_losses(model, batch)
-    for name in ("object_text", "scene_text", "referral_object", "grounding", "mlm", "object_class", "dense_text"):
+    for name in ("object_text", "scene_text", "referral_object", "grounding", "mlm", "object_class", "dense_text",
+                 "region_text"):
         assert torch.isfinite(out[f"loss_{name}"]) and out[f"loss_{name}"].item() > 0, name
     out["loss"].backward()
     # The grounding head's output bias shifts every object's logit of a referral alike: the softmax

@@ -45,6 +45,12 @@ class LossWeights:
     # Not in GPS: every labelled voxel's feature, projected into the text space, against the
     # class-name texts, so a pre-trained model segments by naming classes (eval-seg --zero-shot).
     dense_text: float = 0.0
+    # Not in GPS (PLA's caption-region association): each captioned object's voxels, projected as
+    # dense_text projects them and averaged, against the batch's object captions (multi-positive
+    # InfoNCE). Consumes texts only, so the voxels of classes whose labels are withheld
+    # (`data.holdout: labels`) meet the words that name them, in the space where eval-seg
+    # --zero-shot names classes.
+    region_text: float = 0.0
 
 
 @dataclass
@@ -160,6 +166,8 @@ class GPSModel(nn.Module):
         self.object_class_proj = _mlp(d, e)
         self.dense_proj = _mlp(self.backbone.out_channels, e)
         self.class_scale, self.dense_scale = L.LogitScale(), L.LogitScale()
+        if cfg.loss.region_text > 0:  # exports without the loss have no such parameter
+            self.region_scale = L.LogitScale()
         if cfg.temperatures == "fixed":
             for module in self.modules():
                 if isinstance(module, L.LogitScale):
@@ -262,7 +270,9 @@ class GPSModel(nn.Module):
         (the batch's distinct object texts; key 0: the placeholder), object_scale; with scene_text,
         scene_embedding and caption_embedding of the scenes with a caption (caption_scene: their
         index in the batch), scene_scale; with object_class, object_class_logits of the valid objects;
-        with dense_text, dense_logits of every voxel."""
+        with dense_text, dense_logits of every voxel; with region_text, region_embedding of the
+        captioned objects (region_keys: their captions' keys), region_text_embedding and
+        region_text_keys (the batch's distinct object captions), region_scale."""
         device, w = batch["feats"].device, self.cfg.loss
         objects = self.encode_objects(batch)
         referrals = Referrals.of(batch, device)
@@ -278,13 +288,16 @@ class GPSModel(nn.Module):
             out.update(self._object_text(batch, objects, device))
         if w.scene_text > 0:
             out.update(self._scene_text(batch, objects, device))
+        voxel_embedding = self.dense_proj(objects["voxel_feats"]) if w.dense_text > 0 or w.region_text > 0 else None
         if w.object_class > 0 or w.dense_text > 0:
             classes = self.class_embeddings(self.cfg.class_names, device)
             if w.object_class > 0:
                 out["object_class_logits"] = L.scaled_cosine(
                     self.object_class_proj(objects["tokens"][~objects["pad"]]), classes, self.class_scale())
             if w.dense_text > 0:
-                out["dense_logits"] = self.dense_class_logits(objects["voxel_feats"], classes)
+                out["dense_logits"] = L.scaled_cosine(voxel_embedding, classes, self.dense_scale())
+        if w.region_text > 0:
+            out.update(self._region_text(batch, voxel_embedding, device))
         return out
 
     def _referral_logits(self, fused_text: torch.Tensor, fused_obj: torch.Tensor, text: dict) -> torch.Tensor:
@@ -305,32 +318,62 @@ class GPSModel(nn.Module):
         """Each voxel's scaled cosine [V, K] with the class embeddings: segmentation by naming classes."""
         return L.scaled_cosine(self.dense_proj(voxel_feats), classes, self.dense_scale())
 
+    @staticmethod
+    def _first_captions(batch: dict) -> tuple[list[int], list[str]]:
+        """The objects (batch object order) that have an object caption, and their first one."""
+        caption: dict[int, str] = {}
+        for t in batch["texts"]:
+            if t["kind"] == "object_caption" and t["target"] >= 0:
+                caption.setdefault(t["target"], t["text"])
+        rows = sorted(caption)
+        return rows, [caption[r] for r in rows]
+
     def _object_text_pairs(self, batch: dict) -> tuple[list[int], list[str]]:
         """The objects (rows of the flattened valid tokens) that have a text, and that text: their
         first caption ("caption") or "a <class>" ("class_name"; objects whose class name was held
         out have none)."""
         if self.cfg.object_text == "caption":
-            caption: dict[int, str] = {}
-            for t in batch["texts"]:
-                if t["kind"] == "object_caption" and t["target"] >= 0:
-                    caption.setdefault(t["target"], t["text"])
-            rows = sorted(caption)
-            return rows, [caption[r] for r in rows]
+            return self._first_captions(batch)
         rows = [i for i, name in enumerate(batch["object_names"]) if name]  # "": a class held out of training
         return rows, [f"a {batch['object_names'][i]}" for i in rows]
 
+    def _texts_to_contrast(self, texts: list[str], device) -> dict:
+        """The distinct `texts` in the contrastive space with their keys (`text_key`, by which the
+        criterion matches rows to texts gathered from every rank), and each text's key; no text: one
+        placeholder (key 0)."""
+        unique = sorted(set(texts))
+        return {"embedding": self.text_proj(self.encode_text(unique or [""], device)["sentence"]),
+                "keys": torch.tensor([text_key(t) for t in unique] or [0], device=device, dtype=torch.int64),
+                "row_keys": torch.tensor([text_key(t) for t in texts], device=device, dtype=torch.int64)}
+
     def _object_text(self, batch: dict, objects: dict, device) -> dict:
         """Embeddings of the objects that have a text, and of the batch's distinct object texts, with
-        the keys that match them (`text_key`; the criterion gathers the texts of every rank)."""
+        the keys that match them."""
         rows, texts = self._object_text_pairs(batch)
         flat = objects["tokens"][~objects["pad"]]  # [O, D] in batch object order
-        unique = sorted(set(texts))
-        encoded = self.text_proj(self.encode_text(unique or [""], device)["sentence"])
-        return {"object_text_embedding": self.object_proj(flat[rows]),
-                "object_text_keys": torch.tensor([text_key(t) for t in texts], device=device, dtype=torch.int64),
-                "text_embedding": encoded,
-                "text_keys": torch.tensor([text_key(t) for t in unique] or [0], device=device, dtype=torch.int64),
+        encoded = self._texts_to_contrast(texts, device)
+        return {"object_text_embedding": self.object_proj(flat[rows]), "object_text_keys": encoded["row_keys"],
+                "text_embedding": encoded["embedding"], "text_keys": encoded["keys"],
                 "object_scale": self.object_scale()}
+
+    def _region_text(self, batch: dict, voxel_embedding: torch.Tensor, device) -> dict:
+        """The mean projected voxel of each captioned object that kept voxels, and the batch's
+        distinct object captions, with the keys that match them."""
+        rows, texts = self._first_captions(batch)
+        voxel_object = batch["voxel_object"].to(device)
+        inside = voxel_object >= 0
+        objects = int(batch["object_offsets"][-1])
+        sums = voxel_embedding.new_zeros(objects, voxel_embedding.shape[1]).index_add(
+            0, voxel_object[inside], voxel_embedding[inside])
+        counts = torch.bincount(voxel_object[inside], minlength=objects)
+        has_voxels = counts.tolist()
+        kept = [k for k, r in enumerate(rows) if has_voxels[r] > 0]  # a crop can drop an object
+        rows, texts = [rows[k] for k in kept], [texts[k] for k in kept]
+        encoded = self._texts_to_contrast(texts, device)
+        index = torch.tensor(rows, device=device, dtype=torch.int64)
+        return {"region_embedding": sums[index] / counts[index].clamp(min=1).unsqueeze(1).to(sums.dtype),
+                "region_keys": encoded["row_keys"], "region_text_embedding": encoded["embedding"],
+                "region_text_keys": encoded["keys"], "region_scale": self.region_scale()}
 
     def _scene_text(self, batch: dict, objects: dict, device) -> dict:
         """The mean of each scene's valid object tokens and its scene caption, in the contrastive

@@ -184,7 +184,7 @@ def consumed_labels(model: ModelConfig) -> list[str]:
     classification, or "a <class>" object texts), "voxel_classes" (per-voxel classes: dense_text)."""
     w = model.loss
     kinds = []
-    if w.mlm > 0 or w.referral_object > 0 or w.grounding > 0 or w.scene_text > 0 or (
+    if w.mlm > 0 or w.referral_object > 0 or w.grounding > 0 or w.scene_text > 0 or w.region_text > 0 or (
             w.object_text > 0 and model.object_text == "caption"):
         kinds.append("texts")
     if w.object_class > 0 or (w.object_text > 0 and model.object_text == "class_name"):
