@@ -80,6 +80,9 @@ def test_unknown_held_out_class_is_refused(rooms):
     ({"object_class": 0.5, "dense_text": 0.0}, "caption", ["texts", "object_classes"], "objects"),
     ({"object_class": 0.0, "dense_text": 0.0}, "class_name", ["texts", "object_classes"], "objects"),
     ({"object_class": 0.5, "dense_text": 3.0}, "class_name", ["texts", "object_classes", "voxel_classes"], "dense"),
+    # captions against object regions: texts alone, whatever else is off
+    ({"object_text": 0.0, "scene_text": 0.0, "referral_object": 0.0, "grounding": 0.0, "mlm": 0.0, "object_class": 0.0,
+      "dense_text": 0.0, "region_text": 1.0}, "class_name", ["texts"], "language"),
 ])
 def test_presets_are_named_by_the_labels_their_losses_consume(loss, object_text, labels, name):
     model = ModelConfig(object_text=object_text, loss=dataclasses.replace(LossWeights(), **loss))
