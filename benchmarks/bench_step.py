@@ -58,9 +58,9 @@ MODULE_COMPONENTS = {
     "fused_proj": "projections", "object_class_proj": "projections", "dense_proj": "projections",
 }
 # GPSCriterion's parts.
-LOSS_COMPONENTS = {"_referral_losses": "loss: grounding, referral, MLM", "_object_text": "loss: object-text",
-                   "_scene_text": "loss: scene-text", "_object_class": "loss: object class",
-                   "_dense_text": "loss: dense text"}
+LOSS_COMPONENTS = {"_referral_losses": "loss: grounding, referral, MLM",
+                   "_text_contrast": "loss: object-text, region-text", "_scene_text": "loss: scene-text",
+                   "_object_class": "loss: object class", "_dense_text": "loss: dense text"}
 MODEL_OTHER, LOSS_OTHER, BACKWARD_OTHER = "model (other)", "loss (other)", "backward (other)"
 ORDER = ("data", "U-Net", "pooling", "spatial transformer", "text encoder", "grounding encoder", "grounding head",
          "MLM head", "projections", *LOSS_COMPONENTS.values(), LOSS_OTHER, MODEL_OTHER, BACKWARD_OTHER, "optimizer")
