@@ -49,11 +49,8 @@ $(STAMP): setup.py $(INSTALL_TOOL) | $(PY)
 	$(PY) $(INSTALL_TOOL) smoke
 	touch $@
 
-# Two pytest workers, one thread each (most tests wait on the processes they start); the tests of
-# one file stay in one worker, which keeps its module fixtures. TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(if $(filter 0,$(TEST_WORKERS)),$(PY) -m pytest -q tests,OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests)
+	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(PY) -m sparsegps.demo --out runs/demo

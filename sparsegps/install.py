@@ -53,9 +53,8 @@ RUNTIME_REQUIREMENTS = [
 """install_requires. torch-scatter is the `scatter` extra: where it cannot be built, pooling runs
 on native torch ops with identical results."""
 TORCH_SCATTER_REQUIREMENT = "torch-scatter>=2.1"
-DEV_REQUIREMENTS = ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hdf5plugin>=4.1"]
-"""The test suite's extra needs: hdf5plugin runs the store's lz4 and blosc codecs; pytest-xdist runs
-`make test` as two processes (most of the suite waits on the processes it starts)."""
+DEV_REQUIREMENTS = ["pytest>=8", "pytest-timeout>=2.3", "hdf5plugin>=4.1"]
+"""The test suite's extra needs: hdf5plugin runs the store's lz4 and blosc codecs."""
 BUILD_TOOLS = ["pip", "setuptools>=64", "wheel", "ninja", "packaging", "psutil", "py-cpuinfo"]
 """What the Makefile installs before the packages it builds without isolation (torch-scatter,
 DeepSpeed) and what an editable install of sparsegps needs."""

@@ -155,7 +155,8 @@ def test_finetune_exports_a_grounding_model_and_reports_the_benchmark(finetuned)
     assert info.task == "grounding" and info.vocabulary == VOCAB and info.voxel_size == VOXEL and info.step == 3
     assert info.model_config["d_model"] == 32
     assert info.model_config["loss"] == {"object_text": 0.0, "scene_text": 0.0, "referral_object": 0.5,
-                                         "grounding": 1.0, "mlm": 0.0, "object_class": 0.0, "dense_text": 0.0}
+                                         "grounding": 1.0, "mlm": 0.0, "object_class": 0.0, "dense_text": 0.0,
+                                         "region_text": 0.0}
     model, _ = load_model(finetuned / "export.safetensors")
     assert isinstance(model, GPSModel)
 
