@@ -73,7 +73,9 @@ def test_the_text_encoder_in_length_groups_gives_one_padded_call_s_features_and_
     torch.testing.assert_close(grouped[real], padded[real], atol=2e-5, rtol=1e-5)
     for name, p in encoder.named_parameters():
         if p.grad is not None:
-            torch.testing.assert_close(grads[name], p.grad, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+            # summed over thousands of terms in another order: rounding, scaled by the gradient's size
+            atol = max(1e-4, 1e-5 * float(p.grad.abs().max()))
+            torch.testing.assert_close(grads[name], p.grad, atol=atol, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ------------------------------------------------------------------------- grounding layers
