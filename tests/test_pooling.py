@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sparsegps.models import pooling
-from sparsegps.models.pooling import ObjectPooling, pad_objects, pool_by_instance
+from sparsegps.models.pooling import ObjectPooling, mean_by_instance, pad_objects, pool_by_instance
 
 BACKENDS = ["native"] + (["torch_scatter"] if pooling.torch_scatter is not None else [])
 
@@ -37,6 +37,15 @@ def test_pool_matches_per_object_loop(backend):
     torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-6)
     assert torch.equal(maximum, ref_max)
     assert torch.equal(mean[3], torch.zeros(5)) and torch.equal(maximum[7], torch.zeros(5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mean_alone_matches_loop_and_counts_voxels(backend):
+    feats, voxel_object, num_objects = _voxels(seed=1)
+    mean, counts = mean_by_instance(feats, voxel_object, num_objects, backend=backend)
+    torch.testing.assert_close(mean, _loop_pool(feats, voxel_object, num_objects)[0], rtol=1e-6, atol=1e-6)
+    assert counts.tolist() == [int((voxel_object == k).sum()) for k in range(num_objects)]
+    assert counts[3] == 0 and counts[7] == 0
 
 
 def test_pool_all_voxels_unassigned_gives_zeros():

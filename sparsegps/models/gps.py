@@ -26,7 +26,7 @@ from sparsegps import losses as L
 
 from .backbone import SpUNet, SpUNetConfig
 from .grounding import GroundingEncoder, GroundingHead, MLMHead
-from .pooling import ObjectPooling
+from .pooling import ObjectPooling, mean_by_instance
 from .spatial_transformer import SpatialTransformer
 from .text_encoder import TextEncoder, TextEncoderConfig
 
@@ -360,18 +360,14 @@ class GPSModel(nn.Module):
         """The mean projected voxel of each captioned object that kept voxels, and the batch's
         distinct object captions, with the keys that match them."""
         rows, texts = self._first_captions(batch)
-        voxel_object = batch["voxel_object"].to(device)
-        inside = voxel_object >= 0
-        objects = int(batch["object_offsets"][-1])
-        sums = voxel_embedding.new_zeros(objects, voxel_embedding.shape[1]).index_add(
-            0, voxel_object[inside], voxel_embedding[inside])
-        counts = torch.bincount(voxel_object[inside], minlength=objects)
+        means, counts = mean_by_instance(voxel_embedding, batch["voxel_object"].to(device),
+                                         int(batch["object_offsets"][-1]), self.pooling.backend)
         has_voxels = counts.tolist()
         kept = [k for k, r in enumerate(rows) if has_voxels[r] > 0]  # a crop can drop an object
         rows, texts = [rows[k] for k in kept], [texts[k] for k in kept]
         encoded = self._texts_to_contrast(texts, device)
         index = torch.tensor(rows, device=device, dtype=torch.int64)
-        return {"region_embedding": sums[index] / counts[index].clamp(min=1).unsqueeze(1).to(sums.dtype),
+        return {"region_embedding": means[index],
                 "region_keys": encoded["row_keys"], "region_text_embedding": encoded["embedding"],
                 "region_text_keys": encoded["keys"], "region_scale": self.region_scale()}
 

@@ -20,10 +20,58 @@ except ImportError:  # the native path below computes the same thing
 PoolingBackend = Literal["auto", "torch_scatter", "native"]
 
 
-def _segment_reduce(sorted_feats: torch.Tensor, indptr: torch.Tensor, reduce: str, backend: str) -> torch.Tensor:
+def _check_backend(backend: PoolingBackend) -> str:
+    if backend == "auto":
+        return "torch_scatter" if torch_scatter is not None else "native"
+    if backend == "torch_scatter" and torch_scatter is None:
+        raise ImportError("pooling: backend='torch_scatter' but torch_scatter is not installed")
+    if backend not in ("torch_scatter", "native"):
+        raise ValueError(f"pooling: unknown backend {backend!r}; use 'auto', 'torch_scatter' or 'native'")
+    return backend
+
+
+class _Segments(NamedTuple):
+    sorted_feats: torch.Tensor  # [V, C] fp32 or wider, voxels ordered by object (voxels without one first)
+    indptr: torch.Tensor        # [O + 2]: segment 0 holds the voxels without an object, k + 1 object k
+    counts: torch.Tensor        # [O] voxels per object
+
+
+def _segments(voxel_feats: torch.Tensor, voxel_object: torch.Tensor, num_objects: int) -> _Segments:
+    if voxel_feats.ndim != 2 or voxel_object.shape != voxel_feats.shape[:1]:
+        raise ValueError(f"pooling: voxel_feats must be [V, C] and voxel_object [V], got "
+                         f"{list(voxel_feats.shape)} and {list(voxel_object.shape)}")
+    if voxel_object.dtype != torch.int64:
+        raise ValueError(f"pooling: voxel_object must be int64, got {voxel_object.dtype}")
+    if voxel_feats.dtype in (torch.float16, torch.bfloat16):
+        voxel_feats = voxel_feats.float()
+    segment = voxel_object + 1
+    try:
+        counts = torch.bincount(segment, minlength=num_objects + 1)
+    except RuntimeError as e:
+        raise ValueError(f"pooling: voxel_object has an index below -1 ({e})") from None
+    if counts.numel() != num_objects + 1:
+        raise ValueError(f"pooling: voxel_object has an index >= num_objects ({num_objects})")
+    indptr = torch.zeros(num_objects + 2, dtype=torch.int64, device=voxel_feats.device)
+    torch.cumsum(counts, dim=0, out=indptr[1:])
+    return _Segments(voxel_feats[torch.argsort(segment, stable=True)], indptr, counts[1:])
+
+
+def _reduce(segments: _Segments, reduce: str, backend: str) -> torch.Tensor:
+    """One row per object; objects without voxels get zeros (torch.segment_reduce leaves them at
+    nan for a mean and -inf for a max)."""
     if backend == "torch_scatter":
-        return torch_scatter.segment_csr(sorted_feats, indptr, reduce=reduce)
-    return torch.segment_reduce(sorted_feats, reduce, offsets=indptr, axis=0)
+        return torch_scatter.segment_csr(segments.sorted_feats, segments.indptr, reduce=reduce)[1:]
+    out = torch.segment_reduce(segments.sorted_feats, reduce, offsets=segments.indptr, axis=0)[1:]
+    return out.masked_fill((segments.counts == 0).unsqueeze(1), 0.0)
+
+
+def mean_by_instance(voxel_feats: torch.Tensor, voxel_object: torch.Tensor, num_objects: int,
+                     backend: PoolingBackend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of `voxel_feats` [V, C] over the voxels of each object, and each object's voxel count
+    -> ([O, C], [O] int64); the arguments as for `pool_by_instance`."""
+    backend = _check_backend(backend)
+    segments = _segments(voxel_feats, voxel_object, num_objects)
+    return _reduce(segments, "mean", backend), segments.counts
 
 
 def pool_by_instance(voxel_feats: torch.Tensor, voxel_object: torch.Tensor, num_objects: int,
@@ -37,40 +85,9 @@ def pool_by_instance(voxel_feats: torch.Tensor, voxel_object: torch.Tensor, num_
     Where an object's maximum is tied between voxels, torch_scatter sends the whole gradient to
     one of them and the native path splits it among them; both are valid subgradients.
     """
-    if backend == "auto":
-        backend = "torch_scatter" if torch_scatter is not None else "native"
-    if backend == "torch_scatter" and torch_scatter is None:
-        raise ImportError("pool_by_instance: backend='torch_scatter' but torch_scatter is not installed")
-    if backend not in ("torch_scatter", "native"):
-        raise ValueError(f"pool_by_instance: unknown backend {backend!r}; use 'auto', 'torch_scatter' or 'native'")
-    if voxel_feats.ndim != 2 or voxel_object.shape != voxel_feats.shape[:1]:
-        raise ValueError(f"pool_by_instance: voxel_feats must be [V, C] and voxel_object [V], got "
-                         f"{list(voxel_feats.shape)} and {list(voxel_object.shape)}")
-    if voxel_object.dtype != torch.int64:
-        raise ValueError(f"pool_by_instance: voxel_object must be int64, got {voxel_object.dtype}")
-    if voxel_feats.dtype in (torch.float16, torch.bfloat16):
-        voxel_feats = voxel_feats.float()
-
-    # Segment 0 collects the voxels without an object (index -1); segment k + 1 is object k.
-    segment = voxel_object + 1
-    try:
-        counts = torch.bincount(segment, minlength=num_objects + 1)
-    except RuntimeError as e:
-        raise ValueError(f"pool_by_instance: voxel_object has an index below -1 ({e})") from None
-    if counts.numel() != num_objects + 1:
-        raise ValueError(f"pool_by_instance: voxel_object has an index >= num_objects ({num_objects})")
-    indptr = torch.zeros(num_objects + 2, dtype=torch.int64, device=voxel_feats.device)
-    torch.cumsum(counts, dim=0, out=indptr[1:])
-    sorted_feats = voxel_feats[torch.argsort(segment, stable=True)]
-
-    mean = _segment_reduce(sorted_feats, indptr, "mean", backend)[1:]
-    maximum = _segment_reduce(sorted_feats, indptr, "max", backend)[1:]
-    if backend == "native":
-        # torch.segment_reduce leaves empty segments at nan (mean) and -inf (max).
-        empty = (counts[1:] == 0).unsqueeze(1)
-        mean = mean.masked_fill(empty, 0.0)
-        maximum = maximum.masked_fill(empty, 0.0)
-    return mean, maximum
+    backend = _check_backend(backend)
+    segments = _segments(voxel_feats, voxel_object, num_objects)
+    return _reduce(segments, "mean", backend), _reduce(segments, "max", backend)
 
 
 def pad_objects(flat: torch.Tensor, object_offsets: torch.Tensor,
@@ -133,4 +150,4 @@ class ObjectPooling(nn.Module):
         return ObjectTokens(tokens, padding_mask, centers, sizes)
 
 
-__all__ = ["ObjectPooling", "ObjectTokens", "pad_objects", "pool_by_instance"]
+__all__ = ["ObjectPooling", "ObjectTokens", "mean_by_instance", "pad_objects", "pool_by_instance"]
