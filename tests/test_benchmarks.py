@@ -162,7 +162,7 @@ def test_bench_list_reports_missing_benchmarks(capsys, monkeypatch):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "future" in lines and "not available" in lines["future"]
     assert "not available" not in lines["data"]
-    assert cli.main(["bench", "future", "--quick"]) == 1
+    assert cli.main(["bench", "future", "--quick"]) == 2
     assert "not available" in capsys.readouterr().err
 
 

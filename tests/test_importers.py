@@ -169,7 +169,7 @@ def test_sceneverse_split_language_selection_and_strict(tmp_path, capsys):
     chair = load_label_map("scannet20").names.index("chair")
     assert (store[0].semantic[truth["scene0000_00"]["instance"] == 0] == chair).all()
     capsys.readouterr()
-    assert pack("--format", "sceneverse", "--src", tmp_path / "SV", "--out", tmp_path / "o2", "--strict") == 1
+    assert pack("--format", "sceneverse", "--src", tmp_path / "SV", "--out", tmp_path / "o2", "--strict") == 2
     assert "target_missing" in capsys.readouterr().out
 
 
@@ -406,7 +406,7 @@ def test_scannet_split_uses_official_lists(tmp_path, capsys):
     write_scannet(tmp_path / "ScanNet", np.random.default_rng(5))
     # scene0011_00 is in ScanNet's official val split, so a train-only pack has nothing to write
     assert pack("--format", "scannet", "--src", tmp_path / "ScanNet", "--out", tmp_path / "o", "--split",
-                "train") == 1
+                "train") == 2
     assert "no scene" in capsys.readouterr().err
     assert pack("--format", "scannet", "--src", tmp_path / "ScanNet", "--out", tmp_path / "o", "--split", "val") == 0
 
@@ -415,7 +415,7 @@ def test_scannet_bad_input_names_file_scene_and_field(tmp_path, capsys):
     want = write_scannet(tmp_path / "ScanNet", np.random.default_rng(6))
     segs = tmp_path / "ScanNet/scans" / want["scene"] / f"{want['scene']}_vh_clean_2.0.010000.segs.json"
     segs.write_text(json.dumps({"segIndices": [0, 1, 2]}))
-    assert pack("--format", "scannet", "--src", tmp_path / "ScanNet", "--out", tmp_path / "o") == 1
+    assert pack("--format", "scannet", "--src", tmp_path / "ScanNet", "--out", tmp_path / "o") == 2
     captured = capsys.readouterr()
     assert "no scene could be packed" in captured.err
     expected = f"[bad_scene] scan {want['scene']}, file {segs}: segIndices: expected 120 integer segment ids"

@@ -379,4 +379,4 @@ def test_annotate_command_adds_texts_and_changes_nothing_else(tmp_path, room, ca
 def test_annotate_command_rejects_bad_settings(tmp_path, capsys):
     assert cli_main(["annotate", str(tmp_path), "--set", "shapes=[spiral]"]) == 2
     assert "spiral" in capsys.readouterr().err
-    assert cli_main(["annotate", str(tmp_path / "missing")]) == 1
+    assert cli_main(["annotate", str(tmp_path / "missing")]) == 2

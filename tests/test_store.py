@@ -173,7 +173,7 @@ def test_truncated_and_corrupted_shards_are_detected(tmp_path, scenes, capsys):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(ShardError, match="truncated or corrupted"):
         SceneStore(trunc)[0]
-    assert cli_main(["inspect", str(trunc)]) == 1
+    assert cli_main(["inspect", str(trunc)]) == 2
     assert "shard-00000.h5" in capsys.readouterr().err
 
     assert cli_main(["inspect", str(flip)]) == 0
@@ -184,7 +184,7 @@ def test_truncated_and_corrupted_shards_are_detected(tmp_path, scenes, capsys):
     data = bytearray(shard.read_bytes())
     data[start + 100] ^= 0xFF  # one flipped byte inside scene 0's coordinates
     shard.write_bytes(bytes(data))
-    assert cli_main(["inspect", str(flip)]) == 1
+    assert cli_main(["inspect", str(flip)]) == 2
     err = capsys.readouterr().err
     assert "checksum mismatch" in err and "scene_000" in err
     with pytest.raises(ShardError, match="checksum"):

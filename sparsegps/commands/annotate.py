@@ -36,21 +36,15 @@ def language_config(path: str | None, overrides: list[str]):
 
 
 def run(args) -> int:
-    from sparsegps.config import ConfigError
-    from sparsegps.data import SceneFormatError
+    from sparsegps.errors import UsageError
     from sparsegps.language.annotate import annotate_shards
 
     try:
         cfg = language_config(args.config, args.overrides)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     start = time.perf_counter()
-    try:
-        report = annotate_shards(args.paths, args.seed, cfg, args.replace, progress=sys.stderr.isatty())
-    except (FileNotFoundError, SceneFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    report = annotate_shards(args.paths, args.seed, cfg, args.replace, progress=sys.stderr.isatty())
     seconds = time.perf_counter() - start
     print(f"annotated {report.scenes} scenes in {report.shards} shard(s) in {seconds:.1f} s "
           f"({report.scenes / max(seconds, 1e-9):.1f} scenes/s)")

@@ -64,7 +64,9 @@ def run_benchmark(name: str, flags: list[str]) -> dict:
     """
     why = availability(name)
     if why is not None:
-        raise LookupError(f"benchmark {name!r} is {why}")
+        from sparsegps.errors import UsageError
+
+        raise UsageError(f"benchmark {name!r} is {why}")
     module = importlib.import_module(BENCHMARKS[name][0])
     if not hasattr(module, "add_arguments"):
         return module.main(list(flags))
@@ -88,9 +90,5 @@ def run(args) -> int:
         if skipped:
             print(f"skipping (not available): {', '.join(skipped)}", file=sys.stderr)
     for name in names:
-        try:
-            run_benchmark(name, list(args.flags))
-        except LookupError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        run_benchmark(name, list(args.flags))
     return 0

@@ -46,11 +46,12 @@ def format_summary(summary: dict, top: int = 25) -> str:
 
 
 def run(args) -> int:
+    from sparsegps.errors import UsageError
+
     try:
         summary = summarize(args.paths, verify=not args.no_verify, progress=sys.stderr.isatty())
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary, args.top))
     if args.plot:
         from sparsegps.viz.summary import per_scene_counts, plot_store_summary
@@ -58,9 +59,9 @@ def run(args) -> int:
         plot_store_summary(summary["classes"], per_scene_counts(args.paths), args.plot_out,
                            f"{', '.join(map(str, args.paths))}: {summary['scenes']:,} scenes", args.top)
         print(f"wrote {args.plot_out}", file=sys.stderr if args.json else sys.stdout)
-    for err in summary["errors"]:
-        print(f"error: {err}", file=sys.stderr)
+    for problem in summary["errors"]:
+        print(f"problem: {problem}", file=sys.stderr)
     if summary["errors"]:
-        print(f"{len(summary['errors'])} problem(s) found", file=sys.stderr)
-        return 1
+        raise UsageError(f"{len(summary['errors'])} problem(s) found in {', '.join(map(str, args.paths))} "
+                         f"(listed above)")
     return 0

@@ -108,18 +108,17 @@ def open_source(cfg: PackConfig):
 def run(args) -> int:
     from sparsegps.config import save_config
     from sparsegps.data.scene import SceneFormatError
+    from sparsegps.errors import UsageError
     from sparsegps.importers import format_summary, pack
 
     if args.upgrade:
         return upgrade(args)
     missing = [f"--{name}" for name in ("format", "src", "out") if not getattr(args, name)]
     if missing:
-        print(f"error: {', '.join(missing)} required (or --upgrade SHARDS)", file=sys.stderr)
-        return 1
+        raise UsageError(f"{', '.join(missing)} required (or --upgrade SHARDS)")
     cfg = PackConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PackConfig)})
     if cfg.workers < 1:
-        print("error: --workers must be at least 1", file=sys.stderr)
-        return 1
+        raise UsageError("--workers must be at least 1")
     try:
         source = open_source(cfg)
         scene_ids = None
@@ -129,32 +128,26 @@ def run(args) -> int:
                       limit=cfg.limit, force=cfg.force, max_scenes_per_shard=cfg.max_scenes_per_shard,
                       compression=None if cfg.compression == "none" else cfg.compression,
                       progress=sys.stderr.isatty())
-    except (FileNotFoundError, ValueError, SceneFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except ValueError as e:  # a bad flag or label map; a damaged scene is a SceneFormatError
+        if isinstance(e, SceneFormatError):
+            raise
+        raise UsageError(str(e)) from None
     if report.scenes:
         save_config(cfg, Path(cfg.out) / "pack_config.yaml")
     print(json.dumps(report.to_dict(), indent=1) if args.json else format_summary(report))
     if not report.scenes:
-        print("error: no scene could be packed", file=sys.stderr)
-        return 1
+        raise UsageError(f"no scene could be packed from {cfg.src} (the problems are listed above)")
     if cfg.strict and report.problems:
-        print(f"error: {sum(report.problems.values())} problem(s) found (--strict)", file=sys.stderr)
-        return 1
+        raise UsageError(f"{sum(report.problems.values())} problem(s) found (--strict; listed above)")
     return 0
 
 
 def upgrade(args) -> int:
     """`--upgrade`: rewrite older-schema shards in place (atomically, checksums checked)."""
-    from sparsegps.data.scene import SceneFormatError
     from sparsegps.data.store import SCHEMA_VERSION, upgrade_shards
 
-    try:
-        rewritten = upgrade_shards(args.upgrade, compression=None if args.compression == "none" else args.compression,
-                                   progress=sys.stderr.isatty())
-    except (FileNotFoundError, SceneFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    rewritten = upgrade_shards(args.upgrade, compression=None if args.compression == "none" else args.compression,
+                               progress=sys.stderr.isatty())
     print(f"upgraded {len(rewritten)} shard(s) to schema version {SCHEMA_VERSION}"
           + "".join(f"\n  {p}" for p in rewritten))
     return 0

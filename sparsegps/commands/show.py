@@ -11,7 +11,6 @@ picks for that text, and a segmentation export shows predicted classes against t
 from __future__ import annotations
 
 import difflib
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +30,8 @@ def add_arguments(parser):
     parser.add_argument("--out", metavar="PNG", help="PNG to write (default: SCENE.png, SCENE_textN.png or SCENE_seg.png)")
     parser.add_argument("--ply", metavar="PLY", help="also write the coloured points here (scene.ply), the boxes beside them (scene.boxes.ply)")
     parser.add_argument("--width", type=int, default=1800, help="picture width in pixels (default 1800)")
+    parser.add_argument("--voxel-size", type=float, default=None,
+                        help="with --checkpoint: default, the voxel size the export was trained at")
     parser.add_argument("--device", default="auto")
 
 
@@ -45,16 +46,16 @@ def _find_scene(store, scene_id: str) -> int:
 
 
 def run(args) -> int:
-    from sparsegps.data import SceneFormatError, SceneStore
+    from sparsegps.data import SceneStore
+    from sparsegps.errors import UsageError
     from sparsegps.viz.pictures import ViewConfig, point_colors, referral_boxes
 
     try:
         store = SceneStore(args.shards)
         index = _find_scene(store, args.scene)
         scene = store[index]
-    except (FileNotFoundError, LookupError, SceneFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except LookupError as e:
+        raise UsageError(str(e)) from None
     vocabulary = store.vocabulary
     print(f"scene {scene.scene_id}: {scene.num_points:,} points, {len(scene.objects)} objects, "
           f"{len(scene.texts)} texts ({store.paths[store.locate(index)[0]]})")
@@ -65,12 +66,10 @@ def run(args) -> int:
             print(f"  {k:>3}  {t.kind:<15}{about}: {t.text}")
         return 0
     if args.text is not None and not 0 <= args.text < len(scene.texts):
-        print(f"error: scene {scene.scene_id!r} has {len(scene.texts)} texts (0..{len(scene.texts) - 1}); "
-              f"--text {args.text} does not exist (see --list)", file=sys.stderr)
-        return 2
+        raise UsageError(f"scene {scene.scene_id!r} has {len(scene.texts)} texts (0..{len(scene.texts) - 1}); "
+                         f"--text {args.text} does not exist (see --list)")
     if args.width < 600:
-        print("error: --width must be at least 600 pixels", file=sys.stderr)
-        return 2
+        raise UsageError("--width must be at least 600 pixels")
     view = ViewConfig(width=args.width)
 
     model, choice, predicted = None, None, None
@@ -81,36 +80,29 @@ def run(args) -> int:
 
         device = pick_device(args.device)
         model, info = load_model(args.checkpoint, device)
-        voxel_size = info.require_voxel_size(args.checkpoint)
+        voxel_size = info.voxel_size_for(args.checkpoint, args.voxel_size)
         if info.task == "segmentation":
             if args.text is not None:
-                print(f"error: {args.checkpoint} is a segmentation export: it draws classes, not a text's "
-                      f"object; drop --text or give a pre-training or grounding export", file=sys.stderr)
-                return 2
+                raise UsageError(f"{args.checkpoint} is a segmentation export: it draws classes, not a text's "
+                                 f"object; drop --text or give a pre-training or grounding export")
             if args.color not in (None, "prediction"):
-                print(f"error: a segmentation export draws its predicted classes; --color {args.color} "
-                      f"does not apply", file=sys.stderr)
-                return 2
+                raise UsageError(f"a segmentation export draws its predicted classes; --color {args.color} "
+                                 f"does not apply")
             predicted = segment_points(model, scene, voxel_size, device)
         else:
             if args.text is None:
-                print(f"error: {args.checkpoint} grounds sentences: pass --text N (see --list)", file=sys.stderr)
-                return 2
+                raise UsageError(f"{args.checkpoint} grounds sentences: pass --text N (see --list)")
             if args.color == "prediction":
-                print("error: --color prediction needs a segmentation export (sparsegps finetune-seg)",
-                      file=sys.stderr)
-                return 2
+                raise UsageError("--color prediction needs a segmentation export (sparsegps finetune-seg)")
             try:
                 choice = ground_text(model, scene, args.text, voxel_size, device)
             except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
+                raise UsageError(str(e)) from None
             target = scene.texts[args.text].target_id
             label = scene.object_by_id()[choice].label
             print(f"model's choice: {label} {choice} ({'right' if choice == target else f'wrong; target {target}'})")
     elif args.color == "prediction":
-        print("error: --color prediction needs --checkpoint with a segmentation export", file=sys.stderr)
-        return 2
+        raise UsageError("--color prediction needs --checkpoint with a segmentation export")
 
     start = time.perf_counter()
     if predicted is not None:

@@ -63,18 +63,14 @@ def _make_scene(index: int):
 
 
 def run(args) -> int:
-    from sparsegps.config import ConfigError, save_config
-    from sparsegps.data import SceneFormatError, write_scenes
+    from sparsegps.config import save_config
+    from sparsegps.data import write_scenes
+    from sparsegps.errors import UsageError
     from sparsegps.synth import SYNTH_VOCABULARY
 
-    try:
-        cfg = resolve_config(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_config(args)
     if args.workers < 1:
-        print("error: --workers must be >= 1", file=sys.stderr)
-        return 2
+        raise UsageError("--workers must be >= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "synth_config.yaml")
@@ -92,23 +88,19 @@ def run(args) -> int:
             yield scene
 
     start = time.perf_counter()
-    try:
-        if args.workers == 1:
-            _init_worker(cfg)
-            paths = write_scenes(collect(map(_make_scene, range(cfg.scenes))), out, vocabulary=SYNTH_VOCABULARY,
-                                 source="sparsegps-synth", max_scenes_per_shard=cfg.shard_scenes,
-                                 total=cfg.scenes, progress=sys.stderr.isatty())
-        else:
-            import multiprocessing
+    if args.workers == 1:
+        _init_worker(cfg)
+        paths = write_scenes(collect(map(_make_scene, range(cfg.scenes))), out, vocabulary=SYNTH_VOCABULARY,
+                             source="sparsegps-synth", max_scenes_per_shard=cfg.shard_scenes,
+                             total=cfg.scenes, progress=sys.stderr.isatty())
+    else:
+        import multiprocessing
 
-            with multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, (cfg,)) as pool:
-                results = pool.imap(_make_scene, range(cfg.scenes), chunksize=2)
-                paths = write_scenes(collect(results), out, vocabulary=SYNTH_VOCABULARY, source="sparsegps-synth",
-                                     max_scenes_per_shard=cfg.shard_scenes, total=cfg.scenes,
-                                     progress=sys.stderr.isatty())
-    except SceneFormatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        with multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, (cfg,)) as pool:
+            results = pool.imap(_make_scene, range(cfg.scenes), chunksize=2)
+            paths = write_scenes(collect(results), out, vocabulary=SYNTH_VOCABULARY, source="sparsegps-synth",
+                                 max_scenes_per_shard=cfg.shard_scenes, total=cfg.scenes,
+                                 progress=sys.stderr.isatty())
     seconds = time.perf_counter() - start
     n = cfg.scenes
     print(f"wrote {n} scenes to {len(paths)} shard(s) in {out} in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} scenes/s)")

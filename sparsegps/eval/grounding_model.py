@@ -20,6 +20,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
+from sparsegps.errors import UsageError
 from sparsegps.data import NO_INSTANCE, SceneObject, SceneStore, collate_scenes, move_batch
 from sparsegps.files import atomic_write_text
 from sparsegps.data.transforms import GridSample, scene_to_sample
@@ -31,7 +32,7 @@ BENCHMARKS = ("nr3d", "sr3d", "scanrefer")
 PROPOSAL_LABEL = "proposal"
 
 
-class ProposalError(ValueError):
+class ProposalError(UsageError, ValueError):
     """A proposal file that cannot be read or lacks an evaluated scan; the message names the file."""
 
 
