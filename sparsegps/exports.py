@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,6 +32,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from sparsegps import __version__
 from sparsegps.errors import UsageError
 
 EXPORT_FORMAT = "sparsegps-export"
@@ -58,9 +60,19 @@ class ExportInfo:
     source: str = ""
     step: int | None = None
 
-    def require_voxel_size(self, path) -> float:
+    def voxel_size_for(self, path, given: float | None = None) -> float:
+        """The voxel size at which the model of export `path` reads scenes: `given` (a command's
+        --voxel-size, said when it differs from the one the export records), else the recorded one."""
+        if given is not None:
+            if not given > 0:
+                raise UsageError(f"--voxel-size must be positive, got {given}")
+            if self.voxel_size is not None and abs(given - self.voxel_size) > 1e-9:
+                print(f"note: {path} was trained at voxel size {self.voxel_size}; reading scenes at --voxel-size "
+                      f"{given}", file=sys.stderr)
+            return float(given)
         if self.voxel_size is None:
-            raise UsageError(f"{path}: the export records no voxel size; pass --voxel-size")
+            raise UsageError(f"{path}: the export records no voxel size; give it with --voxel-size (eval-seg, "
+                             f"eval-ground, eval-pretrain, show)")
         return float(self.voxel_size)
 
     @classmethod
@@ -86,11 +98,6 @@ class Export:
     state_dict: dict[str, torch.Tensor]
 
 
-def _version() -> str:
-    from sparsegps import __version__
-    return __version__
-
-
 def save_export(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], info: ExportInfo) -> Path:
     """Write `state_dict` and `info` as a safetensors export, atomically (temp file, fsync, rename)."""
     from safetensors.torch import save_file
@@ -99,7 +106,7 @@ def save_export(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], in
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = dataclasses.replace(info, sparsegps_version=info.sparsegps_version or _version())
+    info = dataclasses.replace(info, sparsegps_version=info.sparsegps_version or __version__)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
@@ -236,7 +243,7 @@ def save_pointcept(export: Export, path: str | os.PathLike) -> Path:
             "sparsegps": {"source": str(export.path), "task": info.task, "preset": info.preset,
                           "labels_consumed": list(info.labels_consumed), "voxel_size": info.voxel_size,
                           "input_features": INPUT_FEATURES, "step": info.step,
-                          "sparsegps_version": info.sparsegps_version or _version()}}
+                          "sparsegps_version": info.sparsegps_version or __version__}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -263,6 +270,22 @@ def expect_task(export: Export, tasks: tuple[str, ...], purpose: str) -> None:
     if export.info.task not in tasks:
         raise UsageError(f"{export.path}: a {export.info.task} export; {purpose} needs a "
                          f"{' or '.join(tasks)} export")
+
+
+def read_starting_export(path: str | os.PathLike, tasks: tuple[str, ...], purpose: str,
+                         voxel_size: float) -> Export:
+    """The export a training run starts from (`purpose` names the option): one of `tasks`, with a
+    warning when it was trained at another voxel size than the run's (its features were learnt at
+    that scale)."""
+    import warnings
+
+    export = read_export(path)
+    expect_task(export, tasks, purpose)
+    trained_at = export.info.voxel_size
+    if trained_at is not None and abs(trained_at - voxel_size) > 1e-9:
+        warnings.warn(f"{path} was trained at voxel size {trained_at}; this run reads scenes at {voxel_size} "
+                      f"(data.transforms.voxel_size)", stacklevel=2)
+    return export
 
 
 def build_model(export: Export, device: torch.device | str = "cpu") -> nn.Module:

@@ -112,3 +112,52 @@ def test_every_shipped_config_loads():
     for path in sorted(configs.glob("deepspeed/*.json")):
         assert isinstance(json.loads(path.read_text()), dict)
     assert {p.parts[0] for p in loaded} == {"pretrain", "seg", "ground", "probe", "synth"} and len(loaded) >= 17
+
+
+def test_commands_report_failures_through_one_path():
+    """A command never prints its own "error:" line and returns: it raises UsageError, which the
+    command line prints once (one line, exit status 2, once on several ranks)."""
+    import re
+
+    printed = re.compile(r"""print\(f?["']error""")
+    offenders = [f"{path.name}:{number}: {line.strip()}"
+                 for path in sorted((ROOT / "sparsegps" / "commands").glob("*.py"))
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if printed.search(line)]
+    assert offenders == [], "\n".join(offenders)
+
+
+def test_voxel_size_comes_from_the_export_or_a_flag_every_export_reader_has(capsys):
+    import argparse
+    import importlib
+
+    from sparsegps.errors import UsageError
+    from sparsegps.exports import ExportInfo
+
+    for command in ("eval_seg", "eval_ground", "eval_pretrain", "show"):
+        parser = argparse.ArgumentParser()
+        importlib.import_module(f"sparsegps.commands.{command}").add_arguments(parser)
+        assert any("--voxel-size" in action.option_strings for action in parser._actions), command
+    recorded, unrecorded = ExportInfo("pretraining", {}, voxel_size=0.1), ExportInfo("pretraining", {})
+    assert recorded.voxel_size_for("e.safetensors") == 0.1
+    assert recorded.voxel_size_for("e.safetensors", 0.2) == 0.2
+    assert "trained at voxel size 0.1" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="records no voxel size; give it with --voxel-size"):
+        unrecorded.voxel_size_for("e.safetensors")
+    with pytest.raises(UsageError, match="positive"):
+        recorded.voxel_size_for("e.safetensors", -1.0)
+
+
+def test_a_run_starting_from_an_export_of_another_voxel_size_is_warned(tmp_path):
+    import warnings
+
+    from sparsegps.errors import UsageError
+    from sparsegps.exports import ExportInfo, read_starting_export, save_export
+
+    path = save_export(tmp_path / "e.safetensors", {"w": torch.zeros(2)}, ExportInfo("pretraining", {}, voxel_size=0.1))
+    with pytest.warns(UserWarning, match=r"trained at voxel size 0.1; this run reads scenes at 0.05"):
+        read_starting_export(path, ("pretraining",), "finetune-seg --pretrained", 0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_starting_export(path, ("pretraining",), "init_from", 0.1).info.voxel_size == 0.1
+    with pytest.raises(UsageError, match="finetune-ground --pretrained needs a grounding export"):
+        read_starting_export(path, ("grounding",), "finetune-ground --pretrained", 0.1)

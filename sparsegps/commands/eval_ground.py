@@ -36,10 +36,8 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    import torch
-
     from sparsegps.eval.grounding import format_table, save_report, write_submission
-    from sparsegps.eval.grounding_model import ProposalError, evaluate_grounding, save_predictions
+    from sparsegps.eval.grounding_model import evaluate_grounding, save_predictions
     from sparsegps.device import pick_device
     from sparsegps.errors import UsageError
     from sparsegps.exports import load_model
@@ -53,15 +51,11 @@ def run(args) -> int:
     task = info.task
     if task != "grounding":
         print(f"note: {args.checkpoint} is a {task} export (not fine-tuned for grounding)", file=sys.stderr)
-    voxel_size = args.voxel_size or info.require_voxel_size(args.checkpoint)
-    try:
-        report, records = evaluate_grounding(
-            model, args.data, args.benchmark, voxel_size, device, proposals_path=args.proposals,
-            batch_size=args.batch_size, max_scenes=args.max_scenes, referral_chunk=args.referral_chunk,
-            precision=precision, num_workers=args.workers)
-    except ProposalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    voxel_size = info.voxel_size_for(args.checkpoint, args.voxel_size)
+    report, records = evaluate_grounding(
+        model, args.data, args.benchmark, voxel_size, device, proposals_path=args.proposals,
+        batch_size=args.batch_size, max_scenes=args.max_scenes, referral_chunk=args.referral_chunk,
+        precision=precision, num_workers=args.workers)
     report.update(checkpoint=str(args.checkpoint), task=task, step=info.step)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_ground_{args.benchmark}"
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ def run(args) -> int:
 
     device = pick_device(args.device)
     model, info = load_model(args.checkpoint, device, ("pretraining", "grounding"), "eval-pretrain")
-    voxel = args.voxel_size or info.require_voxel_size(args.checkpoint)
+    voxel = info.voxel_size_for(args.checkpoint, args.voxel_size)
     result = evaluate_pretraining(model, args.data, TransformConfig(voxel_size=voxel, augment=False), device,
                                   batch_size=args.batch_size, max_scenes=args.max_scenes)
     report = result.pop("grounding_diagnostics")

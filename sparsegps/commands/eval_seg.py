@@ -27,6 +27,8 @@ def add_arguments(parser):
     parser.add_argument("--tta", type=int, default=1, help="rotations about z averaged (test-time augmentation)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-scenes", type=int, default=None)
+    parser.add_argument("--voxel-size", type=float, default=None,
+                        help="default: the voxel size the export was trained at")
     parser.add_argument("--device", default="auto")
 
 
@@ -50,7 +52,7 @@ def run(args) -> int:
     vocabulary = SceneStore(args.data).vocabulary
     index = {n: i for i, n in enumerate(names)}
     remap = np.array([index.get(v, -1) for v in vocabulary], dtype=np.int64)
-    report, conf = evaluate_segmentation(model, args.data, info.require_voxel_size(args.checkpoint), device,
+    report, conf = evaluate_segmentation(model, args.data, info.voxel_size_for(args.checkpoint, args.voxel_size), device,
                                          len(names), names, remap,
                                          args.tta, args.batch_size, args.max_scenes)
     if args.zero_shot:

@@ -22,7 +22,7 @@ from typing import Literal
 from sparsegps.config import differences, from_dict, to_dict
 from sparsegps.data import ScenesDataset, TransformConfig
 from sparsegps.errors import UsageError
-from sparsegps.exports import ExportInfo, build_model, expect_task, read_export
+from sparsegps.exports import ExportInfo, build_model, read_export, read_starting_export
 from sparsegps.models.gps import LossWeights, ModelConfig
 
 from .engine import OptimConfig
@@ -113,13 +113,9 @@ class GroundingTask(GPSTrainingTask):
             raise UsageError(f"data.proposals is for ScanRefer (Acc@k of proposal boxes), not {cfg.data.benchmark}")
         if cfg.loss.grounding <= 0 and cfg.loss.referral_object <= 0:
             raise UsageError("loss.grounding and loss.referral_object are both 0: nothing would learn to ground")
-        self.start_from = read_export(cfg.pretrained) if cfg.pretrained else None
-        if self.start_from is not None:
-            expect_task(self.start_from, ("pretraining", "grounding"), "finetune-ground --pretrained")
-            trained_at = self.start_from.info.voxel_size
-            if trained_at not in (None, cfg.data.transforms.voxel_size):
-                warnings.warn(f"{cfg.pretrained} was trained at voxel size {trained_at}, fine-tuning uses "
-                              f"{cfg.data.transforms.voxel_size}", stacklevel=2)
+        self.start_from = read_starting_export(cfg.pretrained, ("pretraining", "grounding"),
+                                               "finetune-ground --pretrained", cfg.data.transforms.voxel_size) \
+            if cfg.pretrained else None
         if cfg.data.transforms.max_referrals is None:
             warnings.warn("data.transforms.max_referrals is not set: every referral of a scene enters each step",
                           stacklevel=2)

@@ -21,7 +21,7 @@ from sparsegps.config import differences, from_dict, to_dict
 from sparsegps.criterion import SegmentationCriterion
 from sparsegps.data import SceneStore, ScenesDataset
 from sparsegps.errors import UsageError
-from sparsegps.exports import Export, ExportInfo, build_model, expect_task, read_export
+from sparsegps.exports import Export, ExportInfo, build_model, read_export, read_starting_export
 from sparsegps.models.backbone import SpUNetConfig
 from sparsegps.models.seg_heads import LanguageSegHead, SegmentationModel, SegModelConfig
 
@@ -86,9 +86,10 @@ class SegmentationTask(TrainingTask):
 
     def configure(self) -> None:
         cfg = self.cfg
-        self.export = read_export(cfg.pretrained) if cfg.pretrained else None
+        self.export = read_starting_export(cfg.pretrained, ("pretraining", "grounding", "backbone"),
+                                           "finetune-seg --pretrained", cfg.data.transforms.voxel_size) \
+            if cfg.pretrained else None
         if self.export is not None:
-            expect_task(self.export, ("pretraining", "grounding", "backbone"), "finetune-seg --pretrained")
             backbone = from_dict(SpUNetConfig, self.export.info.model_config["backbone"])
             replaced = [f"model.backbone.{key} {mine!r} -> {theirs!r}"
                         for key, mine, theirs in differences(cfg.model.backbone, backbone)]

@@ -16,7 +16,7 @@ from typing import Literal
 from sparsegps.config import from_dict, to_dict
 from sparsegps.data import SceneStore, ScenesDataset
 from sparsegps.errors import UsageError
-from sparsegps.exports import ExportInfo, expect_task, read_export
+from sparsegps.exports import ExportInfo, read_starting_export
 from sparsegps.models.backbone import SpUNetConfig
 from sparsegps.models.gps import LOSS_NAMES, LossWeights, ModelConfig
 
@@ -63,9 +63,9 @@ class PretrainTask(GPSTrainingTask):
 
     def configure(self) -> None:
         cfg = self.cfg
-        self.start_from = read_export(cfg.init_from) if cfg.init_from else None
+        self.start_from = read_starting_export(cfg.init_from, ("pretraining", "backbone"), "init_from",
+                                               cfg.data.transforms.voxel_size) if cfg.init_from else None
         if self.start_from is not None:
-            expect_task(self.start_from, ("pretraining", "backbone"), "init_from")
             if self.start_from.info.task == "backbone":  # the U-Net's shape comes from the checkpoint
                 self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=from_dict(
                     SpUNetConfig, self.start_from.info.model_config["backbone"])))

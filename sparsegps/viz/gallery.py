@@ -56,7 +56,7 @@ def write_gallery(out_dir: str | os.PathLike, data, grounding_export: str | os.P
     out.mkdir(parents=True, exist_ok=True)
     store = SceneStore(data)
     grounding, info = load_model(grounding_export, device, ("pretraining", "grounding"), "the gallery's referrals")
-    predictions = predict_referrals(grounding, data, info.require_voxel_size(grounding_export), device,
+    predictions = predict_referrals(grounding, data, info.voxel_size_for(grounding_export), device,
                                     max_scenes=max_scenes, progress=False)
     picked = pick_referrals(store, predictions, right, wrong)
     entries, paths = [], []
@@ -74,7 +74,7 @@ def write_gallery(out_dir: str | os.PathLike, data, grounding_export: str | os.P
     if segmentation_export is not None:
         seg, seg_info = load_model(segmentation_export, device, ("segmentation",), "the gallery's segmentation")
         scene = store[0]
-        predicted = segment_points(seg, scene, seg_info.require_voxel_size(segmentation_export), device)
+        predicted = segment_points(seg, scene, seg_info.voxel_size_for(segmentation_export), device)
         truth = truth_in_classes(scene, store.vocabulary, seg.class_names)
         path = out / f"segmentation_{scene.scene_id}.png"
         draw_segmentation(scene, seg.class_names, truth, predicted, path)
