@@ -11,6 +11,8 @@ import sys
 import time
 import warnings
 
+from sparsegps import __version__
+
 # Seconds a rank other than 0 waits before exiting on an error a user can fix (rank 0 prints it).
 ERROR_GRACE_S = 3.0
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             + "\n\nRun `sparsegps COMMAND --help` for a command's options. Errors a user can fix (a missing "
             "file, a bad config) print one line and exit 2; add --debug to any command for the traceback.")
         parser.add_argument("command", choices=list(commands), help="what to run")
-        parser.add_argument("--version", action="version", version=f"sparsegps {_version()}")
+        parser.add_argument("--version", action="version", version=f"sparsegps {__version__}")
         parser.parse_args(argv[:1])
         return 2
     name = argv[0]
@@ -133,11 +135,6 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from sparsegps.errors import UsageError
 
     return UsageError, SceneFormatError, FileNotFoundError, IsADirectoryError, PermissionError
-
-
-def _version() -> str:
-    from sparsegps import __version__
-    return __version__
 
 
 if __name__ == "__main__":

@@ -44,8 +44,10 @@ from typing import Iterable, Sequence
 import h5py
 import numpy as np
 
-from .scene import TEXT_KINDS, Scene, SceneFormatError, SceneObject, SceneText
+from sparsegps import __version__
 from sparsegps.files import atomic_write_text, fsync_dir
+
+from .scene import TEXT_KINDS, Scene, SceneFormatError, SceneObject, SceneText
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
@@ -67,11 +69,6 @@ WRITER_ATTRS = {"format", "schema_version", "source", "tool", "created", "label_
 
 class ShardError(SceneFormatError):
     """A shard that cannot be read: wrong schema, truncated, corrupted, or failing its checksums."""
-
-
-def _tool_version() -> str:
-    from sparsegps import __version__
-    return __version__
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -148,7 +145,7 @@ def _write_shard(path: Path, scenes: Sequence[Scene], vocabulary: Sequence[str],
     with h5py.File(tmp, "w", libver="latest") as f:
         f.attrs.update({
             "format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "source": source,
-            "tool": f"sparsegps {_tool_version()}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "tool": f"sparsegps {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "label_vocabulary": json.dumps(list(vocabulary)), "num_scenes": len(scenes),
             "text_sources": json.dumps(sources), "text_shapes": json.dumps(shapes),
             "text_relations": json.dumps(relations),

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from sparsegps import __version__
 from sparsegps.data.labels import load_label_map
 from sparsegps.data.scene import Scene, SceneFormatError
 from sparsegps.data.store import INDEX_NAME, write_scenes
@@ -268,7 +269,7 @@ def pack(source, out_dir: str | os.PathLike, *, label_map: str = "scannet200", w
     plan = plan_pack(source, label_map, scene_ids=scene_ids, limit=limit)
     options = {"format": source.format, "source": str(Path(source.root).resolve()), "label_map": label_map,
                "max_scenes_per_shard": max_scenes_per_shard, "compression": compression,
-               "tool": _tool_version()}
+               "tool": __version__}
     digest = fingerprint(plan, options)
     previous = read_report(out)
     if not force and previous is not None and previous.fingerprint == digest and _complete(out):
@@ -310,11 +311,6 @@ def _remove_stale_shards(out: Path, current: set[str]) -> None:
     for path in itertools.chain(out.glob(f"{SHARD_PREFIX}-*.h5"), out.glob(f"{SHARD_PREFIX}-*.h5.tmp")):
         if path.name not in current:
             path.unlink()
-
-
-def _tool_version() -> str:
-    from sparsegps import __version__
-    return __version__
 
 
 def format_summary(report: PackReport, max_problems: int = 20) -> str:
