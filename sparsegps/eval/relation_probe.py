@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsegps.models.gps import GPSModel, ModelConfig
+from sparsegps.train.engine import lr_factor
 
 from .grounding_diagnostics import flat_summary, grounding_diagnostics, save_diagnostics
 
@@ -247,13 +248,6 @@ def evaluate_probe(probe: RelationProbe, rooms: list[ProbeRoom], cfg: ProbeConfi
     return grounding_diagnostics(records)
 
 
-def _lr_factor(step: int, cfg: ProbeConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def run_probe(cfg: ProbeConfig, device: torch.device | str = "cpu", progress: bool = True,
               rooms: tuple[list[ProbeRoom], list[ProbeRoom], list[str]] | None = None) -> dict:
     """Train the probe on `cfg.train`, evaluate on `cfg.val`; writes OUT/summary.json, the held-out
@@ -286,7 +280,7 @@ def run_probe(cfg: ProbeConfig, device: torch.device | str = "cpu", progress: bo
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     train_eval = [train[i] for i in rng.permutation(len(train))[:cfg.train_eval_rooms]]
     curve, start, losses = [], time.perf_counter(), []
 

@@ -2,16 +2,18 @@
 (or `make grounding`).
 
 1. `sparsegps synth`            the disjoint stores of `sparsegps.synth.splits` (pre-training,
-                                fine-tuning, validation and test rooms)
+                                fine-tuning and test rooms)
 2. `sparsegps pretrain`         configs/pretrain/grounding_cpu.yaml: tiny_cpu's model and losses,
                                 longer, on many distinct rooms
-3. `sparsegps finetune-ground`  configs/ground/synthetic_cpu.yaml from that export, on the
-                                fine-tuning rooms
-4. `sparsegps eval-ground`      the test rooms: accuracy, class and within-class accuracy against
-                                the class prior, by relation and same-class count (grounding.png)
+3. `sparsegps eval-pretrain`    the pre-trained export on the test rooms
+4. `sparsegps finetune-ground`  configs/ground/synthetic_cpu.yaml from that export, on the
+                                fine-tuning rooms; its end-of-run evaluation (`data.val`) reads the
+                                test rooms with the final weights (no checkpoint is chosen on them)
 
-Every number is measured on the test rooms; the recipe's settings were chosen on the validation
-rooms. Writes OUT/summary.json and prints the results.
+Both evaluations report accuracy, class and within-class accuracy against the class prior, by
+relation and same-class count (grounding.png). The recipe's settings were chosen on validation
+rooms of other seeds (RESULTS `## grounding`); this script makes no choice on the test rooms.
+Writes OUT/summary.json and prints the results.
 """
 from __future__ import annotations
 
