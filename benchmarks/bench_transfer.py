@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsegps.files import atomic_write_text
-from sparsegps.recipes.steps import Job, Jobs, OutOfTime, local_ranks
+from sparsegps.recipes.steps import Job, Jobs, OutOfTime, command, local_ranks
 from sparsegps.synth.splits import HOLDOUT_CLASSES, check_disjoint, synth_command
 
 from .arguments import command_line
@@ -64,14 +64,14 @@ class Arm:
     rooms: int | None = None  # the first rooms of the fine-tuning store (None: all)
     linear_probe: bool = False  # frozen backbone, linear head
 
-    def settings(self) -> list[str]:
-        out = []
+    def settings(self) -> dict[str, object]:
+        out: dict[str, object] = {}
         if self.points is not None:
-            out += ["--set", f"data.labelled_points={self.points}"]
+            out["data.labelled_points"] = self.points
         if self.rooms is not None:
-            out += ["--set", f"data.rooms={self.rooms}"]
+            out["data.rooms"] = self.rooms
         if self.linear_probe:
-            out += ["--set", "freeze=backbone", "--set", "model.head=linear"]
+            out.update({"freeze": "backbone", "model.head": "linear"})
         return out
 
     def labels(self, finetune_rooms: int) -> str:
@@ -145,25 +145,22 @@ class Plan:
         started again) and the zero-shot evaluation of each export."""
         args, jobs = self.args, []
         ranks = 1 if args.quick else local_ranks(PRETRAIN_BATCH, cores)
-        holdout = "[" + ",".join(HOLDOUT_CLASSES) + "]"
         for seed in range(args.pretrain_seeds):
             for preset in args.presets:
                 for mode in self.holdouts(preset):
                     run, name = self.pretrain_dir(preset, mode, seed), f"pretrain/{preset}/{mode}/seed{seed}"
-                    jobs.append(Job(name, [
-                        "pretrain", "--config", str(self.configs / PRESET_CONFIGS[preset]), "--output-dir", str(run),
-                        "--resume", "auto", "--set", f"steps={args.pretrain_steps}", "--set", f"seed={seed}",
-                        "--set", f"data.train=[{self.stores['pretrain']}]", "--set", "data.val=[]",
-                        "--set", f"data.holdout_classes={holdout}", "--set", f"data.holdout={mode}",
-                        "--set", f"micro_batch={PRETRAIN_BATCH // ranks}", "--set", "num_workers=0",
-                        "--set", f"checkpoint_every={max(1, args.pretrain_steps // 5)}", "--set", "keep_checkpoints=1"],
+                    jobs.append(Job(name, command("pretrain", {
+                        "steps": args.pretrain_steps, "seed": seed, "data.train": [self.stores["pretrain"]],
+                        "data.val": [], "data.holdout_classes": HOLDOUT_CLASSES, "data.holdout": mode,
+                        "micro_batch": PRETRAIN_BATCH // ranks, "num_workers": 0,
+                        "checkpoint_every": max(1, args.pretrain_steps // 5), "keep_checkpoints": 1},
+                        config=self.configs / PRESET_CONFIGS[preset], output_dir=run, resume="auto"),
                         ["synth_pretrain"], run / "summary.json", exclusive=True, ranks=ranks))
                     if preset in ZERO_SHOT_PRESETS:
                         zero = self.out / "zero_shot" / preset / mode / f"seed{seed}"
-                        jobs.append(Job(f"zero_shot/{preset}/{mode}/seed{seed}", [
-                            "eval-seg", "--checkpoint", str(run / "export.safetensors"), "--data",
-                            str(self.stores["test"]), "--zero-shot", "--out", str(zero)],
-                            [name, "synth_test"], zero / "seg_report.json"))
+                        jobs.append(Job(f"zero_shot/{preset}/{mode}/seed{seed}", command(
+                            "eval-seg", checkpoint=run / "export.safetensors", data=self.stores["test"],
+                            zero_shot=True, out=zero), [name, "synth_test"], zero / "seg_report.json"))
         return jobs
 
     def finetune(self, arm: Arm, model: str, pretrain_seed: int | None, seed: int, lr: float, split: str) -> Job:
@@ -174,21 +171,19 @@ class Plan:
         run = self.out / name
         config = "seg/synthetic_cpu_scratch.yaml" if model == "scratch" else "seg/synthetic_cpu.yaml"
         # a fine-tuning stopped half-way is run again from its start (--overwrite); it has no result yet
-        argv = ["finetune-seg", "--config", str(self.configs / config), "--output-dir", str(run), "--overwrite",
-                "--set", f"data.train=[{self.stores['finetune']}]", "--set", f"data.val=[{self.stores[split]}]",
-                "--set", f"steps={self.args.steps}", "--set", f"seed={seed}", "--set", "num_workers=0",
-                "--set", f"micro_batch={self.args.finetune_batch}", "--set", f"global_batch={self.args.finetune_batch}",
-                "--set", f"checkpoint_every={self.args.steps}", "--set", f"optim.lr_backbone={lr:g}",
-                "--set", f"optim.lr_heads={lr:g}", *arm.settings()]
-        after = ["synth_finetune", f"synth_{split}"]
+        settings = {"data.train": [self.stores["finetune"]], "data.val": [self.stores[split]],
+                    "steps": self.args.steps, "seed": seed, "num_workers": 0, "micro_batch": self.args.finetune_batch,
+                    "global_batch": self.args.finetune_batch, "checkpoint_every": self.args.steps,
+                    "optim.lr_backbone": float(lr), "optim.lr_heads": float(lr), **arm.settings()}
+        after, pretrained = ["synth_finetune", f"synth_{split}"], None
         if model != "scratch":
-            pretrain = f"pretrain/{model}/labels/seed{pretrain_seed}"
-            argv += ["--pretrained", str(self.pretrain_dir(model, "labels", pretrain_seed) / "export.safetensors")]
+            after.append(f"pretrain/{model}/labels/seed{pretrain_seed}")
+            pretrained = self.pretrain_dir(model, "labels", pretrain_seed) / "export.safetensors"
             if not arm.linear_probe:  # the head scratch has: class names through the text encoder
                 init = "zero_shot" if model in ZERO_SHOT_PRESETS else "text"
-                argv += ["--set", "model.head=language", "--set", f"model.head_init={init}"]
-            after.append(pretrain)
-        return Job(name, argv, after, run / "summary.json")
+                settings.update({"model.head": "language", "model.head_init": init})
+        return Job(name, command("finetune-seg", settings, config=self.configs / config, output_dir=run, overwrite=True,
+                                 pretrained=pretrained), after, run / "summary.json")
 
 
 def score(job: Job) -> float:

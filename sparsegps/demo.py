@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from sparsegps.files import atomic_write_text
-from sparsegps.recipes.steps import Job, Jobs, run_recipe
+from sparsegps.recipes.steps import Job, Jobs, command, parse_settings, run_recipe
 from sparsegps.synth.splits import FEW_ROOMS, HOLDOUT_CLASSES, check_disjoint, synth_command
 
 
@@ -90,38 +90,36 @@ def main(argv: list[str] | None = None) -> int:
         check_disjoint(stores)
     except ValueError as e:
         raise SystemExit(f"the demo's splits leak: {e}") from None
-    test = str(stores["test"])
+    test = stores["test"]
 
-    holdout = "[" + ",".join(HOLDOUT_CLASSES) + "]"
     # pre-training on one core, the scratch runs (which need no pre-training) on the other: the demo
     # ends sooner than with pre-training alone on both cores as two ranks, 1.4x faster, and the
     # scratch runs after it (benchmarks/RESULTS.md, "demo")
-    jobs.add(Job("pretrain", [
-        "pretrain", "--config", str(configs / "pretrain/tiny_cpu.yaml"), "--output-dir", str(out / "pretrain"),
-        "--overwrite", "--set", f"steps={args.pretrain_steps}", "--set", f"seed={args.seed}",
-        "--set", f"data.train=[{stores['pretrain']}]", "--set", "data.val=[]", "--set", f"data.holdout_classes={holdout}",
-        *(x for item in args.pretrain_set for x in ("--set", item))]))
-    export = str(out / "pretrain/export.safetensors")
-    jobs.add(Job("grounding", ["eval-pretrain", "--checkpoint", export, "--data", test, "--out", str(out / "pretrain")],
+    jobs.add(Job("pretrain", command("pretrain", {
+        "steps": args.pretrain_steps, "seed": args.seed, "data.train": [stores["pretrain"]], "data.val": [],
+        "data.holdout_classes": HOLDOUT_CLASSES, **parse_settings(args.pretrain_set)},
+        config=configs / "pretrain/tiny_cpu.yaml", output_dir=out / "pretrain", overwrite=True)))
+    export = out / "pretrain/export.safetensors"
+    jobs.add(Job("grounding", command("eval-pretrain", checkpoint=export, data=test, out=out / "pretrain"),
                  after=["pretrain"]))
-    jobs.add(Job("zero_shot", ["eval-seg", "--checkpoint", export, "--data", test, "--zero-shot", "--out",
-                               str(out / "zero_shot")], after=["pretrain"]))
+    jobs.add(Job("zero_shot", command("eval-seg", checkpoint=export, data=test, zero_shot=True, out=out / "zero_shot"),
+                 after=["pretrain"]))
 
     # 16 rooms are 2 steps an epoch: no DataLoader worker to start anew every other step
-    # every run folder is the demo's own: a demo run again starts each run afresh (--overwrite)
-    seg = ["finetune-seg", "--config", str(configs / "seg/synthetic_cpu.yaml"), "--overwrite",
-           "--set", f"seed={args.seed}", "--set", f"data.val=[{test}]",
-           "--set", f"data.train=[{stores['finetune_few']}]", "--set", "num_workers=0"]
-    scratch = ["--config", str(configs / "seg/synthetic_cpu_scratch.yaml")]  # its own learning rate
-    # from the pre-trained export, fine-tuning starts at its zero-shot segmenter (language head)
-    pretrained = ["--pretrained", export, "--set", "model.head=language", "--set", "model.head_init=zero_shot"]
+    seg = {"seed": args.seed, "data.val": [test], "data.train": [stores["finetune_few"]], "num_workers": 0}
     # the dense preset consumed per-voxel class labels: scratch also gets its supervised steps
     supervised = args.pretrain_steps + args.seg_steps
-    arms = {"seg_few": ([*pretrained, "--set", f"steps={args.seg_steps}"], ["pretrain"]),
-            "seg_few_scratch": ([*scratch, "--set", f"steps={args.seg_steps}"], []),
-            "seg_few_scratch_long": ([*scratch, "--set", f"steps={supervised}"], [])}
-    for name, (extra, after) in arms.items():
-        jobs.add(Job(f"finetune_{name}", [*seg, *extra, "--output-dir", str(out / name)], after=after))
+    # from the pre-trained export, fine-tuning starts at its zero-shot segmenter (language head);
+    # scratch has its own config (its own learning rate)
+    arms = {"seg_few": ({"model.head": "language", "model.head_init": "zero_shot", "steps": args.seg_steps},
+                        "seg/synthetic_cpu.yaml", export),
+            "seg_few_scratch": ({"steps": args.seg_steps}, "seg/synthetic_cpu_scratch.yaml", None),
+            "seg_few_scratch_long": ({"steps": supervised}, "seg/synthetic_cpu_scratch.yaml", None)}
+    for name, (settings, config, pretrained) in arms.items():
+        # every run folder is the demo's own: a demo run again starts each run afresh (--overwrite)
+        jobs.add(Job(f"finetune_{name}", command("finetune-seg", {**seg, **settings}, config=configs / config,
+                                                 pretrained=pretrained, output_dir=out / name, overwrite=True),
+                     after=["pretrain"] if pretrained else []))
     jobs.wait()
 
     pre = _read(out / "pretrain/summary.json")

@@ -205,3 +205,22 @@ def test_a_job_of_two_ranks_is_one_world_of_two_processes(tmp_path):
     assert code == 0, (tmp_path / "log.txt").read_text()[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["pretrain_steps"] == 2
+
+
+def test_command_writes_flags_and_settings_as_the_command_line_reads_them():
+    from pathlib import Path
+
+    from sparsegps.config import apply_overrides
+    from sparsegps.recipes.steps import command
+
+    argv = command("finetune-seg", {"data.train": [Path("a/b"), "c"], "optim.lr_heads": 2e-3, "optim.lr_backbone": 1e-5, "steps": 7,
+                                    "data.val": [], "model.head": "language"},
+                   config=Path("x.yaml"), pretrained=None, overwrite=True, resume=False, data=["s1", "s2"])
+    assert argv[:6] == ["finetune-seg", "--config", "x.yaml", "--overwrite", "--data", "s1"]
+    assert argv[6] == "s2" and "--pretrained" not in argv and "--resume" not in argv
+    settings = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert apply_overrides({}, settings) == {"data": {"train": ["a/b", "c"], "val": []}, "optim": {"lr_heads": 0.002, "lr_backbone": 1e-5},
+                                             "steps": 7, "model": {"head": "language"}}
+    with pytest.raises(steps.UsageError, match="KEY=VALUE"):
+        steps.parse_settings(["model.dropout"])
+    assert steps.parse_settings(["model.dropout=0.1", "a=b=c"]) == {"model.dropout": "0.1", "a": "b=c"}

@@ -24,7 +24,7 @@ from pathlib import Path
 from sparsegps.files import atomic_write_text
 from sparsegps.synth.splits import check_disjoint, synth_command
 
-from .steps import Job, Jobs, run_recipe
+from .steps import Job, Jobs, command, run_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,18 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         jobs.add(Job(f"synth_{name}", synth_command(name, count, stores[name], args.seed, args.workers)))
     jobs.wait()
     check_disjoint(stores)
-    steps = (lambda n: ["--set", f"steps={n}"] if n else [])
-    export = str(out / "pretrain/export.safetensors")
-    jobs.add(Job("pretrain", [
-        "pretrain", "--config", str(configs / "pretrain/grounding_cpu.yaml"), "--output-dir", str(out / "pretrain"),
-        "--overwrite", "--set", f"data.train=[{stores['pretrain']}]", "--set", "data.val=[]", "--set", f"seed={args.seed}",
-        *steps(args.pretrain_steps)]))
-    jobs.add(Job("pretrain_test", ["eval-pretrain", "--checkpoint", export, "--data", str(stores["test"]),
-                                   "--out", str(out / "pretrain")], after=["pretrain"]))
-    jobs.add(Job("finetune", [
-        "finetune-ground", "--pretrained", export, "--config", str(configs / "ground/synthetic_cpu.yaml"),
-        "--output-dir", str(out / "ground"), "--overwrite", "--set", f"data.train=[{stores['finetune']}]",
-        "--set", f"data.val=[{stores['test']}]", "--set", f"seed={args.seed}", *steps(args.finetune_steps)],
+    steps = (lambda n: {"steps": n} if n else {})  # None: the config's
+    export = out / "pretrain/export.safetensors"
+    jobs.add(Job("pretrain", command(
+        "pretrain", {"data.train": [stores["pretrain"]], "data.val": [], "seed": args.seed, **steps(args.pretrain_steps)},
+        config=configs / "pretrain/grounding_cpu.yaml", output_dir=out / "pretrain", overwrite=True)))
+    jobs.add(Job("pretrain_test", command("eval-pretrain", checkpoint=export, data=stores["test"], out=out / "pretrain"),
+                 after=["pretrain"]))
+    jobs.add(Job("finetune", command(
+        "finetune-ground", {"data.train": [stores["finetune"]], "data.val": [stores["test"]], "seed": args.seed,
+                            **steps(args.finetune_steps)},
+        pretrained=export, config=configs / "ground/synthetic_cpu.yaml", output_dir=out / "ground", overwrite=True),
         after=["pretrain"]))
     jobs.wait()
     pre = json.loads((out / "pretrain/grounding.json").read_text())

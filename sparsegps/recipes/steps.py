@@ -19,7 +19,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from sparsegps.errors import JobFailed, UsageError
 
@@ -173,6 +173,46 @@ class Jobs:
                 process.terminate()
 
 
+def command(name: str, settings: Mapping[str, object] | None = None, /, **flags) -> list[str]:
+    """The arguments of `sparsegps NAME`: each flag (`output_dir=path` -> `--output-dir path`; True:
+    the bare flag; None or False: left out; a list: its items), then each config setting as
+    `--set key=value` (a list written `[a,b]`, a float with `g`).
+
+        command("eval-seg", checkpoint=export, data=test, zero_shot=True)
+        command("pretrain", {"steps": 200, "data.val": []}, config=path, overwrite=True)
+    """
+    argv = [name]
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    for key, value in (settings or {}).items():
+        argv += ["--set", f"{key}={setting_text(value)}"]
+    return argv
+
+
+def setting_text(value: object) -> str:
+    """A config value as `--set` reads it (YAML flow): lists as [a,b], floats as %g, paths as text."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(setting_text, value)) + "]"
+    if isinstance(value, float):  # with a dot in the mantissa: YAML 1.1 reads 1e-05 as a string
+        mantissa, e, exponent = f"{value:g}".partition("e")
+        return f"{mantissa}{'' if '.' in mantissa or not e else '.0'}{e}{exponent}"
+    return str(value)
+
+
+def parse_settings(items: list[str]) -> dict[str, str]:
+    """`KEY=VALUE` strings of a recipe's own flag (e.g. the demo's --pretrain-set) as settings."""
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise UsageError(f"expected KEY=VALUE, got {bad[0]!r}")
+    return dict(item.split("=", 1) for item in items)
+
+
 def local_ranks(global_batch: int, cores: int, most: int = 2) -> int:
     """Data-parallel ranks for a CPU training job on `cores` cores: the most, up to `most`, that
     divide `global_batch`. spconv's CPU gathers and scatters run on one thread, so on 2 cores two
@@ -233,4 +273,5 @@ def run_command(args: list[str], log: Path, show: bool = True, threads: int | No
     return code
 
 
-__all__ = ["Job", "JobFailed", "Jobs", "local_ranks", "run_command", "run_recipe"]
+__all__ = ["Job", "JobFailed", "Jobs", "command", "local_ranks", "parse_settings", "run_command", "run_recipe",
+           "setting_text"]
