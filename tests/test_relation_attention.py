@@ -134,3 +134,29 @@ def test_pair_terms_computed_per_scene_equal_those_of_every_row():
     torch.testing.assert_close(shared, every_row, atol=1e-6, rtol=1e-5)
     for a, b in zip(grads_shared, [p.grad for p in attn.parameters()] + [x.grad]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("angle", [0.3, math.pi / 4, 2.0])
+def test_enclosing_boxes_move_only_gap_and_volume_and_by_the_documented_amount(angle):
+    """Under `box_sizes: enclosing` a turn by theta keeps five features and moves the other two by
+    the amounts `box_pair_features` documents, derived from each box's own footprint w x d:
+    gap by -(r_i + r_j)(|cos| + |sin| - 1), log_volume by log g_i - log g_j with
+    g = 1 + (w/d + d/w)|cos sin|."""
+    from sparsegps.data.transforms import rotate_z
+
+    rng = np.random.default_rng(7)
+    scene = _scene(rng)
+    before = _boxes(scene_to_sample(scene))
+    after = _boxes(rotate_z(scene_to_sample(scene), angle, "enclosing"))
+    f, g = box_pair_features(before)[0], box_pair_features(after)[0]
+    keep = [0, 1, 3, 4, 5]  # d, d_xy, dz, clear_above, clear_below
+    torch.testing.assert_close(g[..., keep], f[..., keep], atol=1e-4, rtol=1e-4)
+    c, s = abs(math.cos(angle)), abs(math.sin(angle))
+    w, d = before[0, :, 3].double(), before[0, :, 4].double()
+    radius = (w + d) / 4
+    gap_shift = -(radius[:, None] + radius[None, :]) * (c + s - 1)
+    torch.testing.assert_close((g[..., 2] - f[..., 2]).double(), gap_shift, atol=1e-4, rtol=1e-4)
+    growth = torch.log(1 + (w / d + d / w) * c * s)
+    torch.testing.assert_close((g[..., 6] - f[..., 6]).double(), growth[:, None] - growth[None, :], atol=1e-4, rtol=1e-4)
+    if angle == math.pi / 4:  # the largest gap shift: 0.41 (r_i + r_j)
+        assert (g[..., 2] - f[..., 2]).abs().max() > 0.3 * (radius.max() * 2 * (math.sqrt(2) - 1)).item()
