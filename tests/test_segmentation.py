@@ -234,7 +234,8 @@ def test_finetuning_from_the_zero_shot_head_starts_at_the_zero_shot_segmenter(sy
     model = {"backbone": TINY, "head": "language", "head_init": "zero_shot"}
     frozen = {"warmup_steps": 0, "lr_backbone": 0.0, "lr_heads": 0.0, "weight_decay": 0.0}
     finetune_segmentation(seg_config(synthetic_shards, tmp_path / "seg", steps=1, freeze="backbone", model=model,
-                                     optim=frozen, data={"train": [str(synthetic_shards / "train")]},
+                                     optim=frozen, data={"train": [str(synthetic_shards / "train")],
+                                                                   "transforms": {"voxel_size": 0.15}},
                                      pretrained=str(export)), progress=False)
     seg, _ = load_model(tmp_path / "seg/export.safetensors")
     batch = collate_scenes([ScenesDataset(synthetic_shards / "val", TransformConfig(voxel_size=0.15, augment=False))[i]

@@ -127,16 +127,6 @@ class HoldOutClasses:
         return sample
 
 
-class RotateZ:
-    """Rotate about z by a fixed angle (test-time augmentation)."""
-
-    def __init__(self, angle: float):
-        self.angle = angle
-
-    def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
-        return rotate_z(sample, self.angle)
-
-
 class RandomScale:
     def __init__(self, low: float = 0.9, high: float = 1.1):
         self.low, self.high = low, high
@@ -223,6 +213,19 @@ class GridSample:
             voxel_semantic=sample["semantic"][voxels.first], inverse=voxels.inverse, voxel_size=self.voxel_size,
         )
         return sample
+
+
+def model_input(sample: Sample, voxel_size: float, index: int = 0, angle: float = 0.0) -> Sample:
+    """A sample as a trained model reads it outside training (every evaluation, `show`, the
+    gallery): turned by `angle` radians about the vertical axis (test-time augmentation; 0: as
+    stored), voxelized at `voxel_size`, nothing random; `index` its place in the store, its object
+    classes unknown to the model (-1)."""
+    if angle:
+        sample = rotate_z(sample, angle)
+    sample = GridSample(voxel_size)(sample)
+    sample["index"] = index
+    sample["object_label_id"] = np.full(len(sample["objects"]), -1, np.int64)
+    return sample
 
 
 class VoxelizeOnDevice:

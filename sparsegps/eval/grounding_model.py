@@ -23,7 +23,7 @@ import torch
 from sparsegps.errors import UsageError
 from sparsegps.data import NO_INSTANCE, SceneObject, SceneStore, collate_scenes, move_batch
 from sparsegps.files import atomic_write_text
-from sparsegps.data.transforms import GridSample, scene_to_sample
+from sparsegps.data.transforms import model_input, scene_to_sample
 
 from .grounding import evaluate_referit3d, evaluate_scanrefer, load_proposal_boxes, referral_record
 from .grounding_diagnostics import grounding_diagnostics
@@ -77,8 +77,7 @@ class _EvalScenes(torch.utils.data.Dataset):
     texts, since `predict_referrals` grounds the referrals itself."""
 
     def __init__(self, store: SceneStore, count: int, voxel_size: float, proposals: dict | None):
-        self.store, self.count, self.proposals = store, count, proposals
-        self.grid = GridSample(voxel_size)
+        self.store, self.count, self.proposals, self.voxel_size = store, count, proposals, voxel_size
 
     def __len__(self) -> int:
         return self.count
@@ -90,9 +89,7 @@ class _EvalScenes(torch.utils.data.Dataset):
             boxes = self.proposals[scene.scene_id]
             sample["instance"] = assign_points_to_boxes(scene.xyz, boxes)
             sample["objects"] = proposal_objects(boxes)
-        sample = self.grid(sample)
-        sample["index"] = index
-        sample["object_label_id"] = np.full(len(sample["objects"]), -1, np.int64)
+        sample = model_input(sample, self.voxel_size, index)
         sample["referrals"] = [(k, t.text) for k, t in enumerate(scene.texts) if t.kind == "referral"]
         sample["texts"] = []
         return sample

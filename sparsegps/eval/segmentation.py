@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes, move_batch
-from sparsegps.data.transforms import Compose, GridSample, RotateZ
+from sparsegps.data import SceneStore, collate_scenes, move_batch
+from sparsegps.data.transforms import model_input, scene_to_sample
 from sparsegps.distributed import all_reduce_sum, even_shard, rank, world_size
 from sparsegps.files import atomic_save_figure, atomic_write_text
 
@@ -84,24 +84,18 @@ def evaluate_segmentation(model, paths, voxel_size: float, device, num_classes: 
 
     was_training = model.training
     model.eval()
-    dataset = ScenesDataset(paths, TransformConfig(voxel_size=voxel_size, augment=False))
-    n = len(dataset) if max_scenes is None else min(max_scenes, len(dataset))
+    store = SceneStore(paths)
+    n = len(store) if max_scenes is None else min(max_scenes, len(store))
     conf = np.zeros((num_classes, num_classes), np.int64)
     indices, counted = even_shard(n, rank(), world_size())
     for start in tqdm(range(0, len(indices), batch_size), desc="eval-seg", unit="batch",
                       disable=not progress or rank() != 0):
         chosen = indices[start:start + batch_size]
-        scenes = [dataset.store[i] for i in chosen]
+        scenes = [store[i] for i in chosen]
         point_logits = None
         for r in range(tta_rotations):
             angle = 2 * math.pi * r / tta_rotations
-            transform = Compose(([RotateZ(angle)] if r else []) + [GridSample(voxel_size)])
-            samples = []
-            for i, scene in zip(chosen, scenes):
-                sample = transform(scene, np.random.default_rng(0))
-                sample["index"] = i
-                sample["object_label_id"] = np.zeros(len(sample["objects"]), np.int64)
-                samples.append(sample)
+            samples = [model_input(scene_to_sample(scene), voxel_size, i, angle) for i, scene in zip(chosen, scenes)]
             batch = move_batch(collate_scenes(samples), device)
             logits = model(batch).float().softmax(-1).cpu()
             offsets = batch["voxel_offsets"].cpu()

@@ -6,14 +6,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sparsegps.data import GridSample, Scene, SceneText, collate_scenes, move_batch
-from sparsegps.data.transforms import scene_to_sample
+from sparsegps.data import Scene, SceneText, collate_scenes, move_batch
+from sparsegps.data.transforms import model_input, scene_to_sample
 
 
 def _batch(scene: Scene, voxel_size: float, texts: list[SceneText], device) -> dict:
-    sample = GridSample(voxel_size)(scene_to_sample(scene))
-    sample["index"] = 0
-    sample["object_label_id"] = np.full(len(sample["objects"]), -1, np.int64)
+    sample = model_input(scene_to_sample(scene), voxel_size)
     sample["texts"] = texts
     return move_batch(collate_scenes([sample]), device)
 
