@@ -154,13 +154,20 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: cannot parse value ({e})") from None
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = value
+        set_value(data, key, value, f"override {item!r}")
+    return data
+
+
+def set_value(data: dict, key: str, value: Any, where: str = "") -> dict:
+    """Set the dotted `key` of a nested mapping to `value` as given (not parsed: a command-line flag's
+    path stays a path whatever it spells), in place."""
+    node = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where or key}: {p} is not a section")
+    node[parts[-1]] = value
     return data
 
 
@@ -202,11 +209,15 @@ def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     return merge_mappings(read_config_file(path.parent / base, (*_seen, path.resolve())), data)
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Read YAML at `path` (with its `base` chain; or start from the defaults), apply overrides,
-    and build `cls`."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                values: dict[str, Any] | None = None) -> T:
+    """Read YAML at `path` (with its `base` chain; or start from the defaults), apply the `key=value`
+    overrides (values parsed as YAML), then `values` ({dotted key: value}, as given: a command's
+    flags), and build `cls`."""
     data: dict = read_config_file(path) if path is not None else {}
     apply_overrides(data, overrides)
+    for key, value in (values or {}).items():
+        set_value(data, key, value)
     try:
         return from_dict(cls, data)
     except ConfigError as e:

@@ -161,3 +161,21 @@ def test_a_run_starting_from_an_export_of_another_voxel_size_is_warned(tmp_path)
         assert read_starting_export(path, ("pretraining",), "init_from", 0.1).info.voxel_size == 0.1
     with pytest.raises(UsageError, match="finetune-ground --pretrained needs a grounding export"):
         read_starting_export(path, ("grounding",), "finetune-ground --pretrained", 0.1)
+
+
+@pytest.mark.parametrize("folder", ["yes", "runs/a: b", "runs/#1", "[x]"])
+def test_flags_are_config_keys_taken_as_given(folder):
+    """A flag sets its config key to the text given (YAML would read `yes` as true, `a: b` as a
+    mapping, `#1` as a comment); --set is parsed as YAML, and a flag wins over it."""
+    import argparse
+
+    from sparsegps.commands import pretrain as pretrain_command
+    from sparsegps.commands.training import load_training_config
+    from sparsegps.train.pretrain import PretrainConfig
+
+    parser = argparse.ArgumentParser()
+    pretrain_command.add_arguments(parser)
+    args = parser.parse_args(["--config", str(ROOT / CONFIGS["pretrain"]), "--output-dir", folder,
+                              "--set", "output_dir=elsewhere", "--set", "steps=3", "--overwrite"])
+    cfg = load_training_config(PretrainConfig, args)
+    assert (cfg.output_dir, cfg.steps, cfg.overwrite) == (folder, 3, True)

@@ -34,14 +34,8 @@ def run(args) -> int:
     from sparsegps.eval.relation_probe import load_probe_config, run_probe
 
     config = args.config or ("configs/probe/relations.yaml" if Path("configs/probe/relations.yaml").exists() else None)
-    overrides = list(args.set)
-    if args.train:
-        overrides.append(f"train={json.dumps(args.train)}")
-    if args.val:
-        overrides.append(f"val={json.dumps(args.val)}")
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    cfg = load_probe_config(config, overrides)
+    flags = {"train": args.train, "val": args.val, "output_dir": args.output_dir}
+    cfg = load_probe_config(config, args.set, {k: v for k, v in flags.items() if v})
     summary = run_probe(cfg, pick_device(args.device))
     print(json.dumps({k: v for k, v in summary.items() if k != "curve"}, indent=1))
     return 0

@@ -20,20 +20,11 @@ def add_training_arguments(parser, config_help: str, pretrained: bool = True) ->
 
 
 def load_training_config(cls, args):
-    """The run's config from --config, --set, --pretrained, --deepspeed, --output-dir, --resume and
-    --overwrite; a bad one raises ConfigError before any work starts (the command line prints it as
-    one line)."""
+    """The run's config from --config, --set, and the flags that are shortcuts for config keys
+    (--pretrained, --deepspeed, --output-dir, --resume, --overwrite; taken as given, after --set); a
+    bad one raises ConfigError before any work starts (the command line prints it as one line)."""
     from sparsegps.config import load_config
 
-    overrides = list(args.set)
-    if getattr(args, "pretrained", None):
-        overrides.append(f"pretrained={args.pretrained}")
-    if args.deepspeed:
-        overrides.append(f"deepspeed={args.deepspeed}")
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    if args.resume:
-        overrides.append(f"resume={args.resume}")
-    if args.overwrite:
-        overrides.append("overwrite=true")
-    return load_config(cls, args.config, overrides)
+    flags = {"pretrained": getattr(args, "pretrained", None), "deepspeed": args.deepspeed,
+             "output_dir": args.output_dir, "resume": args.resume, "overwrite": args.overwrite or None}
+    return load_config(cls, args.config, args.set, {k: v for k, v in flags.items() if v is not None})

@@ -65,13 +65,17 @@ class ProbeConfig:
     box_sizes: Literal["enclosing", "kept"] = "enclosing"
 
 
-def load_probe_config(path: str | Path | None, overrides: list[str] = ()) -> ProbeConfig:
-    """The probe's config from YAML (its `model_config` read first for the model) and `key=value`
-    overrides; a bad one raises ConfigError before any work starts."""
-    from sparsegps.config import ConfigError, apply_overrides, from_dict, merge_mappings, read_config_file
+def load_probe_config(path: str | Path | None, overrides: list[str] = (),
+                      values: dict | None = None) -> ProbeConfig:
+    """The probe's config from YAML (its `model_config` read first for the model), `key=value`
+    overrides and `values` (a command's flags, as given); a bad one raises ConfigError before any
+    work starts."""
+    from sparsegps.config import ConfigError, apply_overrides, from_dict, merge_mappings, read_config_file, set_value
 
     data = read_config_file(path) if path is not None else {}
     apply_overrides(data, list(overrides))
+    for key, value in (values or {}).items():
+        set_value(data, key, value)
     if data.get("model_config"):
         source = Path(data["model_config"])
         if path is not None and not source.is_absolute():
