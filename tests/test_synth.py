@@ -151,9 +151,27 @@ def test_measured_colours_match_the_paint():
     assert agree / total > 0.95
 
 
-def test_config_files_match_presets():
-    for name in ("demo", "scannet"):
-        assert load_config(SynthConfig, ROOT / "configs/synth" / f"{name}.yaml") == preset(name)
+def test_presets_are_their_files_over_the_defaults(tmp_path):
+    """A preset is the defaults with its package-data file written over them; --config and --set
+    write over the preset (a room_types mapping replaced whole, other sections merged)."""
+    import argparse
+
+    from sparsegps.commands import synth as synth_command
+    from sparsegps.synth.config import PRESETS
+
+    assert PRESETS == ("demo", "scannet") and preset("scannet") == SynthConfig()
+    demo = preset("demo")
+    assert (demo.room_size, demo.objects, demo.points_per_m2, demo.language.referrals_per_scene) == (
+        (4.0, 7.0), (8, 16), 150.0, 8)
+    assert demo.room_height == SynthConfig().room_height and demo.language.shapes == SynthConfig().language.shapes
+    (tmp_path / "mine.yaml").write_text("room_types: {office: 1.0}\nlanguage: {min_distractors: 2}\n")
+    parser = argparse.ArgumentParser()
+    synth_command.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path), "--preset", "demo", "--config", str(tmp_path / "mine.yaml"),
+                              "--set", "objects=[9,12]"])
+    cfg = synth_command.resolve_config(args)
+    assert cfg.room_types == {"office": 1.0} and cfg.objects == (9, 12) and cfg.room_size == (4.0, 7.0)
+    assert cfg.language.min_distractors == 2 and cfg.language.referrals_per_scene == 8
 
 
 def test_synth_command_writes_every_kind_of_text(tmp_path, capsys):

@@ -18,8 +18,11 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, help="output directory for the shards")
     parser.add_argument("--scenes", type=int, help="number of scenes (config key: scenes)")
     parser.add_argument("--seed", type=int, help="random seed (config key: seed)")
-    parser.add_argument("--preset", default="scannet", choices=["scannet", "demo"],
-                        help="starting settings (default scannet)")
+    from sparsegps.synth.config import PRESETS
+
+    parser.add_argument("--preset", default="scannet", choices=PRESETS,
+                        help="starting settings: sparsegps/resources/synth/PRESET.yaml over the defaults "
+                             "(default scannet)")
     parser.add_argument("--config", help="YAML file with settings over the preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. objects=[8,20] or language.referrals_per_scene=4")
@@ -35,7 +38,7 @@ def resolve_config(args):
 
     data = preset_dict(args.preset)
     if args.config:
-        merge_settings(data, read_yaml_mapping(args.config))
+        data = merge_settings(data, read_yaml_mapping(args.config))
     for key, value in (("scenes", args.scenes), ("seed", args.seed), ("shard_scenes", args.shard_scenes)):
         if value is not None:
             data[key] = value

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sparsegps.config import ConfigError, from_dict, to_dict
+from sparsegps.config import ConfigError, from_dict, merge_mappings, to_dict
 from sparsegps.language.generate import LanguageConfig
 
 
@@ -55,27 +55,25 @@ class SynthConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-# Presets: overrides of the defaults. configs/synth/<name>.yaml hold the same values.
-PRESETS: dict[str, dict] = {
-    "scannet": {},
-    "demo": {
-        "room_size": [4.0, 7.0],
-        "objects": [8, 16],
-        "points_per_m2": 150.0,
-        "min_points_per_object": 20,
-        "jitter": 0.01,
-        "language": {"referrals_per_scene": 8},
-    },
-}
+def _preset_files():
+    from importlib import resources
+
+    return resources.files("sparsegps").joinpath("resources", "synth")
+
+
+# The presets: YAML files of package data (sparsegps/resources/synth/NAME.yaml), each holding what
+# differs from the defaults.
+PRESETS: tuple[str, ...] = tuple(sorted(f.name.removesuffix(".yaml") for f in _preset_files().iterdir()
+                                        if f.name.endswith(".yaml")))
 
 
 def preset_dict(name: str) -> dict:
-    """The full config of preset `name` as a plain mapping (defaults with the preset's overrides)."""
+    """The full config of preset `name` as a plain mapping (defaults with the preset's file over them)."""
+    import yaml
+
     if name not in PRESETS:
-        raise ConfigError(f"unknown synth preset {name!r}; known: {sorted(PRESETS)}")
-    data = to_dict(SynthConfig())
-    merge_settings(data, PRESETS[name])
-    return data
+        raise ConfigError(f"unknown synth preset {name!r}; known: {list(PRESETS)}")
+    return merge_settings(to_dict(SynthConfig()), yaml.safe_load(_preset_files().joinpath(f"{name}.yaml").read_text()))
 
 
 def preset(name: str) -> SynthConfig:
@@ -83,10 +81,9 @@ def preset(name: str) -> SynthConfig:
 
 
 def merge_settings(base: dict, update: dict) -> dict:
-    """Merge a nested mapping of settings into `base` in place (room_types is replaced whole)."""
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "room_types":
-            merge_settings(base[key], value)
-        else:
-            base[key] = value
-    return base
+    """`base` with the settings of `update` written over it, section by section; room_types (a
+    mapping of room type to frequency) is replaced whole."""
+    merged = merge_mappings(base, {k: v for k, v in update.items() if k != "room_types"})
+    if "room_types" in update:
+        merged["room_types"] = update["room_types"]
+    return merged
