@@ -268,7 +268,8 @@ def _finetune_worker(rank, world, port, data, out):
 @pytest.mark.slow
 def test_two_ranks_fine_tune_segmentation_and_grounding_on_uneven_data(uneven, tmp_path):
     """The same uneven shards (rank 1: no referrals, no labelled voxels at some steps) through
-    finetune-seg and finetune-ground on 2 ranks; segmentation mIoU on 2 ranks equals one process's."""
+    finetune-seg and finetune-ground on 2 ranks; their evaluations (each rank half the scenes) give
+    both ranks one process's numbers for the export."""
     data = uneven / "mb1"
     spawn(_finetune_worker, str(data), str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"finetune{r}.pt", weights_only=False) for r in range(2))
@@ -285,6 +286,14 @@ def test_two_ranks_fine_tune_segmentation_and_grounding_on_uneven_data(uneven, t
     report, _ = evaluate_segmentation(model, [str(data / "val")], 0.15, torch.device("cpu"), len(names), names,
                                       progress=False)
     assert report["miou"] == pytest.approx(r0["seg"]["seg_miou"], rel=1e-12)
+
+    from sparsegps.eval.grounding_model import evaluate_grounding
+    from sparsegps.train.finetune_ground import benchmark_headline
+
+    model, _ = load_model(tmp_path / "ground" / "export.safetensors")
+    one, _ = evaluate_grounding(model, [str(data / "val")], "nr3d", 0.15, torch.device("cpu"), progress=False)
+    assert r0["ground"]["ground_referrals"] == r1["ground"]["ground_referrals"] == one["referrals"] > 0
+    assert r0["ground"]["ground_accuracy"] == r1["ground"]["ground_accuracy"] == benchmark_headline(one)["ground_accuracy"]
 
 
 def _stuck_rank_worker(rank, world, port, data, out):

@@ -20,10 +20,11 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from sparsegps.errors import UsageError
 from sparsegps.data import NO_INSTANCE, SceneObject, SceneStore, collate_scenes, move_batch
-from sparsegps.files import atomic_write_text
 from sparsegps.data.transforms import model_input, scene_to_sample
+from sparsegps.distributed import even_shard, gather_objects, rank, world_size
+from sparsegps.errors import UsageError
+from sparsegps.files import atomic_write_text
 
 from .grounding import evaluate_referit3d, evaluate_scanrefer, load_proposal_boxes, referral_record
 from .grounding_diagnostics import grounding_diagnostics
@@ -71,18 +72,22 @@ def check_proposals(proposals: dict[str, np.ndarray], scene_ids: Sequence[str], 
 
 
 class _EvalScenes(torch.utils.data.Dataset):
-    """Stored scenes voxelized as they are (no augmentation); objects replaced by proposals if given.
+    """The stored scenes `indices` voxelized as they are (no augmentation); objects replaced by
+    proposals if given.
 
-    Each item carries the scene's referrals as (text index, utterance); the collated batch has no
-    texts, since `predict_referrals` grounds the referrals itself."""
+    Each item carries the scene's referrals as (text index, utterance) and its `counted` flag; the
+    collated batch has no texts, since `predict_referrals` grounds the referrals itself."""
 
-    def __init__(self, store: SceneStore, count: int, voxel_size: float, proposals: dict | None):
-        self.store, self.count, self.proposals, self.voxel_size = store, count, proposals, voxel_size
+    def __init__(self, store: SceneStore, indices: list[int], counted: list[bool], voxel_size: float,
+                 proposals: dict | None):
+        self.store, self.indices, self.counted = store, indices, counted
+        self.proposals, self.voxel_size = proposals, voxel_size
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int) -> dict:
+        index = self.indices[item]
         scene = self.store[index]
         sample = scene_to_sample(scene)
         if self.proposals is not None:
@@ -92,11 +97,12 @@ class _EvalScenes(torch.utils.data.Dataset):
         sample = model_input(sample, self.voxel_size, index)
         sample["referrals"] = [(k, t.text) for k, t in enumerate(scene.texts) if t.kind == "referral"]
         sample["texts"] = []
+        sample["counted"] = self.counted[item]
         return sample
 
 
-def _collate(samples: list[dict]) -> tuple[dict, list[list[tuple[int, str]]]]:
-    return collate_scenes(samples), [s["referrals"] for s in samples]
+def _collate(samples: list[dict]) -> tuple[dict, list[list[tuple[int, str]]], list[bool]]:
+    return collate_scenes(samples), [s["referrals"] for s in samples], [s["counted"] for s in samples]
 
 
 def grounding_logits(model, objects: dict, texts: list[str], scene_index: torch.Tensor) -> torch.Tensor:
@@ -111,7 +117,10 @@ def predict_referrals(model, paths, voxel_size: float, device, batch_size: int =
                       precision: str = "fp32", num_workers: int = 0,
                       progress: bool = True) -> list[ReferralPrediction]:
     """The object `model` (a `GPSModel`) chooses for every referral of the first `max_scenes` scenes
-    at `paths`, in store order. With `proposals` ({scan id: [P, 6] boxes}) it chooses a proposal."""
+    at `paths`, in store order. With `proposals` ({scan id: [P, 6] boxes}) it chooses a proposal.
+
+    On several ranks (a model of each rank's own, as built from an export) each rank grounds an even
+    share of the scenes (`even_shard`) and every rank gets all the predictions, each scene's once."""
     from tqdm.auto import tqdm
 
     if referral_chunk < 1:
@@ -122,13 +131,14 @@ def predict_referrals(model, paths, voxel_size: float, device, batch_size: int =
     scene_ids = store.scene_ids()[:count]
     if proposals is not None:
         check_proposals(proposals, scene_ids, "proposals")
-    loader = torch.utils.data.DataLoader(_EvalScenes(store, count, voxel_size, proposals), batch_size=batch_size,
-                                         collate_fn=_collate, num_workers=num_workers)
+    indices, counted = even_shard(count, rank(), world_size())
+    loader = torch.utils.data.DataLoader(_EvalScenes(store, indices, counted, voxel_size, proposals),
+                                         batch_size=batch_size, collate_fn=_collate, num_workers=num_workers)
     was_training = model.training
     model.eval()
     predictions: list[ReferralPrediction] = []
-    bar = tqdm(total=count, desc="ground", unit="scene", disable=not progress)
-    for batch, referrals in loader:
+    bar = tqdm(total=len(indices), desc="ground", unit="scene", disable=not progress or rank() != 0)
+    for batch, referrals, keep in loader:
         scene_indices = batch["indices"]
         offsets = batch["object_offsets"].tolist()
         instances = batch["object_instance"].tolist()
@@ -148,13 +158,15 @@ def predict_referrals(model, paths, voxel_size: float, device, batch_size: int =
                         row = row[:offsets[b + 1] - offsets[b]]
                         chosen[b, k] = instances[offsets[b] + int(row.argmax())], row
         for b, k, _ in rows:  # a scene with no objects (no proposals) predicts nothing
+            if not keep[b]:  # a fill-in repeat of this rank's share
+                continue
             predicted, scores = chosen.get((b, k), (NO_INSTANCE, None))
             predictions.append(ReferralPrediction(scene_indices[b], scene_ids[scene_indices[b]], k, predicted,
                                                   scores))
         bar.update(len(referrals))
     bar.close()
     model.train(was_training)
-    return predictions
+    return sorted(gather_objects(predictions), key=lambda p: (p.scene_index, p.text_index))
 
 
 def grounding_records(store: SceneStore, predictions: Sequence[ReferralPrediction],

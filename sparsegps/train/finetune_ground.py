@@ -22,7 +22,7 @@ from typing import Literal
 from sparsegps.config import differences, from_dict, to_dict
 from sparsegps.data import ScenesDataset, TransformConfig
 from sparsegps.errors import UsageError
-from sparsegps.exports import ExportInfo, build_model, read_export, read_starting_export
+from sparsegps.exports import ExportInfo, read_starting_export
 from sparsegps.models.gps import LossWeights, ModelConfig
 
 from .engine import OptimConfig
@@ -143,28 +143,31 @@ class GroundingTask(GPSTrainingTask):
                                        "grounding_chance", "grounding_referrals")}
 
     def evaluate(self, run: Run, model, export: Path) -> dict:
-        """The benchmark's report of the exported weights, on rank 0 alone: the numbers `sparsegps
-        eval-ground` gives."""
+        """The benchmark's report of the exported weights (each rank an even share of the scenes,
+        rank 0 writing): the numbers `sparsegps eval-ground` gives."""
         from sparsegps.eval.grounding import save_report
         from sparsegps.eval.grounding_diagnostics import save_diagnostics
         from sparsegps.eval.grounding_model import evaluate_grounding, save_predictions
 
         cfg = self.cfg
         summary = {"benchmark": cfg.data.benchmark}
-        if not cfg.data.val or run.rank != 0:
+        if not cfg.data.val:
             return summary
         report, records = evaluate_grounding(
-            build_model(read_export(export), run.device), cfg.data.val, cfg.data.benchmark,
+            model, cfg.data.val, cfg.data.benchmark,
             cfg.data.transforms.voxel_size, run.device, proposals_path=cfg.data.proposals, batch_size=cfg.micro_batch,
             max_scenes=cfg.data.eval_max_scenes, referral_chunk=cfg.data.eval_referral_chunk, precision=run.precision,
             progress=False)
         report["checkpoint"] = str(export)
         diagnostics = report.pop("grounding_diagnostics", None)
-        json_path, _ = save_report(report, run.out / "ground_report.json")
-        save_predictions(records, run.out / "ground_predictions.jsonl")
+        json_path = run.out / "ground_report.json"
+        if run.rank == 0:
+            save_report(report, json_path)
+            save_predictions(records, run.out / "ground_predictions.jsonl")
+            if diagnostics is not None:
+                save_diagnostics(diagnostics, run.out, "grounding", "grounding after fine-tuning")
         summary.update(benchmark_headline(report), report=str(json_path))
         if diagnostics is not None:
-            save_diagnostics(diagnostics, run.out, "grounding", "grounding after fine-tuning")
             summary.update(ground_class_prior=diagnostics["class_prior"],
                            ground_class_accuracy=diagnostics["class_accuracy"],
                            ground_within_class_accuracy=diagnostics["within_class_accuracy"])

@@ -21,7 +21,7 @@ from sparsegps.config import differences, from_dict, to_dict
 from sparsegps.criterion import SegmentationCriterion
 from sparsegps.data import SceneStore, ScenesDataset
 from sparsegps.errors import UsageError
-from sparsegps.exports import Export, ExportInfo, build_model, read_export, read_starting_export
+from sparsegps.exports import Export, ExportInfo, build_model, read_starting_export
 from sparsegps.models.backbone import SpUNetConfig
 from sparsegps.models.seg_heads import LanguageSegHead, SegmentationModel, SegModelConfig
 
@@ -139,14 +139,13 @@ class SegmentationTask(TrainingTask):
                           voxel_size=self.cfg.data.transforms.voxel_size)
 
     def evaluate(self, run: Run, model, export: Path) -> dict:
-        """mIoU of the exported weights (under ZeRO-3 the live model holds only a shard of each)."""
+        """mIoU of the exported weights."""
         from sparsegps.eval.segmentation import evaluate_segmentation, write_report
 
         cfg = self.cfg
         summary = {"freeze": cfg.freeze, "labelled_points": cfg.data.labelled_points, "rooms": cfg.data.rooms}
         if cfg.data.val:
-            trained = build_model(read_export(export), run.device)
-            report, conf = evaluate_segmentation(trained, cfg.data.val, cfg.data.transforms.voxel_size, run.device,
+            report, conf = evaluate_segmentation(model, cfg.data.val, cfg.data.transforms.voxel_size, run.device,
                                                  len(self.names), self.names, self.remap, cfg.data.tta_rotations,
                                                  batch_size=cfg.micro_batch, max_scenes=cfg.data.eval_max_scenes,
                                                  progress=False)

@@ -20,7 +20,7 @@ from torch import nn
 
 from sparsegps.criterion import GPSCriterion
 from sparsegps.errors import UsageError
-from sparsegps.exports import EXPORT_NAME, Export, ExportInfo, export_checkpoint, load_weights
+from sparsegps.exports import EXPORT_NAME, Export, ExportInfo, build_model, export_checkpoint, load_weights, read_export
 from sparsegps.files import atomic_write_text
 from sparsegps.models.gps import GPSModel
 
@@ -68,7 +68,9 @@ class TrainingTask:
         return None
 
     def evaluate(self, run: Run, model: nn.Module, export: Path) -> dict:
-        """The held-out metrics of the trained model (every rank calls it, after the export)."""
+        """The held-out metrics of the trained model: `model` is built from `export` on every rank
+        (under ZeRO-3 the live model holds only a shard of each weight), every rank calls this, each
+        scores an even share of the held-out scenes, and rank 0 writes the reports."""
         return {}
 
 
@@ -122,7 +124,7 @@ def run_task(task: TrainingTask, progress: bool = True) -> dict:
             export_checkpoint(run.checkpoints, export, source=str(run.out))
         if dist.is_initialized():
             dist.barrier()
-        summary.update(task.evaluate(run, engine.module, export))
+        summary.update(task.evaluate(run, build_model(read_export(export), run.device), export))
         if run.rank == 0:
             atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=1))
         if dist.is_initialized():
