@@ -123,19 +123,6 @@ def save_export(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], in
     return path
 
 
-def export_checkpoint(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, tag: str | None = None,
-                      source: str | None = None) -> Path:
-    """Write the export of a training checkpoint (any ZeRO stage; the newest complete one by
-    default): its consolidated fp32 weights, and the metadata the run saved beside them."""
-    from sparsegps.train.checkpoint import consolidated_state
-
-    state, client, tag = consolidated_state(checkpoint_dir, tag)
-    info = ExportInfo.from_state(client, step=client.get("step"), source=source or str(Path(checkpoint_dir).parent))
-    if info.task == "segmentation":  # trained inside a loss wrapper before model and criterion were apart
-        state = {k.removeprefix("model."): v for k, v in state.items()}
-    return save_export(out_path, state, info)
-
-
 def read_export(path: str | os.PathLike) -> Export:
     """An export as written by `save_export`, or by an earlier version (`.pt`); one-line errors for
     a missing or unreadable file. `path` may also be a Hub-style model folder or a repo id in the
@@ -319,5 +306,5 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
     return build_model(export, device), export.info
 
 
-__all__ = ["EXPORT_NAME", "Export", "ExportInfo", "TASKS", "build_model", "expect_task", "export_checkpoint",
+__all__ = ["EXPORT_NAME", "Export", "ExportInfo", "TASKS", "build_model", "expect_task",
            "load_model", "load_weights", "read_export", "save_export"]

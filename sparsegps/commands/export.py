@@ -20,7 +20,8 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from sparsegps.errors import UsageError
-    from sparsegps.exports import export_checkpoint, read_export, save_pointcept
+    from sparsegps.exports import read_export, save_pointcept
+    from sparsegps.train.checkpoint import export_checkpoint
     from sparsegps.hub import write_hub_folder
 
     if (args.hub is None) == (args.out is None):

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from sparsegps.errors import UsageError
+from sparsegps.exports import ExportInfo, save_export
 from sparsegps.files import atomic_write_text
 
 MANIFEST = "manifest.json"
@@ -401,3 +402,14 @@ beside them) and its tag.
         state = model_states["module"]
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return state, {k: v for k, v in model_states.items() if k != "module"}, tag
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out_path: str | Path, tag: str | None = None,
+                      source: str | None = None) -> Path:
+    """Write the export of a training checkpoint (any ZeRO stage; the newest complete one by
+    default): its consolidated fp32 weights, and the metadata the run saved beside them."""
+    state, client, tag = consolidated_state(checkpoint_dir, tag)
+    info = ExportInfo.from_state(client, step=client.get("step"), source=source or str(Path(checkpoint_dir).parent))
+    if info.task == "segmentation":  # trained inside a loss wrapper before model and criterion were apart
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    return save_export(out_path, state, info)

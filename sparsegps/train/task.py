@@ -20,10 +20,11 @@ from torch import nn
 
 from sparsegps.criterion import GPSCriterion
 from sparsegps.errors import UsageError
-from sparsegps.exports import EXPORT_NAME, Export, ExportInfo, build_model, export_checkpoint, load_weights, read_export
+from sparsegps.exports import EXPORT_NAME, Export, ExportInfo, build_model, load_weights, read_export
 from sparsegps.files import atomic_write_text
 from sparsegps.models.gps import GPSModel
 
+from .checkpoint import export_checkpoint
 from .engine import check_optimizer_fits_zero, gps_role, optimizer_groups, read_deepspeed_json, zero_stage
 from .loop import train_loop
 from .run import Run, build_engine, release_folder, setup_run
