@@ -10,15 +10,68 @@ whatever its batch holds: a missing kind of text arrives as a placeholder whose 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
 from sparsegps import losses as L
 from sparsegps.distributed import all_reduce_sum, gather_rows
-from sparsegps.models.gps import LOSS_NAMES, LossWeights, ModelConfig, first_occurrences
+
+if TYPE_CHECKING:
+    from sparsegps.models.gps import ModelConfig
+
+
+@dataclass
+class LossWeights:
+    """The weight of each loss of `GPSCriterion` (0: off; the model then computes none of its
+    outputs). A loss is declared here, in LABELS_CONSUMED, and computed in `GPSCriterion.__call__`
+    from the outputs `GPSModel.forward` gives for a positive weight."""
+
+    object_text: float = 1.0
+    scene_text: float = 1.0
+    referral_object: float = 1.0
+    grounding: float = 1.0
+    mlm: float = 1.0
+    # Not in GPS's pre-training: GPS trains its object encoder beforehand on object classification
+    # against class-name text embeddings (label smoothing 0.3); here that signal can train the
+    # pooled object tokens end to end.
+    object_class: float = 0.0
+    # Not in GPS: every labelled voxel's feature, projected into the text space, against the
+    # class-name texts, so a pre-trained model segments by naming classes (eval-seg --zero-shot).
+    dense_text: float = 0.0
+    # Not in GPS (PLA's caption-region association): each captioned object's voxels, projected as
+    # dense_text projects them and averaged, against the batch's object captions (multi-positive
+    # InfoNCE). Consumes texts only, so the voxels of classes whose labels are withheld
+    # (`data.holdout: labels`) meet the words that name them, in the space where eval-seg
+    # --zero-shot names classes.
+    region_text: float = 0.0
+
+
+LOSS_NAMES = tuple(f.name for f in dataclasses.fields(LossWeights))
+
+# The labels each loss consumes besides the model's outputs (README, "presets by labels consumed"):
+# "texts" (what captions and referrals say, their target objects included), "object_classes" (each
+# object's class, or "a <class>" texts built from it), "voxel_classes" (per-voxel classes).
+LABELS_CONSUMED: dict[str, Callable[["ModelConfig"], tuple[str, ...]]] = {
+    "object_text": lambda m: ("texts",) if m.object_text == "caption" else ("object_classes",),
+    "scene_text": lambda m: ("texts",),
+    "referral_object": lambda m: ("texts",),
+    "grounding": lambda m: ("texts",),
+    "mlm": lambda m: ("texts",),
+    "object_class": lambda m: ("object_classes",),
+    "dense_text": lambda m: ("voxel_classes",),
+    "region_text": lambda m: ("texts",),
+}
+LABEL_KINDS = ("texts", "object_classes", "voxel_classes")
+
+
+def consumed_labels(model: "ModelConfig") -> list[str]:
+    """The kinds of labels a pre-training with the losses of `model.loss` consumes, in LABEL_KINDS order."""
+    used = {kind for name in LOSS_NAMES if getattr(model.loss, name) > 0 for kind in LABELS_CONSUMED[name](model)}
+    return [kind for kind in LABEL_KINDS if kind in used]
 
 
 def global_counts(device, **local) -> dict[str, torch.Tensor]:
@@ -38,7 +91,7 @@ class GPSCriterion:
     scene_text_gather: Literal["autograd", "gps"] = "autograd"  # gps: GPS's gather without gradient
 
     @classmethod
-    def of(cls, cfg: ModelConfig) -> "GPSCriterion":
+    def of(cls, cfg: "ModelConfig") -> "GPSCriterion":
         return cls(cfg.loss, cfg.object_class_smoothing, cfg.dense_class_balance, cfg.scene_text_gather)
 
     def __call__(self, out: dict, batch: dict) -> dict:
@@ -98,7 +151,7 @@ class GPSCriterion:
         does not depend on how the batch is split over ranks."""
         all_encoded, _ = gather_rows(texts)
         all_keys, _ = gather_rows(text_keys)
-        keep = first_occurrences(all_keys) & (all_keys != 0)
+        keep = L.first_occurrences(all_keys) & (all_keys != 0)
         positive = row_keys[:, None] == all_keys[keep][None, :]
         per_row = L.multi_positive_info_nce(rows, all_encoded[keep], positive, scale)
         anchor = all_encoded.sum() * 0.0  # the placeholder and duplicates stay in the graph
@@ -150,4 +203,5 @@ class SegmentationCriterion:
         return {"loss": loss, "loss_ce": loss}
 
 
-__all__ = ["GPSCriterion", "SegmentationCriterion", "global_counts"]
+__all__ = ["LABELS_CONSUMED", "LABEL_KINDS", "LOSS_NAMES", "GPSCriterion", "LossWeights", "SegmentationCriterion",
+           "consumed_labels", "global_counts"]

@@ -150,3 +150,14 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     with torch.autocast(logits.device.type, enabled=False):
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def first_occurrences(keys: torch.Tensor) -> torch.Tensor:
+    """[N] bool: True at the first position of each distinct value of `keys`."""
+    _, inverse = torch.unique(keys, return_inverse=True)
+    positions = torch.arange(keys.shape[0], device=keys.device)
+    first = torch.full((int(inverse.max()) + 1 if keys.numel() else 0,), keys.shape[0], device=keys.device)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    keep = torch.zeros_like(keys, dtype=torch.bool)
+    keep[first] = True
+    return keep

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from sparsegps.data import collate_scenes, write_scenes
+from sparsegps.criterion import LossWeights, consumed_labels
 from sparsegps.language.templates import class_words
-from sparsegps.models.gps import LossWeights, ModelConfig
+from sparsegps.models.gps import ModelConfig
 from sparsegps.synth import SYNTH_VOCABULARY, generate_scenes, preset
-from sparsegps.train.pretrain import (PretrainConfig, consumed_labels, preset_name, training_set)
+from sparsegps.train.pretrain import PretrainConfig, preset_name, training_set
 
 HOLDOUT = ["chair", "bookshelf", "sink", "curtain"]
 
@@ -87,3 +88,16 @@ def test_unknown_held_out_class_is_refused(rooms):
 def test_presets_are_named_by_the_labels_their_losses_consume(loss, object_text, labels, name):
     model = ModelConfig(object_text=object_text, loss=dataclasses.replace(LossWeights(), **loss))
     assert consumed_labels(model) == labels and preset_name(labels) == name
+
+
+def test_every_loss_declares_the_labels_it_consumes():
+    """Each loss alone consumes what its table entry says: a loss added without an entry fails here."""
+    from sparsegps.criterion import LABEL_KINDS, LABELS_CONSUMED, LOSS_NAMES
+
+    assert set(LABELS_CONSUMED) == set(LOSS_NAMES)
+    alone = {name: consumed_labels(ModelConfig(loss=LossWeights(**{n: float(n == name) for n in LOSS_NAMES})))
+             for name in LOSS_NAMES}
+    assert alone["dense_text"] == ["voxel_classes"] and alone["object_class"] == ["object_classes"]
+    assert all(alone[name] == ["texts"] for name in ("scene_text", "referral_object", "grounding", "mlm",
+                                                      "region_text", "object_text"))
+    assert all(set(kinds) <= set(LABEL_KINDS) for kinds in alone.values())

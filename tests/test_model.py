@@ -7,7 +7,8 @@ import torch
 
 from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes, write_scenes
 from sparsegps.models.backbone import SpUNetConfig
-from sparsegps.models.gps import GPSModel, LossWeights, ModelConfig, count_parameters
+from sparsegps.criterion import LossWeights
+from sparsegps.models.gps import GPSModel, ModelConfig, count_parameters
 from sparsegps.models.text_encoder import TextEncoder, TextEncoderConfig
 
 from helpers import VOCAB, make_scene, outputs_and_losses

@@ -14,7 +14,8 @@ import torch
 
 from sparsegps.config import from_dict, load_config, merge_mappings, to_dict
 from sparsegps.data import ScenesDataset, TransformConfig, collate_scenes, write_scenes
-from sparsegps.models.gps import LOSS_NAMES, GPSModel, ModelConfig
+from sparsegps.criterion import LOSS_NAMES
+from sparsegps.models.gps import GPSModel, ModelConfig
 from sparsegps.models.text_encoder import corpus_token_ids, load_tokenizer
 
 from helpers import TINY_MODEL, VOCAB, make_scene, outputs_and_losses, tiny_model_config

@@ -23,34 +23,13 @@ import torch
 from torch import nn
 
 from sparsegps import losses as L
+from sparsegps.criterion import LossWeights
 
 from .backbone import SpUNet, SpUNetConfig
 from .grounding import GroundingEncoder, GroundingHead, MLMHead
 from .pooling import ObjectPooling, mean_by_instance
 from .spatial_transformer import SpatialTransformer
 from .text_encoder import TextEncoder, TextEncoderConfig
-
-
-@dataclass
-class LossWeights:
-    object_text: float = 1.0
-    scene_text: float = 1.0
-    referral_object: float = 1.0
-    grounding: float = 1.0
-    mlm: float = 1.0
-    # Not in GPS's pre-training: GPS trains its object encoder beforehand on object classification
-    # against class-name text embeddings (label smoothing 0.3); here that signal can train the
-    # pooled object tokens end to end.
-    object_class: float = 0.0
-    # Not in GPS: every labelled voxel's feature, projected into the text space, against the
-    # class-name texts, so a pre-trained model segments by naming classes (eval-seg --zero-shot).
-    dense_text: float = 0.0
-    # Not in GPS (PLA's caption-region association): each captioned object's voxels, projected as
-    # dense_text projects them and averaged, against the batch's object captions (multi-positive
-    # InfoNCE). Consumes texts only, so the voxels of classes whose labels are withheld
-    # (`data.holdout: labels`) meet the words that name them, in the space where eval-seg
-    # --zero-shot names classes.
-    region_text: float = 0.0
 
 
 @dataclass
@@ -117,7 +96,6 @@ class ModelConfig:
     loss: LossWeights = field(default_factory=LossWeights)
 
 
-LOSS_NAMES = tuple(f.name for f in dataclasses.fields(LossWeights))
 TEXT_CACHE_SIZE = 4096  # distinct texts whose frozen-encoder features a model keeps
 
 
@@ -417,19 +395,8 @@ def text_key(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1 | 1
 
 
-def first_occurrences(keys: torch.Tensor) -> torch.Tensor:
-    """[N] bool: True at the first position of each distinct value of `keys`."""
-    _, inverse = torch.unique(keys, return_inverse=True)
-    positions = torch.arange(keys.shape[0], device=keys.device)
-    first = torch.full((int(inverse.max()) + 1 if keys.numel() else 0,), keys.shape[0], device=keys.device)
-    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
-    keep = torch.zeros_like(keys, dtype=torch.bool)
-    keep[first] = True
-    return keep
-
-
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["GPSModel", "LossWeights", "ModelConfig", "count_parameters"]
+__all__ = ["GPSModel", "ModelConfig", "count_parameters"]

@@ -23,7 +23,8 @@ from sparsegps.config import differences, from_dict, to_dict
 from sparsegps.data import ScenesDataset, TransformConfig
 from sparsegps.errors import UsageError
 from sparsegps.exports import ExportInfo, read_starting_export
-from sparsegps.models.gps import LossWeights, ModelConfig
+from sparsegps.criterion import LossWeights
+from sparsegps.models.gps import ModelConfig
 
 from .engine import OptimConfig
 from .run import DataConfig, Run, RunConfig

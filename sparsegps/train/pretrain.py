@@ -18,7 +18,8 @@ from sparsegps.data import SceneStore, ScenesDataset
 from sparsegps.errors import UsageError
 from sparsegps.exports import ExportInfo, read_starting_export
 from sparsegps.models.backbone import SpUNetConfig
-from sparsegps.models.gps import LOSS_NAMES, LossWeights, ModelConfig
+from sparsegps.criterion import LOSS_NAMES, LossWeights, consumed_labels
+from sparsegps.models.gps import ModelConfig
 
 from .engine import OptimConfig
 from .run import DataConfig, Run, RunConfig
@@ -178,27 +179,11 @@ def with_class_names(cfg: PretrainConfig, classes: list[str]) -> PretrainConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, class_names=list(classes)))
 
 
-def consumed_labels(model: ModelConfig) -> list[str]:
-    """The kinds of labels a pre-training with these losses consumes: "texts" (what the captions and
-    referrals say, their target objects included), "object_classes" (each object's class: object
-    classification, or "a <class>" object texts), "voxel_classes" (per-voxel classes: dense_text)."""
-    w = model.loss
-    kinds = []
-    if w.mlm > 0 or w.referral_object > 0 or w.grounding > 0 or w.scene_text > 0 or w.region_text > 0 or (
-            w.object_text > 0 and model.object_text == "caption"):
-        kinds.append("texts")
-    if w.object_class > 0 or (w.object_text > 0 and model.object_text == "class_name"):
-        kinds.append("object_classes")
-    if w.dense_text > 0:
-        kinds.append("voxel_classes")
-    return kinds
-
-
 def preset_name(labels: list[str]) -> str:
     """The preset a pre-training belongs to, named by the labels it consumed: language (texts only,
     GPS's signals), objects (+ object classes), dense (+ per-voxel classes)."""
     return "dense" if "voxel_classes" in labels else "objects" if "object_classes" in labels else "language"
 
 
-__all__ = ["OBJECT_STAGE_LOSS", "PretrainConfig", "PretrainDataConfig", "PretrainTask", "consumed_labels", "pretrain",
+__all__ = ["OBJECT_STAGE_LOSS", "PretrainConfig", "PretrainDataConfig", "PretrainTask", "pretrain",
            "preset_name", "training_set", "with_class_names"]
