@@ -380,3 +380,47 @@ def test_annotate_command_rejects_bad_settings(tmp_path, capsys):
     assert cli_main(["annotate", str(tmp_path), "--set", "shapes=[spiral]"]) == 2
     assert "spiral" in capsys.readouterr().err
     assert cli_main(["annotate", str(tmp_path / "missing")]) == 2
+
+
+def test_phrasing_split_partitions_every_list_of_phrasings():
+    from sparsegps.language import templates as T
+
+    lists = [*T.NOUNS.values(), *T.REFERRAL_PHRASES.values(), *T.SUPERLATIVE_WORDS.values(), T.REFERRAL_FRAMES,
+             T.PLURAL_FRAMES, ("that is ", "which is ", ""), (" and ", ", ")]
+    for options in lists:
+        seen, unseen = T.phrasing_split(options, "seen"), T.phrasing_split(options, "unseen")
+        assert T.phrasing_split(options, "all") == options
+        if len(options) < 2:
+            assert seen == unseen == options
+        else:
+            assert set(seen) | set(unseen) == set(options) and not set(seen) & set(unseen) and seen and unseen
+    assert T.phrasing_split(T.NOUNS["refrigerator"], "unseen") == ("fridge",)
+    assert T.phrasing_split(T.REFERRAL_FRAMES, "unseen") == ("this is {np}.", "the target is {np}.", "point to {np}.")
+
+
+def test_held_out_phrasings_never_reach_a_seen_store_and_make_the_unseen_one():
+    """Rooms generated with `phrasings: seen` (training stores) never name a class by a held-out
+    noun in any text nor frame a referral by a held-out frame; with `unseen`, referrals use only
+    those (every class with several nouns is named by a held-out one)."""
+    import re
+
+    from sparsegps.language import templates as T
+
+    held_nouns = {n: label for label, nouns in T.NOUNS.items() for n in T.phrasing_split(nouns, "unseen")
+                  if len(nouns) > 1}
+    held_frames = ("this is the ", "the target is ", "point to ", "among the ")
+    word = {n: re.compile(rf"\b{re.escape(n)}(e?s)?\b") for n in held_nouns}
+    texts = {}
+    for split in ("seen", "unseen"):
+        cfg = preset("demo")
+        cfg.language.phrasings = split
+        texts[split] = [t for i in range(25) for t in generate_scene(cfg, i).texts]
+    seen_all = " | ".join(t.text.lower() for t in texts["seen"])
+    assert [n for n in held_nouns if word[n].search(seen_all)] == []
+    seen_referrals = [t.text.lower() for t in texts["seen"] if t.kind == "referral"]
+    unseen_referrals = [t.text.lower() for t in texts["unseen"] if t.kind == "referral"]
+    assert len(seen_referrals) > 100 and len(unseen_referrals) > 100
+    assert not any(t.startswith(held_frames) for t in seen_referrals)
+    assert all(t.startswith(held_frames) for t in unseen_referrals)
+    named = [n for n in held_nouns if any(word[n].search(t) for t in unseen_referrals)]
+    assert len(named) >= 6, named  # the held-out synonyms do occur in the unseen referrals

@@ -28,8 +28,8 @@ from sparsegps.data.scene import NO_INSTANCE, Scene, SceneText
 from . import relations as rel
 from .checker import REFERRAL_SHAPES, Anchor, Clause, Referral, check_referral, distractors
 from .scene_graph import STRUCTURAL_LABELS, SceneGraph, build_scene_graph, guess_room_type
-from .templates import (_pick, article, noun, render_object_caption, render_referral, render_scene_caption,
-                        sentence)
+from .templates import (Phrasings, _pick, article, noun, render_object_caption, render_referral,
+                        render_scene_caption, sentence)
 
 
 # The `SceneText.source` of every generated text.
@@ -46,6 +46,10 @@ class LanguageConfig:
     min_distractors: int = 1  # referral targets need this many same-class objects to tell apart
     shapes: list[str] = field(default_factory=lambda: list(REFERRAL_SHAPES))
     caption_relations: int = 3  # salient relations per scene caption
+    # all: every phrasing; seen / unseen: the generalisation split of `templates.Phrasings` (training
+    # stores "seen", a test store "unseen": referrals whose nouns, phrases and frames never occur
+    # in training)
+    phrasings: Phrasings = "all"
     relations: rel.RelationThresholds = field(default_factory=rel.RelationThresholds)
 
     def __post_init__(self):
@@ -262,10 +266,11 @@ def generate_referrals(graph: SceneGraph, rng: np.random.Generator, cfg: Languag
 STRUCTURE_CAPTIONS = ("{a_np}.", "the {noun} is {color}.", "{a_np} of the {room}.", "this is {a_np}.")
 
 
-def _structure_caption(graph: SceneGraph, object_id: int, room: str, rng: np.random.Generator) -> str:
+def _structure_caption(graph: SceneGraph, object_id: int, room: str, rng: np.random.Generator,
+                       phrasings: Phrasings = "all") -> str:
     """Caption of a wall or floor: its colour and the room it bounds."""
     color = graph.colors[graph.row[object_id]] or "plain"
-    name = noun(graph.label(object_id), rng)
+    name = noun(graph.label(object_id), rng, phrasings)
     text = _pick(rng, STRUCTURE_CAPTIONS).format(a_np=article(f"{color} {name}"), color=color, noun=name, room=room)
     return sentence(text, rng)
 
@@ -286,16 +291,17 @@ def generate_language(scene: Scene, rng: np.random.Generator, cfg: LanguageConfi
     for object_id in graph.ids.tolist():
         for _ in range(cfg.object_captions_per_object):
             if graph.is_structural(object_id):
-                text = _structure_caption(graph, object_id, room, rng)
+                text = _structure_caption(graph, object_id, room, rng, cfg.phrasings)
             else:
-                text = render_object_caption(graph, object_id, rng)
+                text = render_object_caption(graph, object_id, rng, cfg.phrasings)
             texts.append(SceneText("object_caption", text, object_id, source=TEXT_SOURCE))
     for _ in range(cfg.scene_captions):
-        texts.append(SceneText("scene_caption", render_scene_caption(graph, room, rng, cfg.caption_relations),
+        texts.append(SceneText("scene_caption", render_scene_caption(graph, room, rng, cfg.caption_relations,
+                                                                     cfg.phrasings),
                                NO_INSTANCE, source=TEXT_SOURCE))
     referrals, rejected = generate_referrals(graph, rng, cfg)
     for referral in referrals:
-        texts.append(SceneText("referral", render_referral(graph, referral, rng), referral.target_id,
+        texts.append(SceneText("referral", render_referral(graph, referral, rng, cfg.phrasings), referral.target_id,
                                distractors(graph, referral), source=TEXT_SOURCE, shape=referral.shape,
                                relation=referral_relation(referral)))
     return GeneratedLanguage(texts, referrals, rejected)

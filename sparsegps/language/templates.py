@@ -7,6 +7,7 @@ and every anchor's class are always named.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -103,13 +104,34 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
                 "twelve")
 
 
+# Which phrasings a text may use. all: every one. seen / unseen: the generalisation split: of every
+# list of two or more phrasings of one thing (a class's nouns, a relation's phrases, the referral
+# frames, superlatives, connectives) the last third, at least one, is held out of "seen" (what
+# training stores use) and is all "unseen" (a test store of phrasings never trained on) draws from.
+# Chosen once, by position, so the split is the same in every version that keeps the lists' order.
+Phrasings = Literal["all", "seen", "unseen"]
+
+
+def phrasing_split(options: Sequence, phrasings: Phrasings) -> Sequence:
+    """The phrasings of `options` that the split `phrasings` draws from (see `Phrasings`)."""
+    if phrasings == "all" or len(options) < 2:
+        return options
+    held = max(1, len(options) // 3)
+    return options[:-held] if phrasings == "seen" else options[-held:]
+
+
 def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
-def noun(label: str, rng: np.random.Generator) -> str:
+def _phrase(rng: np.random.Generator, options, phrasings: Phrasings):
+    """One phrasing of `options`, drawn within the split `phrasings`."""
+    return _pick(rng, phrasing_split(options, phrasings))
+
+
+def noun(label: str, rng: np.random.Generator, phrasings: Phrasings = "all") -> str:
     """A noun for class `label`: one of its synonyms, or the label itself for unknown classes."""
-    return _pick(rng, NOUNS.get(label, (label.replace("_", " "),)))
+    return _phrase(rng, NOUNS.get(label, (label.replace("_", " "),)), phrasings)
 
 
 def plural(word: str) -> str:
@@ -150,59 +172,63 @@ def join_list(items: list[str], rng: np.random.Generator) -> str:
 
 # ----------------------------------------------------------------------------------------- referrals
 
-def anchor_phrase(graph: SceneGraph, anchor: Anchor, rng: np.random.Generator) -> str:
+def anchor_phrase(graph: SceneGraph, anchor: Anchor, rng: np.random.Generator, phrasings: Phrasings = "all") -> str:
     """Definite noun phrase for an anchor: its class, plus the clause that singles it out."""
     label = graph.label(anchor.object_id)
-    name = noun(label, rng)
+    name = noun(label, rng, phrasings)
     clause = anchor.clause
     if clause is None:
         return f"the {name}"
     if clause.relation == "color":
         return f"the {clause.value} {name}"
     if clause.relation in SUPERLATIVE_WORDS:
-        return f"the {_pick(rng, SUPERLATIVE_WORDS[clause.relation])} {name}"
-    return f"the {name} {_pick(rng, ('that is ', 'which is ', '')) + _bare(clause_phrase(graph, clause, rng))}"
+        return f"the {_phrase(rng, SUPERLATIVE_WORDS[clause.relation], phrasings)} {name}"
+    return (f"the {name} {_phrase(rng, ('that is ', 'which is ', ''), phrasings)}"
+            f"{_bare(clause_phrase(graph, clause, rng, phrasings))}")
 
 
 def _bare(phrase: str) -> str:
     return phrase[len("that is "):] if phrase.startswith("that is ") else phrase
 
 
-def clause_phrase(graph: SceneGraph, clause: Clause, rng: np.random.Generator) -> str:
+def clause_phrase(graph: SceneGraph, clause: Clause, rng: np.random.Generator, phrasings: Phrasings = "all") -> str:
     """Post-modifier for a relation clause, e.g. 'closest to the door', 'between the bed and the desk'."""
     if clause.relation == "between":
         a, b = clause.anchors
         if graph.label(a.object_id) == graph.label(b.object_id) and a.clause is None and b.clause is None:
-            return f"between the two {plural(noun(graph.label(a.object_id), rng))}"
+            return f"between the two {plural(noun(graph.label(a.object_id), rng, phrasings))}"
         first, second = (a, b) if rng.random() < 0.5 else (b, a)
-        return _pick(rng, REFERRAL_PHRASES["between"]).format(a=anchor_phrase(graph, first, rng),
-                                                              b=anchor_phrase(graph, second, rng))
+        return _phrase(rng, REFERRAL_PHRASES["between"], phrasings).format(
+            a=anchor_phrase(graph, first, rng, phrasings), b=anchor_phrase(graph, second, rng, phrasings))
     if clause.relation == "color":
-        return _pick(rng, REFERRAL_PHRASES["color"]).format(c=clause.value)
+        return _phrase(rng, REFERRAL_PHRASES["color"], phrasings).format(c=clause.value)
     if clause.relation in SUPERLATIVE_WORDS:
-        return f"that is the {_pick(rng, SUPERLATIVE_WORDS[clause.relation])} one"
-    return _pick(rng, REFERRAL_PHRASES[clause.relation]).format(a=anchor_phrase(graph, clause.anchors[0], rng))
+        return f"that is the {_phrase(rng, SUPERLATIVE_WORDS[clause.relation], phrasings)} one"
+    return _phrase(rng, REFERRAL_PHRASES[clause.relation], phrasings).format(
+        a=anchor_phrase(graph, clause.anchors[0], rng, phrasings))
 
 
-def render_referral(graph: SceneGraph, referral: Referral, rng: np.random.Generator) -> str:
-    """A referring expression for a checked referral."""
+def render_referral(graph: SceneGraph, referral: Referral, rng: np.random.Generator,
+                    phrasings: Phrasings = "all") -> str:
+    """A referring expression for a checked referral, in the phrasings of split `phrasings`."""
     adjectives, modifiers = [], []
     for clause in referral.clauses:
         if clause.relation in SUPERLATIVE_WORDS and rng.random() < 0.8:
-            adjectives.insert(0, _pick(rng, SUPERLATIVE_WORDS[clause.relation]))
+            adjectives.insert(0, _phrase(rng, SUPERLATIVE_WORDS[clause.relation], phrasings))
         elif clause.relation == "color" and rng.random() < 0.7:
             adjectives.append(clause.value)
         else:
-            modifiers.append(clause_phrase(graph, clause, rng))
-    mods = modifiers[0] if len(modifiers) == 1 else _pick(rng, (" and ", ", ")).join(modifiers)
+            modifiers.append(clause_phrase(graph, clause, rng, phrasings))
+    mods = modifiers[0] if len(modifiers) == 1 else _phrase(rng, (" and ", ", "), phrasings).join(modifiers)
     adj = "".join(a + " " for a in adjectives)
-    name = noun(referral.label, rng)
+    name = noun(referral.label, rng, phrasings)
     count = len(graph.ids_of_label(referral.label))
     if mods and count > 1 and rng.random() < 0.2:
-        text = _pick(rng, PLURAL_FRAMES).format(plural=plural(name), adj=adj, mods=mods, count=number_word(count))
+        text = _phrase(rng, PLURAL_FRAMES, phrasings).format(plural=plural(name), adj=adj, mods=mods,
+                                                             count=number_word(count))
     else:
         np_ = f"the {adj}{name} {mods}".strip()
-        text = _pick(rng, REFERRAL_FRAMES).format(np=np_)
+        text = _phrase(rng, REFERRAL_FRAMES, phrasings).format(np=np_)
     return sentence(text, rng)
 
 
@@ -223,10 +249,10 @@ def size_word(graph: SceneGraph, object_id: int) -> str | None:
     return None
 
 
-def _mention(graph: SceneGraph, object_id: int, rng: np.random.Generator) -> str:
+def _mention(graph: SceneGraph, object_id: int, rng: np.random.Generator, phrasings: Phrasings = "all") -> str:
     """'the X' for a class unique in the scene, 'a X' otherwise."""
     label = graph.label(object_id)
-    name = noun(label, rng)
+    name = noun(label, rng, phrasings)
     return f"the {name}" if len(graph.ids_of_label(label)) == 1 else article(name)
 
 
@@ -248,8 +274,9 @@ def caption_relation(graph: SceneGraph, object_id: int, rng: np.random.Generator
     return "room", None
 
 
-def render_object_caption(graph: SceneGraph, object_id: int, rng: np.random.Generator) -> str:
-    """A caption such as 'A large brown table next to the window.'"""
+def render_object_caption(graph: SceneGraph, object_id: int, rng: np.random.Generator,
+                          phrasings: Phrasings = "all") -> str:
+    """A caption such as 'A large brown table next to the window.' (class nouns of split `phrasings`)."""
     r = graph.row[object_id]
     words = []
     size = size_word(graph, object_id)
@@ -257,12 +284,12 @@ def render_object_caption(graph: SceneGraph, object_id: int, rng: np.random.Gene
         words.append(_pick(rng, SIZE_WORDS[size]))
     if graph.colors[r] and rng.random() < 0.85:
         words.append(graph.colors[r])
-    words.append(noun(graph.labels[r], rng))
+    words.append(noun(graph.labels[r], rng, phrasings))
     phrase = " ".join(words)
     relation, other = caption_relation(graph, object_id, rng)
     rel_text = _pick(rng, CAPTION_PHRASES[relation])
     if other is not None:
-        rel_text = rel_text.format(a=_mention(graph, other, rng))
+        rel_text = rel_text.format(a=_mention(graph, other, rng, phrasings))
     a = article(phrase)
     text = _pick(rng, CAPTION_FRAMES).format(A=a, a=a, rel=rel_text)
     return sentence(text, rng)
@@ -275,8 +302,9 @@ def _room_extent(graph: SceneGraph) -> tuple[float, float]:
 
 
 def render_scene_caption(graph: SceneGraph, room_type: str, rng: np.random.Generator,
-                         max_relations: int = 3) -> str:
-    """A paragraph: room type guess, approximate size, object counts and a few salient relations."""
+                         max_relations: int = 3, phrasings: Phrasings = "all") -> str:
+    """A paragraph: room type guess, approximate size, object counts and a few salient relations
+    (class nouns of split `phrasings`)."""
     parts = [_pick(rng, ROOM_INTROS).format(room=room_type)]
     if len(graph) and rng.random() < 0.6:
         w, d = _room_extent(graph)
@@ -286,16 +314,17 @@ def render_scene_caption(graph: SceneGraph, room_type: str, rng: np.random.Gener
     if counts:
         items = []
         for label, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:8]:
-            name = noun(label, rng)
+            name = noun(label, rng, phrasings)
             items.append(article(name) if n == 1 else f"{number_word(n)} {plural(name)}")
         if len(counts) > 8:
             items.append("some other furniture")
         parts.append(_pick(rng, CONTENT_FRAMES).format(items=join_list(items, rng)))
-    parts += _relation_sentences(graph, counts, rng, max_relations)
+    parts += _relation_sentences(graph, counts, rng, max_relations, phrasings)
     return " ".join(sentence(p, rng) for p in parts)
 
 
-def _relation_sentences(graph: SceneGraph, counts: Counter, rng: np.random.Generator, limit: int) -> list[str]:
+def _relation_sentences(graph: SceneGraph, counts: Counter, rng: np.random.Generator, limit: int,
+                        phrasings: Phrasings = "all") -> list[str]:
     """Up to `limit` sentences about support, vertical and grouping relations among objects."""
     edges = graph.edges(("on", "above", "next_to"))
     rng.shuffle(edges)
@@ -305,18 +334,18 @@ def _relation_sentences(graph: SceneGraph, counts: Counter, rng: np.random.Gener
     for (label, anchor), n in groups.items():
         if n >= 2 and len(out) < limit and graph.label(anchor) != label and anchor not in used:
             used.add(anchor)
-            name = plural(noun(label, rng))
+            name = plural(noun(label, rng, phrasings))
             kind = "around" if graph.label(anchor) in ("table", "desk") else "group"
             out.append(_pick(rng, RELATION_SENTENCES[kind]).format(
-                N=number_word(n), n=number_word(n), plural=name, b=_mention(graph, anchor, rng)))
+                N=number_word(n), n=number_word(n), plural=name, b=_mention(graph, anchor, rng, phrasings)))
     for subject, name, obj in edges:
         if len(out) >= limit:
             break
         if subject in used or graph.label(subject) == graph.label(obj):
             continue
         used.add(subject)
-        a = _mention(graph, subject, rng)
-        out.append(_pick(rng, RELATION_SENTENCES[name]).format(A=a, a=a, b=_mention(graph, obj, rng)))
+        a = _mention(graph, subject, rng, phrasings)
+        out.append(_pick(rng, RELATION_SENTENCES[name]).format(A=a, a=a, b=_mention(graph, obj, rng, phrasings)))
     return out
 
 
