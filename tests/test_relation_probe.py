@@ -60,3 +60,20 @@ def test_the_probe_learns_a_tiny_set_of_rooms(rooms, tmp_path):
 def test_command_refuses_a_probe_without_rooms(tmp_path, capsys):
     assert cli_main(["probe", "relations", "--output-dir", str(tmp_path)]) == 2
     assert "needs training rooms" in capsys.readouterr().err
+
+
+def test_the_probe_reports_the_unseen_phrasings_beside_the_seen(rooms, tmp_path):
+    """val_unseen rooms (their texts in the held-out phrasings) are scored with the same probe: every
+    referral of theirs counted, their diagnostics written apart."""
+    unseen = tmp_path / "unseen"
+    cfg_rooms = dataclasses.replace(preset("demo"), seed=12)
+    cfg_rooms.language.phrasings = "unseen"
+    write_scenes(list(generate_scenes(cfg_rooms, 4)), unseen, vocabulary=SYNTH_VOCABULARY, progress=False)
+    model = from_dict(ModelConfig, {**TINY_MODEL, "grounding_attention": "relational", "freeze_text": True})
+    cfg = ProbeConfig(train=[str(rooms)], val=[str(rooms)], val_unseen=[str(unseen)], model=model,
+                      output_dir=str(tmp_path / "out"), steps=3, rooms_per_step=3, eval_every=0, train_eval_rooms=2)
+    summary = run_probe(cfg, progress=False)
+    loaded, _ = load_rooms(unseen, SYNTH_VOCABULARY, progress=False)
+    assert summary["val_unseen_referrals"] == sum(len(r.referrals) for r in loaded) > 0
+    assert 0.0 <= summary["val_unseen_accuracy"] <= 1.0 and summary["val_unseen_rooms"] == len(loaded)
+    assert (tmp_path / "out" / "grounding_unseen.json").exists()

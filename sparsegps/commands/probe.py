@@ -20,6 +20,8 @@ def add_arguments(parser):
     parser.add_argument("probe", choices=["relations"], help="what to probe")
     parser.add_argument("--train", nargs="+", help="shards or directories of training rooms")
     parser.add_argument("--val", nargs="+", help="shards or directories of held-out rooms")
+    parser.add_argument("--val-unseen", nargs="+", help="held-out rooms in the phrasings training never saw "
+                        "(synth --set language.phrasings=unseen; config key: val_unseen)")
     parser.add_argument("--config", default=None, help="YAML config (default: configs/probe/relations.yaml "
                         "when it exists, else the built-in defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -34,7 +36,7 @@ def run(args) -> int:
     from sparsegps.eval.relation_probe import load_probe_config, run_probe
 
     config = args.config or ("configs/probe/relations.yaml" if Path("configs/probe/relations.yaml").exists() else None)
-    flags = {"train": args.train, "val": args.val, "output_dir": args.output_dir}
+    flags = {"train": args.train, "val": args.val, "val_unseen": args.val_unseen, "output_dir": args.output_dir}
     cfg = load_probe_config(config, args.set, {k: v for k, v in flags.items() if v})
     summary = run_probe(cfg, pick_device(args.device))
     print(json.dumps({k: v for k, v in summary.items() if k != "curve"}, indent=1))

@@ -41,6 +41,9 @@ from .grounding_diagnostics import flat_summary, grounding_diagnostics, save_dia
 class ProbeConfig:
     train: list[str] = field(default_factory=list)  # shards or directories of training rooms
     val: list[str] = field(default_factory=list)  # held-out rooms, evaluated without augmentation
+    # Held-out rooms whose texts use the phrasings training never saw (`sparsegps synth --set
+    # language.phrasings=unseen`, training rooms `seen`): evaluated at the end beside `val`
+    val_unseen: list[str] = field(default_factory=list)
     # The architecture probed: the `model` section of this pre-training config (relative to the probe
     # config's folder), with the probe config's own `model` keys written over it.
     model_config: str | None = None
@@ -328,6 +331,12 @@ def run_probe(cfg: ProbeConfig, device: torch.device | str = "cpu", progress: bo
     summary = {"steps": step, "minutes": curve[-1]["minutes"], "train_rooms": len(train), "val_rooms": len(val),
                "train_referrals": sum(len(r.referrals) for r in train), **flat_summary(report, "val_"),
                "train_accuracy": curve[-1]["train_accuracy"], "curve": curve}
+    if cfg.val_unseen:
+        unseen_rooms, _ = load_rooms(cfg.val_unseen, vocabulary, progress=progress)
+        unseen = evaluate_probe(probe, unseen_rooms, cfg, device)
+        summary.update(val_unseen_rooms=len(unseen_rooms), **flat_summary(unseen, "val_unseen_"))
+        save_diagnostics(unseen, out, "grounding_unseen", f"relation probe, held-out rooms, unseen phrasings, "
+                                                          f"step {step}")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     save_diagnostics(report, out, "grounding", f"relation probe, held-out rooms, step {step}")
     plot_curve(curve, out / "probe_curve.png")
