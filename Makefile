@@ -21,7 +21,7 @@ endif
 # pytest worker threads: spconv and torch share the cores.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test install wheelhouse gpu-check clean-demo grounding
+.PHONY: demo test test-slow install wheelhouse gpu-check clean-demo grounding
 
 install: $(STAMP)
 
@@ -49,8 +49,13 @@ $(STAMP): setup.py $(INSTALL_TOOL) | $(PY)
 	$(PY) $(INSTALL_TOOL) smoke
 	touch $@
 
+# The suite without its slow cases (under 15 minutes on 2 cores); `make test-slow` runs those
+# (end-to-end runs on several ranks, restarts, the demo); CI runs both.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
 
 demo: $(STAMP)
 	$(PY) -m sparsegps.demo --out runs/demo
