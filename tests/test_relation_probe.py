@@ -77,3 +77,16 @@ def test_the_probe_reports_the_unseen_phrasings_beside_the_seen(rooms, tmp_path)
     assert summary["val_unseen_referrals"] == sum(len(r.referrals) for r in loaded) > 0
     assert 0.0 <= summary["val_unseen_accuracy"] <= 1.0 and summary["val_unseen_rooms"] == len(loaded)
     assert (tmp_path / "out" / "grounding_unseen.json").exists()
+
+
+def test_the_shipped_probe_config_builds_its_probe():
+    """configs/probe/relations.yaml names tiny_cpu's model, whose MLM predicts the corpus's tokens:
+    the probe (which trains no MLM) builds without them."""
+    from pathlib import Path
+
+    from sparsegps.eval.relation_probe import RelationProbe, load_probe_config
+
+    cfg = load_probe_config(Path(__file__).resolve().parents[1] / "configs/probe/relations.yaml")
+    assert cfg.model.mlm_vocabulary == "corpus" and cfg.model.grounding_attention == "relational"
+    probe = RelationProbe(cfg.model, len(SYNTH_VOCABULARY))
+    assert probe.model.cfg.grounding_attention == "relational"

@@ -19,6 +19,7 @@ relation and same-class count).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -194,6 +195,8 @@ class RelationProbe(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
+        if cfg.mlm_vocabulary == "corpus" and not cfg.mlm_token_ids:  # the probe trains no MLM: any head will do
+            cfg = dataclasses.replace(cfg, mlm_vocabulary="full")
         self.model = GPSModel(cfg)
         d = cfg.d_model
         self.class_embedding = nn.Embedding(num_classes + 1, d)  # the last row: a class not in the vocabulary
