@@ -170,3 +170,17 @@ def test_object_pooling_backward_reaches_voxels_and_parameters():
     assigned = voxel_object >= 0
     assert feats.grad[assigned].abs().sum(dim=1).gt(0).any()
     assert torch.equal(feats.grad[~assigned], torch.zeros_like(feats.grad[~assigned]))
+
+
+@pytest.mark.parametrize("box_embedding, reads_centre, reads_size", [("centre_size", True, True), ("size", False, True),
+                                                                     ("none", False, False)])
+def test_object_tokens_read_what_their_box_embedding_says(box_embedding, reads_centre, reads_size):
+    torch.manual_seed(0)
+    feats, voxel_object, num_objects = _voxels(empty=())
+    pooling = ObjectPooling(5, 16, box_embedding=box_embedding)
+    offsets = torch.tensor([0, 3, num_objects])
+    center, size = torch.randn(num_objects, 3), torch.rand(num_objects, 3) + 0.1
+    base = pooling(feats, voxel_object, offsets, center, size).tokens
+    moved = pooling(feats, voxel_object, offsets, center + 1.0, size).tokens
+    grown = pooling(feats, voxel_object, offsets, center, size * 2).tokens
+    assert (not torch.allclose(base, moved)) == reads_centre and (not torch.allclose(base, grown)) == reads_size

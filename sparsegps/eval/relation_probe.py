@@ -227,7 +227,8 @@ class RelationProbe(nn.Module):
         m = self.model
         labels = batch["labels"].where(batch["labels"] >= 0, self.num_classes)
         boxes = torch.cat([batch["centers"], batch["sizes"]], dim=-1)
-        tokens = self.norm(self.class_embedding(labels) + self.color(batch["colors"])) + m.pooling.box_embed(boxes)
+        tokens = self.norm(self.class_embedding(labels) + self.color(batch["colors"])) + m.pooling.embed_boxes(
+            batch["centers"], batch["sizes"])
         pad = torch.arange(tokens.shape[1], device=tokens.device)[None] >= batch["lengths"][:, None]
         tokens = m.spatial(tokens, batch["centers"], batch["sizes"], batch["lengths"])
         objects = {"tokens": tokens, "pad": pad, "boxes": boxes}
@@ -237,8 +238,9 @@ class RelationProbe(nn.Module):
         """Everything the probe trains: the spatial transformer, the grounding encoder and head, the
         text projection (and the text encoder unless frozen), and the ground-truth token embeddings."""
         m = self.model
-        modules = [m.spatial, m.grounding, m.grounding_head, m.text_to_model, m.pooling.box_embed,
-                   self.class_embedding, self.color, self.norm] + ([] if m.cfg.freeze_text else [m.text])
+        modules = [m.spatial, m.grounding, m.grounding_head, m.text_to_model, self.class_embedding, self.color,
+                   self.norm] + ([m.pooling.box_embed] if m.pooling.box_embed is not None else []) + (
+                   [] if m.cfg.freeze_text else [m.text])
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
 

@@ -27,7 +27,7 @@ from sparsegps.criterion import LossWeights
 
 from .backbone import SpUNet, SpUNetConfig
 from .grounding import GroundingEncoder, GroundingHead, MLMHead
-from .pooling import ObjectPooling, mean_by_instance
+from .pooling import BoxEmbedding, ObjectPooling, mean_by_instance
 from .spatial_transformer import SpatialTransformer
 from .text_encoder import TextEncoder, TextEncoderConfig
 
@@ -48,6 +48,9 @@ class ModelConfig:
     # sentence-aware tokens; relational: relational attention, whose values carry the pair geometry
     # (see GroundingEncoder, models/relation_attention.py).
     grounding_attention: Literal["plain", "spatial", "relational"] = "plain"
+    # What of its box each object token is given (models/pooling.py `BoxEmbedding`): centre_size
+    # (GPS), size (no absolute position), none
+    box_embedding: BoxEmbedding = "centre_size"
     ffn_dim: int = 2048
     dropout: float = 0.1
     embed_dim: int = 256  # shared space of the contrastive losses
@@ -112,7 +115,7 @@ class GPSModel(nn.Module):
         if cfg.activation_checkpointing:
             backbone_cfg = dataclasses.replace(backbone_cfg, checkpoint_decoder=True)
         self.backbone = SpUNet(backbone_cfg)
-        self.pooling = ObjectPooling(self.backbone.out_channels, d)
+        self.pooling = ObjectPooling(self.backbone.out_channels, d, box_embedding=cfg.box_embedding)
         self.spatial = SpatialTransformer(d, cfg.num_heads, cfg.spatial_layers, cfg.ffn_dim, cfg.dropout,
                                           cfg.spatial_mode, cfg.attention_backend, cfg.activation_checkpointing,
                                           cfg.spatial_max_dist)

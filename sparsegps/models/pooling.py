@@ -18,6 +18,10 @@ except ImportError:  # the native path below computes the same thing
     torch_scatter = None
 
 PoolingBackend = Literal["auto", "torch_scatter", "native"]
+# What of an object's box its token is given. centre_size: centre and size (GPS's location
+# embedding); size: the size alone (no absolute position: where an object is reaches the model only
+# through the pair geometry of the spatial and relational attention); none: no box.
+BoxEmbedding = Literal["centre_size", "size", "none"]
 
 
 def _check_backend(backend: PoolingBackend) -> str:
@@ -124,15 +128,23 @@ class ObjectTokens(NamedTuple):
 class ObjectPooling(nn.Module):
     """Voxel features -> padded object tokens: [mean; max] -> Linear -> LayerNorm, plus a box embedding.
 
-    The box embedding (centre and size -> Linear -> LayerNorm) is added to the pooled feature, as
-    GPS's object encoder adds its location embedding.
+    The box embedding (centre and size -> Linear -> LayerNorm, as GPS's object encoder adds its
+    location embedding; or the size alone, or none: `BoxEmbedding`) is added to the pooled feature.
     """
 
-    def __init__(self, in_channels: int, d_model: int, backend: PoolingBackend = "auto"):
+    def __init__(self, in_channels: int, d_model: int, backend: PoolingBackend = "auto",
+                 box_embedding: BoxEmbedding = "centre_size"):
         super().__init__()
-        self.backend = backend
+        self.backend, self.box_embedding = backend, box_embedding
         self.feature_proj = nn.Sequential(nn.Linear(2 * in_channels, d_model), nn.LayerNorm(d_model))
-        self.box_embed = nn.Sequential(nn.Linear(6, d_model), nn.LayerNorm(d_model))
+        width = {"centre_size": 6, "size": 3, "none": 0}[box_embedding]
+        self.box_embed = nn.Sequential(nn.Linear(width, d_model), nn.LayerNorm(d_model)) if width else None
+
+    def embed_boxes(self, center: torch.Tensor, size: torch.Tensor) -> torch.Tensor | float:
+        """The box term of each token [..., d_model] from centres and sizes [..., 3] (0.0 without one)."""
+        if self.box_embed is None:
+            return 0.0
+        return self.box_embed(torch.cat([center, size], dim=-1) if self.box_embedding == "centre_size" else size)
 
     def forward(self, voxel_feats: torch.Tensor, voxel_object: torch.Tensor, object_offsets: torch.Tensor,
                 object_center: torch.Tensor, object_size: torch.Tensor) -> ObjectTokens:
@@ -143,11 +155,11 @@ class ObjectPooling(nn.Module):
                              f"{list(object_center.shape)} and {list(object_size.shape)}")
         mean, maximum = pool_by_instance(voxel_feats, voxel_object, num_objects, self.backend)
         flat_tokens = self.feature_proj(torch.cat([mean, maximum], dim=1))
-        flat_tokens = flat_tokens + self.box_embed(torch.cat([object_center, object_size], dim=1))
+        flat_tokens = flat_tokens + self.embed_boxes(object_center, object_size)
         tokens, padding_mask = pad_objects(flat_tokens, object_offsets)
         centers, _ = pad_objects(object_center, object_offsets)
         sizes, _ = pad_objects(object_size, object_offsets)
         return ObjectTokens(tokens, padding_mask, centers, sizes)
 
 
-__all__ = ["ObjectPooling", "ObjectTokens", "mean_by_instance", "pad_objects", "pool_by_instance"]
+__all__ = ["BoxEmbedding", "ObjectPooling", "ObjectTokens", "mean_by_instance", "pad_objects", "pool_by_instance"]
