@@ -122,6 +122,20 @@ def export_world() -> World:
     return world
 
 
+def export_local_rank(rank: int, world_size: int) -> None:
+    """For a process group made without LOCAL_RANK in the environment (by a script, or by an earlier
+    run in this process whose environment was since changed): DeepSpeed's engine reads it, so a
+    group of one gets 0; a larger group is an error naming the variable."""
+    if "LOCAL_RANK" in os.environ:
+        return
+    if world_size > 1:
+        from sparsegps.errors import UsageError
+
+        raise UsageError(f"this process is rank {rank} of a process group of {world_size} made without LOCAL_RANK "
+                         f"in its environment, which DeepSpeed reads: set LOCAL_RANK (the rank within its node)")
+    os.environ["LOCAL_RANK"] = "0"
+
+
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 

@@ -256,3 +256,22 @@ def test_one_run_through_every_launcher_with_signals_and_auto_resume(run_config,
     assert code0 == code1 == 0, output[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["pretrain_steps"] == step + 1
+
+
+def test_a_group_made_without_local_rank_gets_it_when_it_is_a_group_of_one(monkeypatch):
+    """DeepSpeed's engine reads LOCAL_RANK even when the process group exists already (made by a
+    script, or by an earlier run in this process whose environment was since restored)."""
+    import os
+
+    from sparsegps.errors import UsageError
+    from sparsegps.launch import export_local_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(UsageError, match="rank 1 of a process group of 2 made without LOCAL_RANK"):
+        export_local_rank(1, 2)
+    assert "LOCAL_RANK" not in os.environ
+    export_local_rank(0, 1)
+    assert os.environ["LOCAL_RANK"] == "0"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    export_local_rank(0, 2)
+    assert os.environ["LOCAL_RANK"] == "3"

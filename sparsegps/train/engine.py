@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparsegps.launch import export_world
+from sparsegps.launch import export_local_rank, export_world
 
 
 NoDecayRule = Literal["gps", "norms_embeddings", "none"]
@@ -55,8 +55,14 @@ def init_distributed(device_type: str, timeout_s: float = 1800.0) -> tuple[int, 
     The world comes from the launcher's environment (`sparsegps.launch.discover_world`: torchrun,
     the deepspeed launcher, srun; a plain process is a world of one on a free local port), which is
     written back as RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. A collective that
-    waits more than `timeout_s` fails (gloo raises; NCCL's watchdog aborts the process)."""
-    if not dist.is_initialized():
+    waits more than `timeout_s` fails (gloo raises; NCCL's watchdog aborts the process).
+
+    A group the caller made already (a script, an earlier run in this process) is joined as it is;
+    DeepSpeed's engine still reads LOCAL_RANK, so a group of one without it gets 0, and a larger
+    group without it is an error naming the variable."""
+    if dist.is_initialized():
+        export_local_rank(dist.get_rank(), dist.get_world_size())
+    else:
         world = export_world()
         if world.launcher == "slurm" and world.size > 1 and world.rank == 0:
             print(f"joining {world.size} SLURM tasks at {world.master_addr}:{world.master_port}", flush=True)
