@@ -68,10 +68,11 @@ class TrainingTask:
         """Held-out metrics every `eval_every` steps (every rank takes part); None: none."""
         return None
 
-    def evaluate(self, run: Run, model: nn.Module, export: Path) -> dict:
+    def evaluate(self, run: Run, model: nn.Module | None, export: Path) -> dict:
         """The held-out metrics of the trained model: `model` is built from `export` on every rank
-        (under ZeRO-3 the live model holds only a shard of each weight), every rank calls this, each
-        scores an even share of the held-out scenes, and rank 0 writes the reports."""
+        (under ZeRO-3 the live model holds only a shard of each weight; None without `data.val`),
+        every rank calls this, each scores an even share of the held-out scenes, and rank 0 writes
+        the reports."""
         return {}
 
 
@@ -125,7 +126,9 @@ def run_task(task: TrainingTask, progress: bool = True) -> dict:
             export_checkpoint(run.checkpoints, export, source=str(run.out))
         if dist.is_initialized():
             dist.barrier()
-        summary.update(task.evaluate(run, build_model(read_export(export), run.device), export))
+        # without held-out data there is nothing to evaluate the export on: it is not read again
+        evaluated = build_model(read_export(export), run.device) if task.cfg.data.val else None
+        summary.update(task.evaluate(run, evaluated, export))
         if run.rank == 0:
             atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=1))
         if dist.is_initialized():
